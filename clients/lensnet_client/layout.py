@@ -1,0 +1,211 @@
+"""Working-context layout rules: validation, edits and their application (numpy only).
+
+This module is the single source of truth for what a valid WC snapshot is. The focus service
+validates with it and the client applies the service's edits with it, so the two cannot disagree.
+
+A snapshot is `lod[N]` and `positions[N]` (span starts, in tokens). Entry `i` covers tokens
+`[positions[i], positions[i] + B**lod[i])`. Valid means: `N >= 1`, `0 <= lod <= max_lod`,
+`positions[i] % B**lod[i] == 0` (alignment) and `positions[i] + B**lod[i] == positions[i+1]`
+(contiguity and order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+POSITION_LIMIT = 1 << 48
+"""Largest accepted span start (exclusive): far beyond any real history, small enough that
+position arithmetic can never overflow int64."""
+
+Action = Literal["expand", "collapse"]
+
+
+class LayoutError(ValueError):
+    """A snapshot breaks a layout rule. `rule` names it; `index` is the first offending entry."""
+
+    def __init__(self, rule: str, field: str, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.rule = rule
+        self.field = field
+        self.index = index
+
+
+def span_table(block_size: int, max_lod: int) -> np.ndarray:
+    """Tokens covered by one entry at each level: `B ** l` for `l = 0 … max_lod` (int64)."""
+    return np.asarray([block_size**level for level in range(max_lod + 1)], dtype=np.int64)
+
+
+def _as_int_vector(values: object, field: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise LayoutError("shape", field, f"{field}: expected a 1-D array, got shape {list(array.shape)}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise LayoutError("dtype", field, f"{field}: expected integers, got dtype {array.dtype}")
+    return array.astype(np.int64, copy=False)
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.argmax(mask))
+
+
+def validate_layout(lod: object, positions: object, block_size: int, max_lod: int) -> tuple[np.ndarray, np.ndarray]:
+    """Check every layout rule and return `(lod, positions)` as int64 arrays.
+
+    Raises `LayoutError` naming the rule and the first offending index.
+    """
+    lod_arr = _as_int_vector(lod, "lod")
+    pos_arr = _as_int_vector(positions, "positions")
+    n = lod_arr.size
+    if n == 0:
+        raise LayoutError("length", "lod", "lod: expected at least 1 entry, got 0")
+    if pos_arr.size != n:
+        raise LayoutError(
+            "length", "positions", f"positions: expected {n} entries (the length of lod), got {pos_arr.size}"
+        )
+    bad = (lod_arr < 0) | (lod_arr > max_lod)
+    if bad.any():
+        i = _first(bad)
+        raise LayoutError("lod_range", "lod", f"lod[{i}]: expected a level in 0…{max_lod}, got {lod_arr[i]}", index=i)
+    bad = (pos_arr < 0) | (pos_arr >= POSITION_LIMIT)
+    if bad.any():
+        i = _first(bad)
+        raise LayoutError(
+            "position_range",
+            "positions",
+            f"positions[{i}]: expected 0 <= position < 2**48, got {pos_arr[i]}",
+            index=i,
+        )
+    spans = span_table(block_size, max_lod)[lod_arr]
+    bad = pos_arr % spans != 0
+    if bad.any():
+        i = _first(bad)
+        raise LayoutError(
+            "alignment",
+            "positions",
+            f"positions[{i}]: expected a multiple of its span {spans[i]} (lod[{i}] = {lod_arr[i]}), got {pos_arr[i]}",
+            index=i,
+        )
+    ends = pos_arr[:-1] + spans[:-1]
+    bad = ends != pos_arr[1:]
+    if bad.any():
+        i = _first(bad) + 1
+        what = "a gap" if pos_arr[i] > ends[i - 1] else "an overlap or out-of-order entry"
+        raise LayoutError(
+            "contiguity",
+            "positions",
+            f"positions[{i}]: expected {ends[i - 1]} (the end of entry {i - 1}), got {pos_arr[i]}: {what}",
+            index=i,
+        )
+    return lod_arr, pos_arr
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """One allocator decision, indexed into the snapshot it was computed for.
+
+    `index` is the first affected entry; an expansion removes 1 entry and adds `B`, a collapse
+    removes `B` and adds 1. `position`/`span_tokens` give the token span the edit covers; `score`
+    is the (clamped, or block-aggregated) score that drove it; `cause` is `threshold`, `budget`
+    (collapse to get back under `w_max`) or `make_room` (collapse to fit an expansion).
+    """
+
+    action: Action
+    index: int
+    removed: int
+    added: int
+    lod_before: int
+    lod_after: int
+    position: int
+    span_tokens: int
+    score: float
+    cause: str
+
+    @property
+    def node_lod(self) -> int:
+        """Level of the gist node this edit removed (expand) or created (collapse)."""
+        return max(self.lod_before, self.lod_after)
+
+
+def apply_edits(
+    lod: object, positions: object, edits: Iterable[Edit], block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply disjoint edits to a snapshot's metadata and return the new `(lod, positions)`.
+
+    Each edit is checked against the snapshot (its entries must be where and what it says) so a
+    stale or tampered edit list raises `ValueError` instead of producing a corrupt layout.
+    """
+    lod_arr = np.asarray(lod, dtype=np.int64)
+    pos_arr = np.asarray(positions, dtype=np.int64)
+    pieces_lod: list[np.ndarray] = []
+    pieces_pos: list[np.ndarray] = []
+    cursor = 0
+    for edit in sorted(edits, key=lambda e: e.index):
+        if edit.index < cursor:
+            raise ValueError(f"edit at index {edit.index} overlaps the previous edit (ends at {cursor})")
+        stop = edit.index + edit.removed
+        if stop > lod_arr.size:
+            raise ValueError(f"edit at index {edit.index} runs past the snapshot end ({lod_arr.size})")
+        touched_lod = lod_arr[edit.index : stop]
+        child_span = block_size ** min(edit.lod_before, edit.lod_after)
+        if edit.action == "expand":
+            valid = edit.removed == 1 and edit.added == block_size and edit.lod_after == edit.lod_before - 1
+        elif edit.action == "collapse":
+            valid = (
+                edit.removed == block_size
+                and edit.added == 1
+                and edit.lod_after == edit.lod_before + 1
+                and edit.position % (child_span * block_size) == 0
+            )
+        else:
+            raise ValueError(f"edit at index {edit.index}: unknown action {edit.action!r}")
+        if not valid or (touched_lod != edit.lod_before).any() or pos_arr[edit.index] != edit.position:
+            raise ValueError(f"edit at index {edit.index} does not match the snapshot: {edit}")
+        pieces_lod += [lod_arr[cursor : edit.index], np.full(edit.added, edit.lod_after, dtype=np.int64)]
+        step = child_span if edit.action == "expand" else 0
+        pieces_pos += [pos_arr[cursor : edit.index], edit.position + step * np.arange(edit.added, dtype=np.int64)]
+        cursor = stop
+    pieces_lod.append(lod_arr[cursor:])
+    pieces_pos.append(pos_arr[cursor:])
+    return np.concatenate(pieces_lod), np.concatenate(pieces_pos)
+
+
+def synthetic_layout(
+    n: int,
+    block_size: int,
+    max_lod: int,
+    rng: np.random.Generator,
+    start_block: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A random valid snapshot of exactly `n` entries shaped like a real WC.
+
+    Old history is mostly coarse (high LOD), recent history mostly raw tokens, with some
+    interleaving, and the newest tokens usually form a partial block. For tests, load tests,
+    benchmarks and demos.
+    """
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    top = block_size**max_lod
+    start = int(rng.integers(0, 1024) if start_block is None else start_block) * top
+    lod = np.empty(n, dtype=np.int64)
+    pos = np.empty(n, dtype=np.int64)
+    levels = np.arange(max_lod + 1)
+    spans = span_table(block_size, max_lod)
+    cursor = start
+    for i in range(n):
+        progress = i / n
+        # Early entries lean to the top level, late ones to LOD0; alignment caps the level.
+        weights = np.exp(-4.0 * np.abs(levels / max(max_lod, 1) - (1.0 - progress)))
+        weights = np.where(cursor % spans == 0, weights, 0.0)
+        level = int(rng.choice(levels, p=weights / weights.sum()))
+        lod[i], pos[i] = level, cursor
+        cursor += int(spans[level])
+    return lod, pos
+
+
+def node_keys(lods: Sequence[int] | np.ndarray, positions: Sequence[int] | np.ndarray) -> np.ndarray:
+    """A unique int64 key per tree node `(lod, position)`, for fast set membership."""
+    return np.asarray(positions, dtype=np.int64) * 4 + np.asarray(lods, dtype=np.int64)

@@ -1,0 +1,1 @@
+"""LensNet reference module, checkpoint import and ONNX export (needs the `export` extra: torch, onnx)."""

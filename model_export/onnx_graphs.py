@@ -1,0 +1,97 @@
+"""ONNX graphs of an artifact: the LensNet graph per precision, and the input Cast adapters."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from service.artifact import GRAPH_DTYPES, GraphSpec, Precision, TensorSpec, adapter_file
+
+from .lensnet import LensNet
+
+OPSET = 18
+INPUT_NAMES = ["embeddings", "lod", "positions"]
+OUTPUT_NAMES = ["scores"]
+
+
+def _example_inputs(model: LensNet, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Sizes > 1 on every dynamic axis, so the exporter cannot specialise them.
+    batch, n = 2, 3 * model.config.block_size + 5
+    lod = torch.zeros(batch, n, dtype=torch.int64)
+    positions = torch.arange(n, dtype=torch.int64).repeat(batch, 1)
+    return torch.randn(batch, n, model.config.embed_dim).to(dtype), lod, positions
+
+
+def graph_spec(path: Path) -> GraphSpec:
+    """Input/output names, dtypes and shapes as the graph declares them."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def spec(value: onnx.ValueInfoProto) -> TensorSpec:
+        tensor = value.type.tensor_type
+        dims: list[int | str] = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        return TensorSpec(name=value.name, dtype=dtype, shape=dims)
+
+    return GraphSpec(file=path.name, inputs=[spec(v) for v in graph.input], outputs=[spec(v) for v in graph.output])
+
+
+def export_graph(model: LensNet, precision: Precision, path: Path) -> GraphSpec:
+    """Export `model` (fp32) as the `precision` graph: dynamic batch and N axes, opset 18.
+
+    fp16 runs the transformer blocks in fp16 (norms and softmax stay fp32 inside the module)
+    and keeps positional tables, features, head and the score output in fp32.
+    """
+    model = copy.deepcopy(model).eval()
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    if precision == "fp16":
+        model.blocks.half()
+    batch, n = torch.export.Dim("batch"), torch.export.Dim("n")
+    axes = {0: batch, 1: n}
+    # The exporter narrates to stdout and warns about optional torchvision ops; keep the CLI quiet.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            _example_inputs(model, dtype),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            opset_version=OPSET,
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            dynamic_shapes={"embeddings": axes, "lod": axes, "positions": axes},
+        )
+    onnx.checker.check_model(str(path), full_check=True)
+    spec = graph_spec(path)
+    got = {t.name: t.dtype for t in spec.inputs + spec.outputs}
+    want = {"embeddings": GRAPH_DTYPES[precision], "lod": "int64", "positions": "int64", "scores": "float32"}
+    if got != want:
+        raise RuntimeError(f"{path.name}: exported graph has dtypes {got}, expected {want}")
+    return spec
+
+
+def write_adapter(directory: Path, source_dtype: str, target_dtype: str) -> str:
+    """A one-node Cast graph `x [batch, n, d] → y`: ONNX Runtime converts fp16⇄fp32 many times
+    faster than numpy, so the service converts embeddings with it."""
+    types = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT}
+    dims = ["batch", "n", "d"]
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=types[target_dtype])],
+        f"cast_{source_dtype}_to_{target_dtype}",
+        [helper.make_tensor_value_info("x", types[source_dtype], dims)],
+        [helper.make_tensor_value_info("y", types[target_dtype], dims)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lensnet-export")
+    onnx.checker.check_model(model, full_check=True)
+    name = adapter_file(source_dtype, target_dtype)
+    onnx.save(model, str(directory / name))
+    return name

@@ -1,0 +1,93 @@
+"""Parity of exported graphs against the PyTorch module, measured at export time.
+
+On random valid WCs (mixed LODs; N = 1, a length that is no multiple of B, large N up to 8,192,
+and one batched case): fp32 ONNX vs PyTorch fp32, and fp16 ONNX vs fp32 ONNX (max |Δ| and score
+sign agreement on entries the fp32 graph scores with |s| > 0.05). ONNX Runtime CPU EP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from lensnet_client.layout import synthetic_layout
+from service.artifact import ParityBounds, ParityCase, ParityReport, Precision
+
+from .lensnet import LensNet
+
+DEFAULT_SIZES = (1, 101, 2048, 8192)
+BATCHED_CASE = (3, 300)  # (batch, n): checks the dynamic batch axis
+
+
+def parity_inputs(model: LensNet, batch: int, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A batch of random valid snapshots with N(0, 1) fp32 embeddings."""
+    cfg = model.config
+    layouts = [synthetic_layout(n, cfg.block_size, cfg.max_lod, rng) for _ in range(batch)]
+    return {
+        "embeddings": rng.standard_normal((batch, n, cfg.embed_dim), dtype=np.float32),
+        "lod": np.stack([lod for lod, _ in layouts]),
+        "positions": np.stack([pos for _, pos in layouts]),
+    }
+
+
+def cpu_session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def sign_agreement(reference: np.ndarray, candidate: np.ndarray, min_abs: float) -> tuple[float, int]:
+    """Share of entries with |reference| > min_abs where both scores have the same sign."""
+    mask = np.abs(reference) > min_abs
+    count = int(mask.sum())
+    if count == 0:
+        return 1.0, 0
+    return float((np.sign(reference[mask]) == np.sign(candidate[mask])).mean()), count
+
+
+def measure_parity(
+    model: LensNet,
+    graphs: dict[Precision, Path],
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    seed: int = 0,
+    bounds: ParityBounds | None = None,
+) -> ParityReport:
+    bounds = bounds or ParityBounds()
+    rng = np.random.default_rng(seed)
+    sessions = {precision: cpu_session(path) for precision, path in graphs.items()}
+    cases = []
+    for batch, n in [(1, n) for n in sizes] + [BATCHED_CASE]:
+        feed = parity_inputs(model, batch, n, rng)
+        with torch.no_grad():
+            expected = model(*(torch.from_numpy(feed[k]) for k in ("embeddings", "lod", "positions"))).numpy()
+        fp32 = sessions["fp32"].run(None, feed)[0]
+        fp16 = sessions["fp16"].run(None, {**feed, "embeddings": feed["embeddings"].astype(np.float16)})[0]
+        agreement, entries = sign_agreement(fp32, fp16, bounds.sign_min_abs_score)
+        cases.append(
+            ParityCase(
+                n=n,
+                batch=batch,
+                fp32_vs_torch_max_abs=float(np.abs(fp32 - expected).max()),
+                fp16_vs_fp32_max_abs=float(np.abs(fp16 - fp32).max()),
+                fp16_sign_agreement=agreement,
+                fp16_sign_entries=entries,
+            )
+        )
+    worst32 = max(c.fp32_vs_torch_max_abs for c in cases)
+    worst16 = max(c.fp16_vs_fp32_max_abs for c in cases)
+    sign = min(c.fp16_sign_agreement for c in cases)
+    passed = (
+        worst32 <= bounds.fp32_vs_torch_max_abs
+        and worst16 <= bounds.fp16_vs_fp32_max_abs
+        and sign >= bounds.fp16_sign_agreement
+    )
+    return ParityReport(
+        bounds=bounds,
+        cases=cases,
+        fp32_vs_torch_max_abs=worst32,
+        fp16_vs_fp32_max_abs=worst16,
+        fp16_sign_agreement=sign,
+        passed=passed,
+    )

@@ -1,0 +1,1 @@
+"""The focus controller service: WC snapshot in, LensNet scores and legal edits out."""

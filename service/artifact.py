@@ -1,0 +1,148 @@
+"""The model artifact contract: `manifest.json` beside the ONNX graphs, and its verification.
+
+`model_export` writes artifacts in this format; the service refuses any artifact whose manifest
+does not parse or whose files do not match their recorded size and sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from model_export.config import LensNetConfig
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+GRAPH_FILES: dict[str, str] = {"fp32": "lensnet.fp32.onnx", "fp16": "lensnet.fp16.onnx"}
+GRAPH_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16"}
+"""The embeddings input dtype of each graph (lod/positions are int64, scores float32 in both)."""
+
+Precision = Literal["fp32", "fp16"]
+
+
+def adapter_file(source_dtype: str, target_dtype: str) -> str:
+    """File name of the one-node Cast graph that converts embeddings between dtypes."""
+    return f"cast.{source_dtype}-to-{target_dtype}.onnx"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelInfo(_Strict):
+    name: str
+    version: str
+    description: str
+    trained: bool
+
+
+class Source(_Strict):
+    kind: Literal["checkpoint", "random-init"]
+    file: str | None = None
+    sha256: str | None = None
+    seed: int | None = None
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+class GraphSpec(_Strict):
+    file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class FileEntry(_Strict):
+    size: int
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class ParityCase(_Strict):
+    n: int
+    batch: int
+    fp32_vs_torch_max_abs: float
+    fp16_vs_fp32_max_abs: float
+    fp16_sign_agreement: float
+    fp16_sign_entries: int
+
+
+class ParityBounds(_Strict):
+    fp32_vs_torch_max_abs: float = 1e-4
+    fp16_vs_fp32_max_abs: float = 2e-2
+    fp16_sign_agreement: float = 0.99
+    sign_min_abs_score: float = 0.05
+
+
+class ParityReport(_Strict):
+    bounds: ParityBounds
+    cases: list[ParityCase]
+    fp32_vs_torch_max_abs: float
+    fp16_vs_fp32_max_abs: float
+    fp16_sign_agreement: float
+    passed: bool
+
+
+class Manifest(_Strict):
+    format_version: int
+    model: ModelInfo
+    created_at: str
+    config: LensNetConfig
+    source: Source
+    graphs: dict[Precision, GraphSpec]
+    adapters: list[str]
+    files: dict[str, FileEntry]
+    parity: ParityReport
+    export: dict[str, str]
+
+
+class ArtifactError(RuntimeError):
+    """The artifact is missing, malformed, or does not match its checksums."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_files(directory: Path, names: list[str]) -> dict[str, FileEntry]:
+    """Size and sha256 of each named file, as the manifest records them."""
+    return {
+        name: FileEntry(size=(directory / name).stat().st_size, sha256=sha256_file(directory / name)) for name in names
+    }
+
+
+def load_manifest(directory: Path) -> Manifest:
+    """Parse and verify an artifact directory; raise `ArtifactError` with every problem found."""
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{directory}: no {MANIFEST_NAME} (is this a model artifact directory?)")
+    try:
+        manifest = Manifest.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        raise ArtifactError(f"{path}: invalid manifest: {exc}") from exc
+    if manifest.format_version != MANIFEST_FORMAT:
+        raise ArtifactError(f"{path}: manifest format {manifest.format_version}, this service reads {MANIFEST_FORMAT}")
+    referenced = [graph.file for graph in manifest.graphs.values()] + manifest.adapters
+    problems = [f"{name}: referenced but not listed in files" for name in referenced if name not in manifest.files]
+    for name, entry in manifest.files.items():
+        file = directory / name
+        if not file.is_file():
+            problems.append(f"{name}: missing")
+        elif file.stat().st_size != entry.size:
+            problems.append(f"{name}: size {file.stat().st_size}, manifest says {entry.size}")
+        elif sha256_file(file) != entry.sha256:
+            problems.append(f"{name}: sha256 does not match the manifest")
+    if not manifest.parity.passed:
+        problems.append("parity report says the export did not meet its bounds")
+    if problems:
+        raise ArtifactError(f"{directory}: artifact failed verification: " + "; ".join(problems))
+    return manifest

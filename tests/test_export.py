@@ -1,0 +1,208 @@
+"""ONNX export: the CLI end to end, the parity gate, manifests, checksums, determinism.
+
+Expectations come from the PyTorch module on fresh inputs, never from stored export outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from model_export import build as build_module
+from model_export.cli import main as export_main
+from model_export.config import LensNetConfig
+from model_export.lensnet import LensNet, init_random
+from model_export.parity import cpu_session, parity_inputs, sign_agreement
+from service.artifact import ArtifactError, ModelInfo, Source, load_manifest, sha256_file
+
+from .conftest import SMALL
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "models" / "default"
+SMALL_FLAGS = ["--embed-dim", "64", "--num-heads", "4", "--block-size", "4", "--max-lod", "3"]
+
+
+def _module_scores(model: LensNet, feed: dict[str, np.ndarray]) -> np.ndarray:
+    with torch.no_grad():
+        return model(*(torch.from_numpy(feed[k]) for k in ("embeddings", "lod", "positions"))).numpy()
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "model_export", *args], capture_output=True, text=True, cwd=REPO, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def random_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "demo"
+    result = _run_cli("--random-init", "--seed", "3", *SMALL_FLAGS, "--out", str(out), "--parity-sizes", "1,7,513")
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout
+    return out
+
+
+def test_cli_random_init_artifact(random_artifact: Path) -> None:
+    manifest = load_manifest(random_artifact)  # verifies every checksum
+    assert manifest.model.trained is False and "UNTRAINED" in manifest.model.description
+    assert manifest.source.kind == "random-init" and manifest.source.seed == 3
+    assert manifest.config == LensNetConfig(embed_dim=64, num_heads=4, block_size=4, max_lod=3)
+    assert [c.n for c in manifest.parity.cases] == [1, 7, 513, 300]
+    assert manifest.parity.passed
+    assert int(manifest.export["opset"]) >= 17
+    for precision, dtype in (("fp32", "float32"), ("fp16", "float16")):
+        spec = manifest.graphs[precision]
+        assert [(t.name, t.dtype, t.shape) for t in spec.inputs] == [
+            ("embeddings", dtype, ["batch", "n", 64]),
+            ("lod", "int64", ["batch", "n"]),
+            ("positions", "int64", ["batch", "n"]),
+        ]
+        assert [(t.name, t.dtype, t.shape) for t in spec.outputs] == [("scores", "float32", ["batch", "n"])]
+
+
+def test_exported_graphs_compute_the_module(random_artifact: Path) -> None:
+    model = init_random(LensNet(load_manifest(random_artifact).config), seed=3).eval()
+    rng = np.random.default_rng(99)
+    fp32 = cpu_session(random_artifact / "lensnet.fp32.onnx")
+    fp16 = cpu_session(random_artifact / "lensnet.fp16.onnx")
+    for batch, n in [(1, 1), (1, 123), (2, 64), (1, 2049)]:
+        feed = parity_inputs(model, batch, n, rng)
+        expected = _module_scores(model, feed)
+        got32 = fp32.run(None, feed)[0]
+        got16 = fp16.run(None, {**feed, "embeddings": feed["embeddings"].astype(np.float16)})[0]
+        assert got32.shape == got16.shape == (batch, n) and got16.dtype == np.float32
+        assert np.abs(got32 - expected).max() <= 1e-4
+        assert np.abs(got16 - expected).max() <= 2e-2
+        assert sign_agreement(expected, got16, 0.05)[0] >= 0.99
+
+
+def test_cpu_inference_is_bitwise_deterministic(random_artifact: Path) -> None:
+    feed = parity_inputs(init_random(LensNet(SMALL), 0), 1, 777, np.random.default_rng(5))
+    for name in ("lensnet.fp32.onnx", "lensnet.fp16.onnx"):
+        if "fp16" in name:
+            feed = {**feed, "embeddings": feed["embeddings"].astype(np.float16)}
+        first = cpu_session(random_artifact / name)
+        second = cpu_session(random_artifact / name)
+        runs = [first.run(None, feed)[0], first.run(None, feed)[0], second.run(None, feed)[0]]
+        assert all(r.tobytes() == runs[0].tobytes() for r in runs[1:]), name
+
+
+def test_tampered_or_missing_files_are_refused(random_artifact: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(random_artifact, copy)
+    graph = copy / "lensnet.fp16.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"lensnet\.fp16\.onnx: sha256 does not match"):
+        load_manifest(copy)
+    (copy / "cast.float16-to-float32.onnx").unlink()
+    with pytest.raises(ArtifactError, match=r"cast\.float16-to-float32\.onnx: missing"):
+        load_manifest(copy)
+
+
+def test_manifest_checksums_match_files(random_artifact: Path) -> None:
+    raw = json.loads((random_artifact / "manifest.json").read_text())
+    names = {p.name for p in random_artifact.iterdir()} - {"manifest.json"}
+    assert set(raw["files"]) == names
+    for name, entry in raw["files"].items():
+        assert entry["sha256"] == sha256_file(random_artifact / name)
+        assert entry["size"] == (random_artifact / name).stat().st_size
+
+
+def test_cli_from_nested_checkpoint(tmp_path: Path, small_model: LensNet) -> None:
+    checkpoint = tmp_path / "run.pt"
+    torch.save({"model": {f"lensnet.{k}": v for k, v in small_model.state_dict().items()}, "step": 9}, checkpoint)
+    out = tmp_path / "art"
+    result = _run_cli(
+        "--checkpoint", str(checkpoint), "--num-heads", "4", "--block-size", "4", "--max-lod", "3",
+        "--out", str(out), "--model-version", "run-9", "--parity-sizes", "1,33",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest = load_manifest(out)
+    assert manifest.source.sha256 == sha256_file(checkpoint) and manifest.source.file == "run.pt"
+    assert (manifest.model.version, manifest.model.trained) == ("run-9", True)
+    feed = parity_inputs(small_model, 1, 200, np.random.default_rng(1))
+    got = cpu_session(out / "lensnet.fp32.onnx").run(None, feed)[0]
+    assert np.abs(got - _module_scores(small_model, feed)).max() <= 1e-4
+
+
+def test_cli_refuses_existing_output_and_bad_checkpoints(tmp_path: Path) -> None:
+    (tmp_path / "exists").mkdir()
+    result = _run_cli("--random-init", "--out", str(tmp_path / "exists"))
+    assert result.returncode == 2 and "use --force" in result.stderr
+    (tmp_path / "bad.pt").write_bytes(b"\x80garbage")
+    result = _run_cli("--checkpoint", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "not a loadable PyTorch weights file" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_help_explains_usage() -> None:
+    result = _run_cli("--help")
+    assert result.returncode == 0
+    for text in ("--checkpoint", "--random-init", "--out", "--parity-sizes", "exit status"):
+        assert text in result.stdout
+
+
+def test_wrong_export_fails_loudly_and_leaves_nothing(
+    tmp_path: Path, small_model: LensNet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A graph that does not compute the module (here: one weight perturbed) must not ship."""
+    real_export = build_module.export_graph
+
+    def perturbed_export(model: LensNet, precision: str, path: Path):  # type: ignore[no-untyped-def]
+        broken = init_random(LensNet(model.config), seed=11)
+        with torch.no_grad():
+            broken.blocks[0].mlp.c_fc.weight[0, 0] += 0.05
+        return real_export(broken.eval(), precision, path)
+
+    monkeypatch.setattr(build_module, "export_graph", perturbed_export)
+    out = tmp_path / "art"
+    with pytest.raises(build_module.ParityError, match="fp32 vs torch max"):
+        build_module.build_artifact(
+            small_model, out, ModelInfo(name="x", version="1", description="", trained=False),
+            Source(kind="random-init", seed=11), parity_sizes=(1, 40),
+        )  # fmt: skip
+    assert list(tmp_path.iterdir()) == []  # no artifact, no staging leftovers
+
+    argv = ["--random-init", "--seed", "11", *SMALL_FLAGS, "--out", str(out), "--parity-sizes", "1,40"]
+    assert export_main(argv) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bundled_model_matches_its_module() -> None:
+    """The committed demo artifact is what its manifest says: seed-0 weights, verified parity,
+    checked again here on fresh snapshots up to N = 8,192."""
+    manifest = load_manifest(BUNDLED)
+    assert manifest.model.trained is False and "UNTRAINED" in manifest.model.description
+    assert manifest.source.kind == "random-init" and manifest.source.seed is not None
+    model = init_random(LensNet(manifest.config), seed=manifest.source.seed).eval()
+    rng = np.random.default_rng(2024)
+    fp32 = cpu_session(BUNDLED / "lensnet.fp32.onnx")
+    fp16 = cpu_session(BUNDLED / "lensnet.fp16.onnx")
+    for n in (1, 333, 8192):
+        feed = parity_inputs(model, 1, n, rng)
+        expected = _module_scores(model, feed)
+        got32 = fp32.run(None, feed)[0]
+        got16 = fp16.run(None, {**feed, "embeddings": feed["embeddings"].astype(np.float16)})[0]
+        assert np.abs(got32 - expected).max() <= 1e-4
+        assert np.abs(got16 - got32).max() <= 2e-2
+        assert sign_agreement(got32, got16, 0.05)[0] >= 0.99
+
+
+def test_adapters_convert_exactly(random_artifact: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((1, 5, 64)).astype(np.float32)
+    to16 = ort.InferenceSession(str(random_artifact / "cast.float32-to-float16.onnx"))
+    to32 = ort.InferenceSession(str(random_artifact / "cast.float16-to-float32.onnx"))
+    half = to16.run(None, {"x": x})[0]
+    assert half.dtype == np.float16 and np.array_equal(half, x.astype(np.float16))
+    assert np.array_equal(to32.run(None, {"x": half})[0], half.astype(np.float32))
