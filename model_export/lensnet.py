@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -161,14 +160,16 @@ def init_random(model: LensNet, seed: int) -> LensNet:
 
     Every path contributes (unlike nanochat's zeroed projections), feature inputs are scaled to
     their range (span widths reach `B ** max_lod`), and the last head layer is standardised on
-    synthetic snapshots so that untrained scores spread over [-1, 1] around 0 instead of
+    a fixed calibration snapshot so untrained scores spread over [-1, 1] around 0 instead of
     saturating. Nothing here is meaningful beyond "exercises every code path".
     """
-    from lensnet_client.layout import synthetic_layout
-
     cfg = model.config
     generator = torch.Generator().manual_seed(seed)
     input_range = {"span_mlp.0.weight": float(cfg.block_size**cfg.max_lod), "dist_mlp.0.weight": 1.0}
+    # Calibration snapshot: 16 entries per level from the top down, then 64 tokens (valid: each
+    # run of 16 level-l entries ends on a multiple of B**l, where any lower level may start).
+    lod = torch.tensor([lvl for lvl in range(cfg.max_lod, -1, -1) for _ in range(16)] + [0] * 64)
+    pos = torch.cumsum(torch.pow(cfg.block_size, lod), 0) - torch.pow(cfg.block_size, lod)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
@@ -178,13 +179,11 @@ def init_random(model: LensNet, seed: int) -> LensNet:
             else:
                 fan_in = param.shape[1] if param.ndim == 2 and "level_embed" not in name else 1
                 param.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
-        rng = np.random.default_rng(seed)
-        lod, pos = synthetic_layout(256, cfg.block_size, cfg.max_lod, rng)
-        x = torch.from_numpy(rng.standard_normal((1, lod.size, cfg.embed_dim)).astype(np.float32))
+        x = torch.randn(1, lod.numel(), cfg.embed_dim, generator=generator)
         last = model.scorer[-1] if isinstance(model.scorer, nn.Sequential) else model.scorer
         captured: list[torch.Tensor] = []
         hook = last.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        model(x, torch.from_numpy(lod[None]), torch.from_numpy(pos[None]))
+        model(x, lod[None], pos[None])
         hook.remove()
         logits = captured[0]
         scale = 0.8 / logits.std().clamp(min=1e-6)
