@@ -12,8 +12,7 @@ A snapshot is `lod[N]` and `positions[N]` (span starts, in tokens). Entry `i` co
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -24,8 +23,8 @@ position arithmetic can never overflow int64."""
 Action = Literal["expand", "collapse"]
 
 
-class LayoutError(ValueError):
-    """A snapshot breaks a layout rule. `rule` names it; `index` is the first offending entry."""
+class SnapshotError(ValueError):
+    """A snapshot input breaks a rule. `rule` names it, `field` the input, `index` the first offending entry."""
 
     def __init__(self, rule: str, field: str, message: str, index: int | None = None) -> None:
         super().__init__(message)
@@ -39,12 +38,22 @@ def span_table(block_size: int, max_lod: int) -> np.ndarray:
     return np.asarray([block_size**level for level in range(max_lod + 1)], dtype=np.int64)
 
 
+def multiple_of(values: np.ndarray, divisors: np.ndarray | int) -> np.ndarray:
+    """`values % divisors == 0` for 0 <= values < 2**48, about twice as fast as integer modulo.
+
+    Exact: a float64 quotient q = v / d of such values needs < 48 significant bits to show its
+    fractional part (>= 1/d), and float64 keeps 53, so a non-multiple never rounds to an integer.
+    """
+    quotient = values / divisors
+    return quotient == np.floor(quotient)
+
+
 def _as_int_vector(values: object, field: str) -> np.ndarray:
     array = np.asarray(values)
     if array.ndim != 1:
-        raise LayoutError("shape", field, f"{field}: expected a 1-D array, got shape {list(array.shape)}")
+        raise SnapshotError("shape", field, f"{field}: expected a 1-D array, got shape {list(array.shape)}")
     if array.size and not np.issubdtype(array.dtype, np.integer):
-        raise LayoutError("dtype", field, f"{field}: expected integers, got dtype {array.dtype}")
+        raise SnapshotError("dtype", field, f"{field}: expected integers, got dtype {array.dtype}")
     return array.astype(np.int64, copy=False)
 
 
@@ -55,56 +64,43 @@ def _first(mask: np.ndarray) -> int:
 def validate_layout(lod: object, positions: object, block_size: int, max_lod: int) -> tuple[np.ndarray, np.ndarray]:
     """Check every layout rule and return `(lod, positions)` as int64 arrays.
 
-    Raises `LayoutError` naming the rule and the first offending index.
+    Raises `SnapshotError` naming the rule and the first offending index.
     """
     lod_arr = _as_int_vector(lod, "lod")
     pos_arr = _as_int_vector(positions, "positions")
     n = lod_arr.size
     if n == 0:
-        raise LayoutError("length", "lod", "lod: expected at least 1 entry, got 0")
+        raise SnapshotError("length", "lod", "lod: expected at least 1 entry, got 0")
     if pos_arr.size != n:
-        raise LayoutError(
+        raise SnapshotError(
             "length", "positions", f"positions: expected {n} entries (the length of lod), got {pos_arr.size}"
         )
-    bad = (lod_arr < 0) | (lod_arr > max_lod)
-    if bad.any():
-        i = _first(bad)
-        raise LayoutError("lod_range", "lod", f"lod[{i}]: expected a level in 0…{max_lod}, got {lod_arr[i]}", index=i)
-    bad = (pos_arr < 0) | (pos_arr >= POSITION_LIMIT)
-    if bad.any():
-        i = _first(bad)
-        raise LayoutError(
-            "position_range",
-            "positions",
-            f"positions[{i}]: expected 0 <= position < 2**48, got {pos_arr[i]}",
-            index=i,
-        )
+    # Cheap reductions on the happy path; the offending index is only searched for on error.
+    if lod_arr.min() < 0 or lod_arr.max() > max_lod:
+        i = _first((lod_arr < 0) | (lod_arr > max_lod))
+        raise SnapshotError("lod_range", "lod", f"lod[{i}]: expected a level in 0…{max_lod}, got {lod_arr[i]}", index=i)
+    if pos_arr.min() < 0 or pos_arr.max() >= POSITION_LIMIT:
+        i = _first((pos_arr < 0) | (pos_arr >= POSITION_LIMIT))
+        message = f"positions[{i}]: expected 0 <= position < 2**48, got {pos_arr[i]}"
+        raise SnapshotError("position_range", "positions", message, index=i)
     spans = span_table(block_size, max_lod)[lod_arr]
-    bad = pos_arr % spans != 0
-    if bad.any():
-        i = _first(bad)
-        raise LayoutError(
-            "alignment",
-            "positions",
-            f"positions[{i}]: expected a multiple of its span {spans[i]} (lod[{i}] = {lod_arr[i]}), got {pos_arr[i]}",
-            index=i,
+    aligned = multiple_of(pos_arr, spans)
+    if not aligned.all():
+        i = _first(~aligned)
+        message = (
+            f"positions[{i}]: expected a multiple of its span {spans[i]} (lod[{i}] = {lod_arr[i]}), got {pos_arr[i]}"
         )
+        raise SnapshotError("alignment", "positions", message, index=i)
     ends = pos_arr[:-1] + spans[:-1]
-    bad = ends != pos_arr[1:]
-    if bad.any():
-        i = _first(bad) + 1
+    if not np.array_equal(ends, pos_arr[1:]):
+        i = _first(ends != pos_arr[1:]) + 1
         what = "a gap" if pos_arr[i] > ends[i - 1] else "an overlap or out-of-order entry"
-        raise LayoutError(
-            "contiguity",
-            "positions",
-            f"positions[{i}]: expected {ends[i - 1]} (the end of entry {i - 1}), got {pos_arr[i]}: {what}",
-            index=i,
-        )
+        message = f"positions[{i}]: expected {ends[i - 1]} (the end of entry {i - 1}), got {pos_arr[i]}: {what}"
+        raise SnapshotError("contiguity", "positions", message, index=i)
     return lod_arr, pos_arr
 
 
-@dataclass(frozen=True, slots=True)
-class Edit:
+class Edit(NamedTuple):
     """One allocator decision, indexed into the snapshot it was computed for.
 
     `index` is the first affected entry; an expansion removes 1 entry and adds `B`, a collapse
@@ -188,21 +184,18 @@ def synthetic_layout(
     """
     if n < 1:
         raise ValueError("n must be >= 1")
-    top = block_size**max_lod
-    start = int(rng.integers(0, 1024) if start_block is None else start_block) * top
+    spans = [block_size**level for level in range(max_lod + 1)]
+    cursor = int(rng.integers(0, 1024) if start_block is None else start_block) * spans[-1]
+    # Preferred level falls from max_lod to 0 across the snapshot, with ±1 level of noise;
+    # alignment then caps it (a level-l entry must start on a multiple of B**l).
+    preferred = np.clip(np.floor((1 - np.arange(n) / n) * (max_lod + 1) + rng.uniform(-1, 1, n)), 0, max_lod)
     lod = np.empty(n, dtype=np.int64)
     pos = np.empty(n, dtype=np.int64)
-    levels = np.arange(max_lod + 1)
-    spans = span_table(block_size, max_lod)
-    cursor = start
-    for i in range(n):
-        progress = i / n
-        # Early entries lean to the top level, late ones to LOD0; alignment caps the level.
-        weights = np.exp(-4.0 * np.abs(levels / max(max_lod, 1) - (1.0 - progress)))
-        weights = np.where(cursor % spans == 0, weights, 0.0)
-        level = int(rng.choice(levels, p=weights / weights.sum()))
+    for i, level in enumerate(preferred.astype(np.int64).tolist()):
+        while cursor % spans[level]:
+            level -= 1
         lod[i], pos[i] = level, cursor
-        cursor += int(spans[level])
+        cursor += spans[level]
     return lod, pos
 
 
