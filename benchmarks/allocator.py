@@ -1,4 +1,4 @@
-"""Allocator latency: validation + clamp + candidates + selection, at N = 512, 2,048, 8,192.
+"""Allocator latency: validation (`validate_layout`) + clamp + candidates + selection, at N = 512, 2,048, 8,192.
 
 Realistic snapshots (synthetic_layout: an LOD2/LOD1 prefix and an LOD0 tail, B = 32, max LOD 2),
 scores uniform in [-1, 1], and a WC just over budget (w_max = N - 64, as right after the serving
@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from lensnet_client.layout import synthetic_layout
+from lensnet_client.layout import synthetic_layout, validate_layout
 from service.allocator import AllocatorOptions, allocate
 
 SIZES = (512, 2048, 8192)
@@ -33,13 +33,13 @@ def measure(n: int, max_edits: int, runs: int, seed: int) -> dict[str, float | i
     options = AllocatorOptions(block_size=32, max_lod=2, w_max=n - 64, max_edits=max_edits)
     edits = []
     for lod, pos, scores in inputs:  # warm-up
-        edits.append(len(allocate(lod, pos, scores, options).edits))
+        edits.append(len(allocate(validate_layout(lod, pos, 32, 2), scores, options).edits))
     gc.collect()
     samples = np.empty(runs)
     for k in range(runs):
         lod, pos, scores = inputs[k % VARIANTS]
         start = time.perf_counter_ns()
-        allocate(lod, pos, scores, options)
+        allocate(validate_layout(lod, pos, 32, 2), scores, options)
         samples[k] = time.perf_counter_ns() - start
     ms = samples / 1e6
     return {

@@ -2,8 +2,8 @@
 
 Pure and deterministic (numpy only). One focus step:
 
-1. **Validate** the layout (`lensnet_client.layout`), the scores (length, finite, in [-1, 1]) and
-   the edit history.
+1. **Validate** the layout (`lensnet_client.layout.validate_layout`, done by the caller), the
+   scores (length, finite, in [-1, 1]) and the edit history.
 2. **Clamp**: LOD0 scores to ≤ 0 (cannot expand), LOD `max_lod` scores to ≥ 0 (cannot collapse);
    both counted. Every step below uses clamped scores, so an illegal request's magnitude never
    influences a decision.
@@ -36,29 +36,23 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from lensnet_client.layout import (
-    Action,
-    Edit,
-    SnapshotError,
-    multiple_of,
-    node_keys,
-    span_table,
-    validate_layout,
-)
+from lensnet_client.layout import Action, Edit, Layout, SnapshotError, multiple_of, node_keys, span_table
 
 Aggregation = Literal["mean", "max", "min"]
 RejectReason = Literal["protected", "cooldown", "threshold", "overlap", "budget", "max_edits"]
 REJECT_REASONS: tuple[RejectReason, ...] = get_args(RejectReason)
 MAX_EDITS_LIMIT = 1024
+DEFAULT_TAU_EXPAND = 0.5
+DEFAULT_TAU_COLLAPSE = 0.5
 MAX_COOLDOWN_STEPS = 1024
 
 
 class OptionsError(ValueError):
-    """An allocator option is out of range; `field` names it."""
+    """An allocator option is out of range: `field`, what was `expected`, what was `got`."""
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
+    def __init__(self, field: str, expected: str, got: object) -> None:
+        super().__init__(f"{field}: expected {expected}, got {got!r}")
+        self.field, self.expected, self.got = field, expected, got
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +62,8 @@ class AllocatorOptions:
     block_size: int
     max_lod: int
     w_max: int
-    tau_expand: float = 0.5
-    tau_collapse: float = 0.5
+    tau_expand: float = DEFAULT_TAU_EXPAND
+    tau_collapse: float = DEFAULT_TAU_COLLAPSE
     max_edits: int = 8
     aggregation: Aggregation = "mean"
     protect_recent: int = 0
@@ -77,31 +71,19 @@ class AllocatorOptions:
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
-            ("block_size", self.block_size >= 2, f"expected >= 2, got {self.block_size}"),
-            ("max_lod", 1 <= self.max_lod <= 3, f"expected 1…3, got {self.max_lod}"),
-            ("w_max", self.w_max >= 1, f"expected >= 1, got {self.w_max}"),
-            ("tau_expand", 0 < self.tau_expand <= 1, f"expected 0 < tau_expand <= 1, got {self.tau_expand}"),
-            ("tau_collapse", 0 < self.tau_collapse <= 1, f"expected 0 < tau_collapse <= 1, got {self.tau_collapse}"),
-            (
-                "max_edits",
-                1 <= self.max_edits <= MAX_EDITS_LIMIT,
-                f"expected 1…{MAX_EDITS_LIMIT}, got {self.max_edits}",
-            ),
-            (
-                "aggregation",
-                self.aggregation in get_args(Aggregation),
-                f"expected one of {list(get_args(Aggregation))}, got {self.aggregation!r}",
-            ),
-            ("protect_recent", self.protect_recent >= 0, f"expected >= 0, got {self.protect_recent}"),
-            (
-                "cooldown_steps",
-                0 <= self.cooldown_steps <= MAX_COOLDOWN_STEPS,
-                f"expected 0…{MAX_COOLDOWN_STEPS}, got {self.cooldown_steps}",
-            ),
+            ("block_size", self.block_size >= 2, ">= 2"),
+            ("max_lod", 1 <= self.max_lod <= 3, "1…3"),
+            ("w_max", self.w_max >= 1, ">= 1"),
+            ("tau_expand", 0 < self.tau_expand <= 1, "0 < tau_expand <= 1"),
+            ("tau_collapse", 0 < self.tau_collapse <= 1, "0 < tau_collapse <= 1"),
+            ("max_edits", 1 <= self.max_edits <= MAX_EDITS_LIMIT, f"1…{MAX_EDITS_LIMIT}"),
+            ("aggregation", self.aggregation in get_args(Aggregation), " | ".join(get_args(Aggregation))),
+            ("protect_recent", self.protect_recent >= 0, ">= 0"),
+            ("cooldown_steps", 0 <= self.cooldown_steps <= MAX_COOLDOWN_STEPS, f"0…{MAX_COOLDOWN_STEPS}"),
         ]
-        for name, ok, message in checks:
+        for name, ok, expected in checks:
             if not ok:
-                raise OptionsError(name, message)
+                raise OptionsError(name, expected, getattr(self, name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,13 +128,12 @@ class Allocation:
 def validate_scores(scores: object, n: int) -> np.ndarray:
     array = np.asarray(scores)
     if array.shape != (n,):
-        raise SnapshotError("length", "scores", f"scores: expected shape [{n}], got {list(array.shape)}")
+        raise SnapshotError("length", "scores", f"shape [{n}]", list(array.shape))
     if not np.issubdtype(array.dtype, np.floating):
-        raise SnapshotError("dtype", "scores", f"scores: expected floats, got dtype {array.dtype}")
+        raise SnapshotError("dtype", "scores", "floats", f"dtype {array.dtype}")
     if not np.abs(array).max() <= 1:  # NaN fails this comparison too
         i = int(np.argmax(~np.isfinite(array) | (np.abs(array) > 1)))
-        message = f"scores[{i}]: expected a finite value in [-1, 1], got {array[i]}"
-        raise SnapshotError("score_range", "scores", message, i)
+        raise SnapshotError("score_range", f"scores[{i}]", "a finite value in [-1, 1]", array[i], i)
     return array
 
 
@@ -161,18 +142,18 @@ def cooldown_keys(history: Sequence[HistoryItem], options: AllocatorOptions) -> 
     spans = span_table(options.block_size, options.max_lod)
     blocked: dict[Action, list[tuple[int, int]]] = {"expand": [], "collapse": []}
     for k, item in enumerate(history):
-        where = f"history[{k}]"
         problem = None
         if item.action not in ("expand", "collapse"):
-            problem = f"{where}.action: expected 'expand' or 'collapse', got {item.action!r}"
+            problem = ("action", "'expand' or 'collapse'", repr(item.action))
         elif not 1 <= item.lod <= options.max_lod:
-            problem = f"{where}.lod: expected a gist level 1…{options.max_lod}, got {item.lod}"
+            problem = ("lod", f"a gist level 1…{options.max_lod}", item.lod)
         elif item.position < 0 or item.position % spans[item.lod]:
-            problem = f"{where}.position: expected a non-negative multiple of {spans[item.lod]}, got {item.position}"
+            problem = ("position", f"a non-negative multiple of {spans[item.lod]}", item.position)
         elif item.age < 1:
-            problem = f"{where}.age: expected >= 1 (1 = the previous step), got {item.age}"
+            problem = ("age", ">= 1 (1 = the previous step)", item.age)
         if problem:
-            raise SnapshotError("history", where, problem, k)
+            name, expected, got = problem
+            raise SnapshotError("history", f"history[{k}].{name}", expected, got, k)
         if item.age <= options.cooldown_steps:
             # Undoing an expand is a collapse, and vice versa.
             blocked["collapse" if item.action == "expand" else "expand"].append((item.lod, item.position))
@@ -304,15 +285,22 @@ def _edits(
 
 
 def allocate(
-    lod: object,
-    positions: object,
+    layout: Layout,
     scores: object,
     options: AllocatorOptions,
     history: Sequence[HistoryItem] = (),
 ) -> Allocation:
-    """Decide this step's edits (see the module docstring for the exact rules)."""
+    """Decide this step's edits (see the module docstring for the exact rules).
+
+    `layout` comes from `validate_layout` (step 1 is split out so a caller that validated the
+    snapshot before scoring it does not pay for it twice).
+    """
     b, top = options.block_size, options.max_lod
-    lod, positions = validate_layout(lod, positions, b, top)
+    if (layout.block_size, layout.max_lod) != (b, top):
+        raise ValueError(
+            f"layout validated for B={layout.block_size}, max LOD {layout.max_lod}; options say B={b}, {top}"
+        )
+    lod, positions = layout.lod, layout.positions
     raw = validate_scores(scores, lod.size)
     no_expand, no_collapse = cooldown_keys(history, options)
     spans = span_table(b, top)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lensnet_client.layout import Edit, SnapshotError, apply_edits
+from lensnet_client.layout import Edit, SnapshotError, apply_edits, validate_layout
 from service.allocator import AllocatorOptions, HistoryItem, OptionsError, allocate
 
 B, L = 4, 2
@@ -27,7 +27,7 @@ def opts(**fields: object) -> AllocatorOptions:
 
 def run(lods: tuple[int, ...], scores: list[float], start: int = 0, history: tuple = (), **fields: object):
     lod, pos = wc(*lods, start=start)
-    return allocate(lod, pos, np.array(scores, dtype=np.float32), opts(**fields), history)
+    return allocate(validate_layout(lod, pos, B, L), np.array(scores, dtype=np.float32), opts(**fields), history)
 
 
 def expand(i: int, level: int, position: int, score: float, cause: str = "threshold") -> Edit:
@@ -194,7 +194,7 @@ def test_edits_apply_to_a_valid_snapshot_and_are_deterministic() -> None:
 )
 def test_invalid_layouts_are_rejected(lods: list, positions: list, rule: str, index: int | None) -> None:
     with pytest.raises(SnapshotError) as info:
-        allocate(np.array(lods, dtype=np.int64), np.array(positions, dtype=np.int64), np.zeros(len(lods)), opts())
+        validate_layout(np.array(lods, dtype=np.int64), np.array(positions, dtype=np.int64), B, L)
     assert (info.value.rule, info.value.index) == (rule, index)
 
 
@@ -208,7 +208,7 @@ def test_invalid_layouts_are_rejected(lods: list, positions: list, rule: str, in
 )
 def test_malformed_metadata_is_rejected(lods: list, positions: list, field: str, rule: str) -> None:
     with pytest.raises(SnapshotError) as info:
-        allocate(np.array(lods), np.array(positions), np.zeros(2), opts())
+        validate_layout(np.array(lods), np.array(positions), B, L)
     assert (info.value.field, info.value.rule) == (field, rule)
 
 
@@ -223,24 +223,24 @@ def test_malformed_metadata_is_rejected(lods: list, positions: list, field: str,
     ],
 )
 def test_invalid_scores_are_rejected(scores: list, message: str) -> None:
-    lod, pos = wc(0, 0)
+    layout = validate_layout(*wc(0, 0), B, L)
     with pytest.raises(SnapshotError, match=message):
-        allocate(lod, pos, np.asarray(scores), opts())
+        allocate(layout, np.asarray(scores), opts())
 
 
 @pytest.mark.parametrize(
     ("item", "message"),
     [
-        (HistoryItem("merge", 1, 0, 1), r"history\[0\]\.action"),  # type: ignore[arg-type]
+        (HistoryItem("merge", 1, 0, 1), r"history\[0\]\.action: expected 'expand' or 'collapse'"),  # type: ignore[arg-type]
         (HistoryItem("expand", 0, 0, 1), r"history\[0\]\.lod: expected a gist level 1…2"),
         (HistoryItem("expand", 1, 6, 1), r"history\[0\]\.position: expected a non-negative multiple of 4"),
         (HistoryItem("collapse", 1, 4, 0), r"history\[0\]\.age: expected >= 1"),
     ],
 )
 def test_invalid_history_is_rejected(item: HistoryItem, message: str) -> None:
-    lod, pos = wc(0, 0)
+    layout = validate_layout(*wc(0, 0), B, L)
     with pytest.raises(SnapshotError, match=message):
-        allocate(lod, pos, np.zeros(2), opts(), (item,))
+        allocate(layout, np.zeros(2), opts(), (item,))
 
 
 @pytest.mark.parametrize(
@@ -263,6 +263,12 @@ def test_invalid_options_are_rejected(fields: dict, field: str) -> None:
     with pytest.raises(OptionsError) as info:
         opts(**fields)
     assert info.value.field == field
+
+
+def test_layout_must_match_the_options_tree() -> None:
+    layout = validate_layout(*wc(0, 0), block_size=2, max_lod=L)
+    with pytest.raises(ValueError, match="layout validated for B=2"):
+        allocate(layout, np.zeros(2), opts())
 
 
 def test_apply_edits_refuses_stale_or_overlapping_edits() -> None:

@@ -89,7 +89,7 @@ def cases(draw: st.DrawFn) -> Case:
 def test_every_allocation_is_legal_disjoint_budgeted_and_deterministic(case: Case) -> None:
     o, lod, pos = case.options, case.lod, case.positions
     b = o.block_size
-    result = allocate(lod, pos, case.scores, o, case.history)
+    result = allocate(validate_layout(lod, pos, b, o.max_lod), case.scores, o, case.history)
 
     # Applying the edits yields a valid snapshot covering the same tokens.
     new_lod, new_pos = apply_edits(lod, pos, result.edits, b)
@@ -142,7 +142,7 @@ def test_every_allocation_is_legal_disjoint_budgeted_and_deterministic(case: Cas
     assert c.candidates_expand + c.candidates_collapse == len(result.edits) + sum(c.rejected.values())
 
     # Deterministic: same input (copies), same output.
-    again = allocate(lod.copy(), pos.copy(), case.scores.copy(), o, case.history)
+    again = allocate(validate_layout(lod.copy(), pos.copy(), b, o.max_lod), case.scores.copy(), o, case.history)
     assert again.edits == result.edits and again.counters == result.counters
 
 
@@ -152,7 +152,8 @@ def test_a_clamp_never_flips_a_legal_decision(case: Case, seed: int) -> None:
     """Illegal requests (LOD0 > 0, LOD max < 0) carry no weight: clamping them up front, or
     changing their magnitude, leaves every decision unchanged."""
     o, lod = case.options, case.lod
-    result = allocate(lod, case.positions, case.scores, o, case.history)
+    layout = validate_layout(lod, case.positions, o.block_size, o.max_lod)
+    result = allocate(layout, case.scores, o, case.history)
     assert np.all(result.scores * case.scores >= 0)  # the clamp moves toward 0, never across
     assert np.all(np.abs(result.scores) <= np.abs(case.scores))
     up, down = (lod == 0) & (case.scores > 0), (lod == o.max_lod) & (case.scores < 0)
@@ -164,7 +165,7 @@ def test_a_clamp_never_flips_a_legal_decision(case: Case, seed: int) -> None:
     other[up] = rng.uniform(1e-3, 1, int(up.sum()))
     other[down] = -rng.uniform(1e-3, 1, int(down.sum()))
     for variant in (pre_clamped, other):
-        alt = allocate(lod, case.positions, variant, o, case.history)
+        alt = allocate(layout, variant, o, case.history)
         assert alt.edits == result.edits and alt.length_after == result.length_after
         assert alt.counters.rejected == result.counters.rejected
 

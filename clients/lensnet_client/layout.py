@@ -24,13 +24,12 @@ Action = Literal["expand", "collapse"]
 
 
 class SnapshotError(ValueError):
-    """A snapshot input breaks a rule. `rule` names it, `field` the input, `index` the first offending entry."""
+    """A snapshot input breaks a rule: `rule` names it, `field` the offending input (with the
+    index of the first offending entry, when there is one), `expected`/`got` say what is wrong."""
 
-    def __init__(self, rule: str, field: str, message: str, index: int | None = None) -> None:
-        super().__init__(message)
-        self.rule = rule
-        self.field = field
-        self.index = index
+    def __init__(self, rule: str, field: str, expected: str, got: object, index: int | None = None) -> None:
+        self.rule, self.field, self.expected, self.got, self.index = rule, field, expected, got, index
+        super().__init__(f"{field}: expected {expected}, got {got}")
 
 
 def span_table(block_size: int, max_lod: int) -> np.ndarray:
@@ -51,9 +50,9 @@ def multiple_of(values: np.ndarray, divisors: np.ndarray | int) -> np.ndarray:
 def _as_int_vector(values: object, field: str) -> np.ndarray:
     array = np.asarray(values)
     if array.ndim != 1:
-        raise SnapshotError("shape", field, f"{field}: expected a 1-D array, got shape {list(array.shape)}")
+        raise SnapshotError("shape", field, "a 1-D array", f"shape {list(array.shape)}")
     if array.size and not np.issubdtype(array.dtype, np.integer):
-        raise SnapshotError("dtype", field, f"{field}: expected integers, got dtype {array.dtype}")
+        raise SnapshotError("dtype", field, "integers", f"dtype {array.dtype}")
     return array.astype(np.int64, copy=False)
 
 
@@ -61,43 +60,44 @@ def _first(mask: np.ndarray) -> int:
     return int(np.argmax(mask))
 
 
-def validate_layout(lod: object, positions: object, block_size: int, max_lod: int) -> tuple[np.ndarray, np.ndarray]:
-    """Check every layout rule and return `(lod, positions)` as int64 arrays.
+class Layout(NamedTuple):
+    """A snapshot's metadata that passed `validate_layout` (int64 arrays), with the tree it is valid for."""
 
-    Raises `SnapshotError` naming the rule and the first offending index.
-    """
+    lod: np.ndarray
+    positions: np.ndarray
+    block_size: int
+    max_lod: int
+
+
+def validate_layout(lod: object, positions: object, block_size: int, max_lod: int) -> Layout:
+    """Check every layout rule; raise `SnapshotError` naming the rule and the first offending index."""
     lod_arr = _as_int_vector(lod, "lod")
     pos_arr = _as_int_vector(positions, "positions")
     n = lod_arr.size
     if n == 0:
-        raise SnapshotError("length", "lod", "lod: expected at least 1 entry, got 0")
+        raise SnapshotError("length", "lod", "at least 1 entry", "0")
     if pos_arr.size != n:
-        raise SnapshotError(
-            "length", "positions", f"positions: expected {n} entries (the length of lod), got {pos_arr.size}"
-        )
+        raise SnapshotError("length", "positions", f"{n} entries (the length of lod)", pos_arr.size)
     # Cheap reductions on the happy path; the offending index is only searched for on error.
     if lod_arr.min() < 0 or lod_arr.max() > max_lod:
         i = _first((lod_arr < 0) | (lod_arr > max_lod))
-        raise SnapshotError("lod_range", "lod", f"lod[{i}]: expected a level in 0…{max_lod}, got {lod_arr[i]}", index=i)
+        raise SnapshotError("lod_range", f"lod[{i}]", f"a level in 0…{max_lod}", lod_arr[i], i)
     if pos_arr.min() < 0 or pos_arr.max() >= POSITION_LIMIT:
         i = _first((pos_arr < 0) | (pos_arr >= POSITION_LIMIT))
-        message = f"positions[{i}]: expected 0 <= position < 2**48, got {pos_arr[i]}"
-        raise SnapshotError("position_range", "positions", message, index=i)
+        raise SnapshotError("position_range", f"positions[{i}]", "0 <= position < 2**48", pos_arr[i], i)
     spans = span_table(block_size, max_lod)[lod_arr]
     aligned = multiple_of(pos_arr, spans)
     if not aligned.all():
         i = _first(~aligned)
-        message = (
-            f"positions[{i}]: expected a multiple of its span {spans[i]} (lod[{i}] = {lod_arr[i]}), got {pos_arr[i]}"
-        )
-        raise SnapshotError("alignment", "positions", message, index=i)
+        expected = f"a multiple of its span {spans[i]} (lod[{i}] = {lod_arr[i]})"
+        raise SnapshotError("alignment", f"positions[{i}]", expected, pos_arr[i], i)
     ends = pos_arr[:-1] + spans[:-1]
     if not np.array_equal(ends, pos_arr[1:]):
         i = _first(ends != pos_arr[1:]) + 1
         what = "a gap" if pos_arr[i] > ends[i - 1] else "an overlap or out-of-order entry"
-        message = f"positions[{i}]: expected {ends[i - 1]} (the end of entry {i - 1}), got {pos_arr[i]}: {what}"
-        raise SnapshotError("contiguity", "positions", message, index=i)
-    return lod_arr, pos_arr
+        expected = f"{ends[i - 1]} (the end of entry {i - 1})"
+        raise SnapshotError("contiguity", f"positions[{i}]", expected, f"{pos_arr[i]}: {what}", i)
+    return Layout(lod_arr, pos_arr, block_size, max_lod)
 
 
 class Edit(NamedTuple):

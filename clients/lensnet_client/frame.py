@@ -1,0 +1,108 @@
+"""The binary wire format: a small JSON header followed by raw little-endian array bytes.
+
+Modelled on the KServe v2 / Triton binary tensor extension (JSON header + raw tensor data), in a
+self-contained body that needs nothing beyond numpy to read or write:
+
+    bytes 0-3   magic b"LNF1"
+    bytes 4-7   header length H, uint32 little-endian
+    bytes 8-    H bytes of UTF-8 JSON: any fields, plus "arrays": {name: {"dtype", "shape",
+                "offset", "nbytes"}} with offsets relative to the payload start
+    payload     starts at the first multiple of 64 after the header; each array starts on a
+                multiple of 64 within it
+
+Decoding is zero-copy (`np.frombuffer` views) and never parses numbers, so an 8 MB fp16
+embedding matrix costs no more than reading it off the socket.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import numpy as np
+
+MEDIA_TYPE = "application/vnd.lensnet.frame"
+MAGIC = b"LNF1"
+ALIGN = 64
+DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"})
+_PREFIX = struct.Struct("<4sI")
+
+
+class FrameError(ValueError):
+    """A body is not a well-formed frame; `field` names the offending part."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def pack(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    """One frame holding `header` (JSON-serialisable) and `arrays` (any numeric dtype in DTYPES)."""
+    descriptors, offset = {}, 0
+    contiguous = {}
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        if array.dtype.name not in DTYPES:
+            raise FrameError(name, f"{name}: dtype {array.dtype} cannot be framed")
+        contiguous[name] = array
+        descriptors[name] = {
+            "dtype": array.dtype.name,
+            "shape": list(array.shape),
+            "offset": offset,
+            "nbytes": array.nbytes,
+        }
+        offset = _align(offset + array.nbytes)
+    head = json.dumps({**header, "arrays": descriptors}, separators=(",", ":")).encode()
+    start = _align(_PREFIX.size + len(head))
+    body = bytearray(start + offset)
+    body[: _PREFIX.size + len(head)] = _PREFIX.pack(MAGIC, len(head)) + head
+    view = memoryview(body)
+    for name, array in contiguous.items():
+        at = start + descriptors[name]["offset"]
+        view[at : at + array.nbytes] = array.reshape(-1).view(np.uint8)
+    return bytes(body)
+
+
+def unpack(body: bytes | bytearray | memoryview) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The header (without "arrays") and zero-copy array views; `FrameError` on any defect."""
+    if len(body) < _PREFIX.size:
+        raise FrameError("frame", f"frame: expected at least {_PREFIX.size} bytes, got {len(body)}")
+    magic, length = _PREFIX.unpack_from(body)
+    if magic != MAGIC:
+        raise FrameError("frame", f"frame: expected magic {MAGIC!r}, got {bytes(magic)!r}")
+    if _PREFIX.size + length > len(body):
+        raise FrameError("frame", f"frame: header length {length} runs past the body ({len(body)} bytes)")
+    try:
+        header = json.loads(bytes(body[_PREFIX.size : _PREFIX.size + length]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FrameError("frame", f"frame: header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict) or not isinstance(header.get("arrays", {}), dict):
+        raise FrameError("frame", "frame: header must be a JSON object whose 'arrays' is an object")
+    start = _align(_PREFIX.size + length)
+    arrays = {name: _view(body, start, name, spec) for name, spec in header.pop("arrays", {}).items()}
+    return header, arrays
+
+
+def _view(body: bytes | bytearray | memoryview, start: int, name: str, spec: Any) -> np.ndarray:
+    if not isinstance(spec, dict):
+        raise FrameError(name, f"{name}: expected an array descriptor object, got {type(spec).__name__}")
+    dtype, shape, offset, nbytes = (spec.get(k) for k in ("dtype", "shape", "offset", "nbytes"))
+    if dtype not in DTYPES:
+        raise FrameError(name, f"{name}.dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise FrameError(name, f"{name}.shape: expected a list of non-negative integers, got {shape!r}")
+    for key, value in (("offset", offset), ("nbytes", nbytes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise FrameError(name, f"{name}.{key}: expected a non-negative integer, got {value!r}")
+    item = np.dtype(dtype).newbyteorder("<")
+    count = int(np.prod(shape, dtype=np.int64))
+    if nbytes != count * item.itemsize:
+        raise FrameError(name, f"{name}.nbytes: expected {count * item.itemsize} for {dtype} {shape}, got {nbytes}")
+    if start + offset + nbytes > len(body):
+        raise FrameError(name, f"{name}: bytes {offset}…{offset + nbytes} run past the payload end")
+    return np.frombuffer(body, dtype=item, count=count, offset=start + offset).reshape(shape)

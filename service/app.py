@@ -1,0 +1,290 @@
+"""HTTP adapter: FastAPI routes over the pipeline, with admission control and telemetry.
+
+Routes stay thin: read the body (bounded), admit (429/503/504), run the pipeline in the
+inference thread pool, answer with `Server-Timing`. Every error is RFC 9457 problem+json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import codec, openapi, problems
+from .admission import Admission
+from .artifact import Manifest, load_manifest
+from .metrics import CONTENT_TYPE, Metrics
+from .pipeline import Pipeline
+from .runtime import Scorer
+from .settings import Settings
+
+log = logging.getLogger("lensnet.service")
+TIMEOUT_HEADER = "x-request-timeout-ms"
+REFUSALS = {
+    "overloaded": "overload",
+    "not-ready": "not_ready",
+    "shutting-down": "shutting_down",
+    "deadline-exceeded": "deadline",
+    "too-large": "too_large",
+}
+
+
+class Service:
+    """Everything one app instance owns: settings, artifact, model, admission, metrics."""
+
+    def __init__(self, settings: Settings, manifest: Manifest) -> None:
+        self.settings, self.manifest = settings, manifest
+        self.metrics = Metrics(settings.latency_budget_ms / 1e3, manifest.config.max_lod)
+        self.admission = Admission(settings.max_concurrency, settings.queue_size)
+        self.executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="lensnet-infer")
+        self.pipeline: Pipeline | None = None
+        self.load_error: str | None = None
+
+    @property
+    def status(self) -> str:
+        if self.admission.draining:
+            return "draining"
+        if self.load_error:
+            return "failed"
+        return "ready" if self.pipeline else "loading"
+
+    def load(self) -> None:
+        """Build the ONNX Runtime session and warm it up (in a thread; /readyz waits for it)."""
+        try:
+            scorer = Scorer(
+                self.settings.model_dir, self.manifest, self.settings.precision, self.settings.intra_op_threads
+            )
+            scorer.warmup(self.settings.warmup_sizes)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("model failed to load")
+            return
+        graph = self.manifest.graphs[scorer.precision].file
+        m = self.manifest.model
+        self.metrics.set_model(m.name, m.version, scorer.precision, scorer.provider, self.manifest.files[graph].sha256)
+        self.pipeline = Pipeline(scorer, self.manifest, self.metrics, self.settings.max_entries)
+        self.metrics.model_ready.set(1)
+        log.info("ready: %s %s, %s on %s", m.name, m.version, scorer.precision, scorer.provider)
+
+    async def drain(self) -> None:
+        """Stop taking work, then wait (up to the grace period) for admitted work to finish."""
+        self.metrics.model_ready.set(0)
+        finished = await self.admission.drain(self.settings.shutdown_grace_s)
+        log.info("drained" if finished else "grace period over with requests still running")
+
+    async def serve(self, request: Request, endpoint: str) -> Response:
+        try:
+            return await self._serve(request, endpoint)
+        except problems.Problem as problem:
+            if problem.slug in REFUSALS:
+                self.metrics.refused.labels(reason=REFUSALS[problem.slug]).inc()
+            raise
+
+    async def _serve(self, request: Request, endpoint: str) -> Response:
+        arrival = request.state.arrival
+        pipeline = self.pipeline
+        if self.admission.draining:
+            raise problems.unavailable("shutting-down", "Shutting down", "the service is draining; retry elsewhere", 1)
+        if pipeline is None:
+            detail = f"model {self.status}" + (f": {self.load_error}" if self.load_error else "")
+            raise problems.unavailable("not-ready", "Model not ready", detail, 2)
+        media = codec.request_media_type(request.headers.get("content-type"))
+        respond_as = codec.response_media_type(request.headers.get("accept"), media)
+        deadline = self._deadline(request, arrival)
+        body = await read_body(request, self.settings.max_body_bytes)
+        received = time.perf_counter()
+        timings = {"receive": received - arrival}
+        run = pipeline.focus if endpoint == "focus" else pipeline.score
+        self.metrics.queued.inc()
+        admitted = False
+        try:
+            async with self.admission.slot(deadline):
+                admitted = True
+                self.metrics.queued.dec()
+                timings["queue"] = time.perf_counter() - received
+                loop = asyncio.get_running_loop()
+                content = await loop.run_in_executor(self.executor, run, body, media, respond_as, timings)
+        finally:
+            if not admitted:
+                self.metrics.queued.dec()
+        if deadline is not None and time.perf_counter() > deadline:
+            raise problems.Problem(
+                504, "deadline-exceeded", "Deadline exceeded", "the answer was ready after the deadline"
+            )
+        self.metrics.observe_stages(timings)
+        timings["total"] = time.perf_counter() - arrival
+        server_timing = ", ".join(f"{stage};dur={seconds * 1e3:.3f}" for stage, seconds in timings.items())
+        return Response(content, media_type=respond_as, headers={"Server-Timing": server_timing})
+
+    def _deadline(self, request: Request, arrival: float) -> float | None:
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            timeout_ms = self.settings.default_timeout_ms
+        else:
+            try:
+                timeout_ms = float(raw)
+            except ValueError:
+                timeout_ms = -1.0
+            if not timeout_ms > 0:
+                detail = f"X-Request-Timeout-Ms: expected milliseconds > 0, got {raw}"
+                raise problems.Problem(
+                    400, "invalid-header", "Invalid header", detail,
+                    field="X-Request-Timeout-Ms", expected="a number > 0", got=raw,
+                )  # fmt: skip
+        return None if timeout_ms is None else arrival + timeout_ms / 1e3
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing (413) as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise problems.too_large("body", f"{limit} bytes", f"{declared} bytes (Content-Length)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise problems.too_large("body", f"{limit} bytes", f"more than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class RequestTelemetry:
+    """ASGI middleware: arrival time, in-flight gauge, latency by endpoint and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        scope.setdefault("state", {})["arrival"] = start
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.observe_request(scope["path"], status, time.perf_counter() - start)
+
+
+def problem_response(problem: problems.Problem, instance: str) -> Response:
+    return Response(
+        problem.body(instance), status_code=problem.status, media_type=problems.MEDIA_TYPE, headers=problem.headers
+    )
+
+
+def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
+    """The service app. Verifies the artifact now (raises `ArtifactError`); loads the model in the background."""
+    service = Service(settings, manifest or load_manifest(settings.model_dir))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.get_running_loop().run_in_executor(None, service.load)
+        yield
+        await loading
+        service.executor.shutdown(wait=True)
+
+    app = FastAPI(
+        title="LensNet focus service",
+        version="1",
+        summary="Scores a working-context snapshot with LensNet and returns legal, budgeted expand/collapse edits.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(RequestTelemetry, metrics=service.metrics)
+
+    @app.exception_handler(problems.Problem)
+    async def on_problem(request: Request, problem: problems.Problem) -> Response:
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+        problem = problems.Problem(
+            exc.status_code, "http-error", str(exc.detail), f"{request.method} {request.url.path}: {exc.detail}"
+        )
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        problem = problems.Problem(
+            500, "internal-error", "Internal error", "the request failed inside the service; see its log"
+        )
+        return problem_response(problem, request.url.path)
+
+    def guarded(endpoint: str) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            try:
+                return await service.serve(request, endpoint)
+            except problems.Problem:
+                raise
+            except Exception as exc:  # a bug, not bad input: log it, answer 500, keep serving
+                log.exception("unhandled error on /v1/%s", endpoint)
+                raise problems.Problem(
+                    500, "internal-error", "Internal error", "the request failed inside the service; see its log"
+                ) from exc
+
+        return handler
+
+    app.add_api_route("/v1/focus", guarded("focus"), methods=["POST"], **openapi.FOCUS)
+    app.add_api_route("/v1/score", guarded("score"), methods=["POST"], **openapi.SCORE)
+
+    @app.get("/v1/model", summary="The loaded artifact: version, checksum, precision, provider, D, B, max LOD")
+    async def model() -> dict[str, Any]:
+        m, cfg = service.manifest, service.manifest.config
+        scorer = service.pipeline.scorer if service.pipeline else None
+        precision = scorer.precision if scorer else None
+        return {
+            "name": m.model.name,
+            "version": m.model.version,
+            "description": m.model.description,
+            "trained": m.model.trained,
+            "status": service.status,
+            "precision": precision,
+            "provider": scorer.provider if scorer else None,
+            "input_dtype": scorer.input_dtype.name if scorer else None,
+            "sha256": m.files[m.graphs[precision].file].sha256 if precision else None,
+            "embed_dim": cfg.embed_dim,
+            "block_size": cfg.block_size,
+            "max_lod": cfg.max_lod,
+            "layers": cfg.layers,
+            "num_heads": cfg.num_heads,
+            "causal": cfg.causal,
+            "created_at": m.created_at,
+            "parity": {k: v for k, v in m.parity.model_dump().items() if k != "cases"},
+        }
+
+    @app.get("/healthz", summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", summary="Readiness: model loaded, checksums verified, warmed up, not draining")
+    async def readyz() -> Response:
+        if service.status != "ready":
+            detail = service.load_error or f"model {service.status}"
+            raise problems.Problem(503, "not-ready", "Not ready", detail, status=service.status)
+        return Response(b'{"status":"ready"}', media_type="application/json")
+
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    openapi.install(app)
+    return app

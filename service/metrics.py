@@ -1,0 +1,164 @@
+"""Prometheus telemetry: what the model does (scores, edits, clamps) and how the service does.
+
+All metrics live in one registry per app. With several worker processes, prometheus-client's
+multiprocess mode (PROMETHEUS_MULTIPROC_DIR) aggregates them at scrape time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+
+from service.allocator import DEFAULT_TAU_COLLAPSE, DEFAULT_TAU_EXPAND, Allocation
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+ENDPOINTS = ("/v1/focus", "/v1/score", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "other")
+STAGES = ("receive", "queue", "decode", "model", "allocate", "telemetry", "encode")
+# Sub-millisecond resolution, with the budget edge added by Metrics (3 ms by default).
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005,
+    0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+SCORE_EDGES = (-1.0, -0.9, -0.75, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+WC_SIZE_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+disable_created_metrics()  # the *_created series only add noise to every scrape
+
+
+def score_buckets() -> tuple[float, ...]:
+    """Edges over [-1, 1] including the default thresholds ±tau, so threshold crossings are exact."""
+    return tuple(sorted({*SCORE_EDGES, -DEFAULT_TAU_COLLAPSE, DEFAULT_TAU_EXPAND}))
+
+
+class Metrics:
+    def __init__(self, budget_s: float, max_lod: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.budget_s = budget_s
+        self.score_edges = np.asarray(score_buckets())
+        self.max_lod = max_lod
+        latency = tuple(sorted({*LATENCY_BUCKETS, budget_s}))
+        r = self.registry
+        self.requests = Histogram(
+            "lensnet_request_duration_seconds", "Server-side request latency, arrival to response.",
+            ["endpoint", "status"], buckets=latency, registry=r,
+        )  # fmt: skip
+        self.over_budget = Counter(
+            "lensnet_requests_over_budget_total", "Requests slower than the latency budget.", ["endpoint"], registry=r
+        )
+        self.stages = Histogram(
+            "lensnet_stage_duration_seconds", "Time per request stage.", ["stage"], buckets=latency, registry=r
+        )
+        self.scores = Histogram(
+            "lensnet_entry_score", "LensNet scores (before the legality clamp) per WC entry.", ["lod"],
+            buckets=tuple(self.score_edges), registry=r,
+        )  # fmt: skip
+        self.edits = Counter(
+            "lensnet_edits_total", "Edits returned, by action, cause and the LOD they act on.",
+            ["action", "cause", "lod"], registry=r,
+        )  # fmt: skip
+        self.clamps = Counter(
+            "lensnet_clamps_total", "Scores clamped because they asked for an illegal action.", ["action"], registry=r
+        )
+        self.rejections = Counter(
+            "lensnet_allocator_rejections_total", "Candidate edits not taken, by reason.", ["reason"], registry=r
+        )
+        self.budget_unmet = Counter(
+            "lensnet_budget_unmet_total", "Focus steps whose WC stayed over w_max (no legal collapse left).", registry=r
+        )
+        self.refused = Counter(
+            "lensnet_requests_refused_total",
+            "Requests refused before scoring: overload (429), not_ready/shutting_down (503), deadline (504), "
+            "too_large (413).",
+            ["reason"],
+            registry=r,
+        )
+        self.wc_size = Histogram(
+            "lensnet_working_context_entries", "WC length N per scored request.", buckets=WC_SIZE_BUCKETS, registry=r
+        )
+        self.in_flight = Gauge(
+            "lensnet_in_flight_requests", "Requests being served.", registry=r, multiprocess_mode="livesum"
+        )
+        self.queued = Gauge(
+            "lensnet_queued_requests",
+            "Requests waiting for an inference slot.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.model_info = Gauge(
+            "lensnet_model_info", "The loaded model (value 1).", ["name", "version", "precision", "provider", "sha256"],
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.model_ready = Gauge(
+            "lensnet_model_ready", "1 when the model is loaded, verified and warmed up.", registry=r,
+            multiprocess_mode="livemin",
+        )  # fmt: skip
+        self.model_errors = Counter(
+            "lensnet_model_errors_total", "Inferences that failed or produced non-finite scores.", registry=r
+        )
+        for reason in ("overload", "not_ready", "shutting_down", "deadline", "too_large"):
+            self.refused.labels(reason=reason)
+        self.model_ready.set(0)
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        endpoint = endpoint if endpoint in ENDPOINTS else "other"
+        self.requests.labels(endpoint=endpoint, status=str(status)).observe(seconds)
+        if seconds > self.budget_s and endpoint in ("/v1/focus", "/v1/score"):
+            self.over_budget.labels(endpoint=endpoint).inc()
+
+    def observe_stages(self, timings: dict[str, float]) -> None:
+        for stage, seconds in timings.items():
+            self.stages.labels(stage=stage).observe(seconds)
+
+    def observe_scores(self, scores: np.ndarray, lod: np.ndarray) -> None:
+        """Bulk-observe N scores in one vectorised pass (N `observe` calls would take milliseconds).
+
+        prometheus-client stores per-bucket (non-cumulative) counts and a sum per child; we add to
+        those directly. tests/test_metrics.py pins this against the one-by-one `observe`.
+        """
+        edges = self.score_edges
+        bucket = np.searchsorted(edges, scores, side="left")  # first edge >= score: its `le` bucket
+        counts = np.bincount(lod * (edges.size + 1) + bucket, minlength=(self.max_lod + 1) * (edges.size + 1))
+        counts = counts.reshape(self.max_lod + 1, edges.size + 1)
+        sums = np.bincount(lod, weights=scores, minlength=self.max_lod + 1)
+        self.wc_size.observe(scores.size)
+        for level in np.flatnonzero(counts.sum(axis=1)).tolist():
+            child = self.scores.labels(lod=str(level))
+            for index, count in enumerate(counts[level].tolist()):
+                if count:
+                    child._buckets[index].inc(count)
+            child._sum.inc(float(sums[level]))
+
+    def observe_allocation(self, allocation: Allocation) -> None:
+        for edit in allocation.edits:
+            self.edits.labels(action=edit.action, cause=edit.cause, lod=str(edit.lod_before)).inc()
+        c = allocation.counters
+        if c.clamped_expand:
+            self.clamps.labels(action="expand").inc(c.clamped_expand)
+        if c.clamped_collapse:
+            self.clamps.labels(action="collapse").inc(c.clamped_collapse)
+        for reason, count in c.rejected.items():
+            if count:
+                self.rejections.labels(reason=reason).inc(count)
+        if not allocation.budget_met:
+            self.budget_unmet.inc()
+
+    def set_model(self, name: str, version: str, precision: str, provider: str, sha256: str) -> None:
+        self.model_info.labels(name=name, version=version, precision=precision, provider=provider, sha256=sha256).set(1)
+
+    def render(self) -> bytes:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

@@ -1,0 +1,157 @@
+"""OpenAPI documentation (/docs) for the endpoints that read their bodies themselves.
+
+/v1/focus and /v1/score accept two content types and decode arrays without pydantic (that
+would take seconds for 8k × D lists), so their request/response schemas are declared here and
+added to the generated document.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from lensnet_client.frame import MEDIA_TYPE as FRAME
+from lensnet_client.layout import Edit
+
+from .allocator import REJECT_REASONS
+from .pipeline import FocusFields
+from .problems import MEDIA_TYPE as PROBLEM
+
+
+class ArrayObject(BaseModel):
+    """A numeric array as base64 of its little-endian bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+    dtype: Literal["float16", "float32", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"]
+    shape: list[int]
+    data: str = Field(description="base64")
+
+
+Embeddings = list[list[float]] | ArrayObject
+Integers = list[int] | ArrayObject
+
+
+class SnapshotArrays(BaseModel):
+    embeddings: Embeddings = Field(description="[N, D] float16 or float32 (D = the model's, see /v1/model)")
+    lod: Integers = Field(description="[N] level of detail of each entry, 0 … max LOD")
+    positions: Integers = Field(description="[N] span start of each entry, in tokens")
+
+
+class FocusRequest(SnapshotArrays, FocusFields):
+    """A WC snapshot plus allocator options."""
+
+
+class ScoreRequest(SnapshotArrays):
+    """A WC snapshot."""
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    precision: Literal["fp32", "fp16"]
+    provider: str
+
+
+EditDoc = create_model("Edit", **{name: (kind, ...) for name, kind in Edit.__annotations__.items()})  # type: ignore[call-overload]
+Rejected = create_model("Rejected", **{reason: (int, ...) for reason in REJECT_REASONS})  # type: ignore[call-overload]
+
+
+class Counters(BaseModel):
+    candidates: dict[Literal["expand", "collapse"], int]
+    clamped: dict[Literal["expand", "collapse"], int] = Field(description="scores that asked for an illegal action")
+    rejected: Rejected  # type: ignore[valid-type]
+
+
+class ScoreResponse(BaseModel):
+    model: ModelRef
+    timings_ms: dict[str, float] = Field(description="receive, queue, decode, model, allocate, telemetry")
+    scores: list[float] | ArrayObject = Field(description="[N] in [-1, 1], float32")
+
+
+class FocusResponse(BaseModel):
+    model: ModelRef
+    timings_ms: dict[str, float]
+    length_before: int
+    length_after: int
+    budget_met: bool
+    budget_note: str | None = Field(description="why the WC is still over w_max, when it is")
+    edits: list[EditDoc] = Field(description="disjoint, ordered by index; apply from the last to the first")  # type: ignore[valid-type]
+    counters: Counters
+    scores: list[float] | ArrayObject | None = Field(None, description="only with return_scores")
+
+
+class Problem(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    field: str | None = None
+    expected: str | None = None
+    got: str | None = None
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _operation(summary: str, request: type[BaseModel], response: type[BaseModel]) -> dict[str, Any]:
+    frame_body = {"schema": {"type": "string", "format": "binary"}, "example": "(see README: binary frame)"}
+    errors = {
+        str(code): {"description": text, "content": {PROBLEM: {"schema": _ref(Problem)}}}
+        for code, text in (
+            (400, "malformed body or header"), (406, "unacceptable Accept"), (413, "body or N too large"),
+            (415, "unsupported Content-Type"), (422, "invalid field: shape, dtype, layout, option, non-finite"),
+            (429, "overloaded (Retry-After)"), (500, "model error"), (503, "not ready or shutting down (Retry-After)"),
+            (504, "deadline exceeded"),
+        )
+    }  # fmt: skip
+    return {
+        "summary": summary,
+        "openapi_extra": {
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(request)}, FRAME: frame_body},
+            },
+            "parameters": [
+                {
+                    "name": "X-Request-Timeout-Ms",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "number"},
+                    "description": "deadline in ms from arrival; a request that cannot make it gets 504",
+                }
+            ],
+            "responses": {
+                "200": {
+                    "description": "OK (Server-Timing header: per-stage milliseconds)",
+                    "content": {"application/json": {"schema": _ref(response)}, FRAME: frame_body},
+                },
+                **errors,
+            },
+        },
+    }
+
+
+FOCUS = _operation("Score a WC snapshot and return legal, budgeted edits", FocusRequest, FocusResponse)
+SCORE = _operation("Score a WC snapshot (no allocation), for analysis and A/B checks", ScoreRequest, ScoreResponse)
+
+
+def install(app: FastAPI) -> None:
+    """Add the schemas above to the generated OpenAPI document."""
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            for model in (FocusRequest, ScoreRequest, FocusResponse, ScoreResponse, Problem):
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[model.__name__] = schema
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = build  # type: ignore[method-assign]

@@ -1,0 +1,181 @@
+"""The request path as one synchronous function per endpoint (run off the event loop):
+
+    body → decode/validate → score (ONNX Runtime) → allocate → encode, telemetry on the side.
+
+Everything here is a snapshot → decision function: no connection state, so incremental
+sessions can later feed it without changing it. Each stage's time goes into `timings`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lensnet_client.layout import Layout, SnapshotError, validate_layout
+
+from . import codec, problems
+from .allocator import Aggregation, Allocation, AllocatorOptions, HistoryItem, OptionsError, allocate
+from .artifact import Manifest
+from .metrics import Metrics
+from .runtime import Scorer
+
+Fields = TypeVar("Fields", bound=BaseModel)
+
+
+class FocusOptions(BaseModel):
+    """Allocator options; omitted ones take the allocator defaults (README, "The allocator")."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    w_max: int = Field(description="WC budget in entries (required); over it, the least useful blocks collapse")
+    tau_expand: float | None = Field(None, description="expand when score >= tau_expand; 0 < tau <= 1 (0.5)")
+    tau_collapse: float | None = Field(None, description="collapse when block score <= -tau_collapse (0.5)")
+    max_edits: int | None = Field(None, description="edits per step, 1…1024 (8)")
+    aggregation: Aggregation | None = Field(None, description="block score from children: mean | max | min (mean)")
+    protect_recent: int | None = Field(None, description="newest tokens never collapsed (0)")
+    cooldown_steps: int | None = Field(None, description="hysteresis window in focus steps, 0…1024 (2)")
+
+
+class HistoryEntry(BaseModel):
+    """An edit applied in an earlier step (the client's `History` helper keeps these)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    action: Literal["expand", "collapse"]
+    lod: int = Field(description="level of the gist node the edit removed (expand) or created (collapse)")
+    position: int = Field(description="that node's span start, in tokens")
+    age: int = Field(description="focus steps ago (1 = the previous step)")
+
+
+class FocusFields(BaseModel):
+    """The non-array fields of a /v1/focus request."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    options: FocusOptions
+    history: list[HistoryEntry] = Field(default_factory=list, max_length=4096)
+    return_scores: bool = False
+
+
+class ScoreFields(BaseModel):
+    """/v1/score takes the arrays only."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _fields(model: type[Fields], fields: dict[str, Any]) -> Fields:
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        got = repr(error.get("input"))[:80] if error["type"] != "missing" else "nothing"
+        raise problems.invalid(where, error["msg"], got, f"{where}: {error['msg']}, got {got}") from exc
+
+
+class Pipeline:
+    def __init__(self, scorer: Scorer, manifest: Manifest, metrics: Metrics, max_entries: int) -> None:
+        self.scorer, self.manifest, self.metrics, self.max_entries = scorer, manifest, metrics, max_entries
+        self.config = manifest.config
+        self.model = {
+            "name": manifest.model.name,
+            "version": manifest.model.version,
+            "precision": scorer.precision,
+            "provider": scorer.provider,
+        }
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def _decode(
+        self, body: bytes | bytearray, media_type: str, model: type[Fields]
+    ) -> tuple[codec.DecodedRequest, Fields, Layout, np.ndarray]:
+        request = codec.decode_request(body, media_type, self.config.embed_dim, self.max_entries)
+        fields = _fields(model, request.fields)
+        snapshot = request.snapshot
+        try:
+            layout = validate_layout(snapshot.lod, snapshot.positions, self.config.block_size, self.config.max_lod)
+        except SnapshotError as exc:
+            raise _snapshot_problem(exc) from exc
+        embeddings = self.scorer.prepare(snapshot.embeddings)
+        # Check the narrower of the two arrays: it also catches fp32 values beyond fp16's range.
+        checked = embeddings[0] if embeddings.dtype == np.float16 else snapshot.embeddings
+        if (row := codec.first_non_finite(checked)) is not None:
+            overflow = codec.first_non_finite(snapshot.embeddings) is None
+            got = "a value beyond float16's range" if overflow else "NaN or inf"
+            raise problems.invalid(f"embeddings[{row}]", "finite values", got, index=row)
+        return request, fields, layout, embeddings
+
+    def _score(self, embeddings: np.ndarray, layout: Layout) -> np.ndarray:
+        scores = self.scorer.score(embeddings, layout.lod, layout.positions)
+        if not np.isfinite(scores).all():
+            self.metrics.model_errors.inc()
+            raise problems.Problem(500, "model-error", "Model error", "the model produced non-finite scores")
+        return scores
+
+    def _document(self, timings: dict[str, float]) -> dict[str, Any]:
+        return {"model": self.model, "timings_ms": {k: round(v * 1e3, 4) for k, v in timings.items()}}
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    def focus(self, body: bytes | bytearray, media_type: str, respond_as: str, timings: dict[str, float]) -> bytes:
+        t0 = time.perf_counter()
+        request, fields, layout, embeddings = self._decode(body, media_type, FocusFields)
+        try:
+            options = AllocatorOptions(
+                block_size=self.config.block_size,
+                max_lod=self.config.max_lod,
+                **fields.options.model_dump(exclude_none=True),
+            )
+        except OptionsError as exc:
+            raise problems.invalid(f"options.{exc.field}", exc.expected, repr(exc.got)) from exc
+        history = [HistoryItem(**entry.model_dump()) for entry in fields.history]
+        t1 = time.perf_counter()
+        scores = self._score(embeddings, layout)
+        t2 = time.perf_counter()
+        try:
+            allocation = allocate(layout, scores, options, history)
+        except SnapshotError as exc:
+            raise _snapshot_problem(exc) from exc
+        t3 = time.perf_counter()
+        self.metrics.observe_scores(scores, layout.lod)
+        self.metrics.observe_allocation(allocation)
+        t4 = time.perf_counter()
+        timings.update(decode=t1 - t0, model=t2 - t1, allocate=t3 - t2, telemetry=t4 - t3)
+        document = self._document(timings) | _allocation_document(allocation)
+        arrays = {"scores": scores} if fields.return_scores else {}
+        content = codec.encode_response(document, arrays, respond_as, request.style)
+        timings["encode"] = time.perf_counter() - t4
+        return content
+
+    def score(self, body: bytes | bytearray, media_type: str, respond_as: str, timings: dict[str, float]) -> bytes:
+        t0 = time.perf_counter()
+        request, _, layout, embeddings = self._decode(body, media_type, ScoreFields)
+        t1 = time.perf_counter()
+        scores = self._score(embeddings, layout)
+        t2 = time.perf_counter()
+        self.metrics.observe_scores(scores, layout.lod)
+        t3 = time.perf_counter()
+        timings.update(decode=t1 - t0, model=t2 - t1, telemetry=t3 - t2)
+        content = codec.encode_response(self._document(timings), {"scores": scores}, respond_as, request.style)
+        timings["encode"] = time.perf_counter() - t3
+        return content
+
+
+def _snapshot_problem(exc: SnapshotError) -> problems.Problem:
+    return problems.invalid(exc.field, exc.expected, str(exc.got), str(exc), rule=exc.rule, index=exc.index)
+
+
+def _allocation_document(allocation: Allocation) -> dict[str, Any]:
+    c = allocation.counters
+    return {
+        "length_before": allocation.length_before,
+        "length_after": allocation.length_after,
+        "budget_met": allocation.budget_met,
+        "budget_note": allocation.budget_note,
+        "edits": [edit._asdict() for edit in allocation.edits],
+        "counters": {
+            "candidates": {"expand": c.candidates_expand, "collapse": c.candidates_collapse},
+            "clamped": {"expand": c.clamped_expand, "collapse": c.clamped_collapse},
+            "rejected": c.rejected,
+        },
+    }

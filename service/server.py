@@ -1,0 +1,114 @@
+"""Process runner: uvicorn with a draining shutdown, in one or several worker processes.
+
+On SIGTERM (or Ctrl-C) a worker turns not-ready and answers new requests 503 while admitted
+ones finish, for up to `shutdown_grace_s`; then uvicorn closes and the process exits 0. A second
+signal stops at once. With `workers > 1` a small supervisor shares one listening socket among
+spawned workers, forwards signals to them, and exits non-zero if one dies unexpectedly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import tempfile
+from multiprocessing.connection import wait
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from .app import Service, create_app
+from .settings import Settings
+
+log = logging.getLogger("lensnet.server")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first exit signal drains the service before shutting down."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+        self.draining: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not recorded in uvicorn's captured signals: after a drain the exit is clean (status 0),
+        # not a re-raised SIGTERM.
+        if self.draining is not None or self._loop is None:
+            self.should_exit = self.force_exit = True
+            return
+        log.info(
+            "signal %s: draining for up to %.1f s", signal.Signals(sig).name, self.service.settings.shutdown_grace_s
+        )
+        self._loop.call_soon_threadsafe(self._start_draining)
+
+    def _start_draining(self) -> None:
+        async def drain_then_exit() -> None:
+            await self.service.drain()
+            self.should_exit = True
+
+        self.draining = asyncio.ensure_future(drain_then_exit())
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level.upper())
+
+
+def _uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)), lifespan="on",
+    )  # fmt: skip
+
+
+def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
+    """Run one worker in this process until it has drained (raises ArtifactError on a bad artifact)."""
+    _configure_logging(settings.log_level)
+    app = create_app(settings)
+    DrainingServer(_uvicorn_config(app, settings), app.state.service).run(sockets)
+
+
+def _worker(values: dict[str, Any], listener: socket.socket) -> None:
+    serve(Settings(**values), [listener])
+
+
+def supervise(settings: Settings) -> int:
+    """Run `settings.workers` worker processes on one socket; return the exit status."""
+    _configure_logging(settings.log_level)
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="lensnet-metrics-"))
+    listener = _uvicorn_config(None, settings).bind_socket()
+    context = multiprocessing.get_context("spawn")
+    values = settings.model_dump(mode="json")
+    workers = [context.Process(target=_worker, args=(values, listener), daemon=False) for _ in range(settings.workers)]
+    stopping = False
+
+    def forward(sig: int, _: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.is_alive() and worker.pid:
+                os.kill(worker.pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    for worker in workers:
+        worker.start()
+    log.info("supervising %d workers on %s:%d", len(workers), settings.host, listener.getsockname()[1])
+    status = 0
+    while any(worker.is_alive() for worker in workers):
+        wait([worker.sentinel for worker in workers if worker.is_alive()])
+        for worker in workers:
+            if worker.exitcode not in (None, 0) and not stopping:
+                log.error("worker %s exited with %s; stopping the others", worker.pid, worker.exitcode)
+                status = 1
+                forward(signal.SIGTERM, None)
+    return status
