@@ -19,7 +19,22 @@ from .lensnet import LensNet
 
 OPSET = 18
 INPUT_NAMES = ["embeddings", "lod", "positions"]
-OUTPUT_NAMES = ["scores"]
+OUTPUT_NAMES = ["scores", "non_finite"]
+
+
+class ServingGraph(torch.nn.Module):
+    """What the artifact graphs compute: LensNet's scores, plus a per-entry flag for embeddings
+    holding NaN/inf. Checking inside the graph reads the input once, on the device, instead of a
+    separate CPU pass over N x D values on every request."""
+
+    def __init__(self, model: LensNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, embeddings: torch.Tensor, lod: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(embeddings, lod, positions), ~torch.isfinite(embeddings).all(dim=-1)
 
 
 def _example_inputs(model: LensNet, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,7 +59,7 @@ def graph_spec(path: Path) -> GraphSpec:
 
 
 def export_graph(model: LensNet, precision: Precision, path: Path) -> GraphSpec:
-    """Export `model` (fp32) as the `precision` graph: dynamic batch and N axes, opset 18.
+    """Export `model` (fp32) as the `precision` `ServingGraph`: dynamic batch and N axes, opset 18.
 
     fp16 runs the transformer blocks in fp16 (norms and softmax stay fp32 inside the module)
     and keeps positional tables, features, head and the score output in fp32.
@@ -60,7 +75,7 @@ def export_graph(model: LensNet, precision: Precision, path: Path) -> GraphSpec:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model,
+            ServingGraph(model),
             _example_inputs(model, dtype),
             str(path),
             dynamo=True,
@@ -73,7 +88,8 @@ def export_graph(model: LensNet, precision: Precision, path: Path) -> GraphSpec:
     onnx.checker.check_model(str(path), full_check=True)
     spec = graph_spec(path)
     got = {t.name: t.dtype for t in spec.inputs + spec.outputs}
-    want = {"embeddings": GRAPH_DTYPES[precision], "lod": "int64", "positions": "int64", "scores": "float32"}
+    want = {"embeddings": GRAPH_DTYPES[precision], "lod": "int64", "positions": "int64"}
+    want |= {"scores": "float32", "non_finite": "bool"}
     if got != want:
         raise RuntimeError(f"{path.name}: exported graph has dtypes {got}, expected {want}")
     return spec

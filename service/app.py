@@ -279,7 +279,7 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
     async def readyz() -> Response:
         if service.status != "ready":
             detail = service.load_error or f"model {service.status}"
-            raise problems.Problem(503, "not-ready", "Not ready", detail, status=service.status)
+            raise problems.Problem(503, "not-ready", "Not ready", detail, state=service.status)
         return Response(b'{"status":"ready"}', media_type="application/json")
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)")

@@ -108,6 +108,7 @@ class Metrics:
         )
         for reason in ("overload", "not_ready", "shutting_down", "deadline", "too_large"):
             self.refused.labels(reason=reason)
+        self._score_by_lod = [self.scores.labels(lod=str(level)) for level in range(max_lod + 1)]
         self.model_ready.set(0)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
@@ -132,12 +133,13 @@ class Metrics:
         counts = counts.reshape(self.max_lod + 1, edges.size + 1)
         sums = np.bincount(lod, weights=scores, minlength=self.max_lod + 1)
         self.wc_size.observe(scores.size)
-        for level in np.flatnonzero(counts.sum(axis=1)).tolist():
-            child = self.scores.labels(lod=str(level))
-            for index, count in enumerate(counts[level].tolist()):
+        for level, (row, total) in enumerate(zip(counts.tolist(), sums.tolist(), strict=True)):
+            child = self._score_by_lod[level]
+            for index, count in enumerate(row):
                 if count:
                     child._buckets[index].inc(count)
-            child._sum.inc(float(sums[level]))
+            if any(row):
+                child._sum.inc(total)
 
     def observe_allocation(self, allocation: Allocation) -> None:
         for edit in allocation.edits:

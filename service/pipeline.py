@@ -96,17 +96,15 @@ class Pipeline:
             layout = validate_layout(snapshot.lod, snapshot.positions, self.config.block_size, self.config.max_lod)
         except SnapshotError as exc:
             raise _snapshot_problem(exc) from exc
-        embeddings = self.scorer.prepare(snapshot.embeddings)
-        # Check the narrower of the two arrays: it also catches fp32 values beyond fp16's range.
-        checked = embeddings[0] if embeddings.dtype == np.float16 else snapshot.embeddings
-        if (row := codec.first_non_finite(checked)) is not None:
-            overflow = codec.first_non_finite(snapshot.embeddings) is None
-            got = "a value beyond float16's range" if overflow else "NaN or inf"
-            raise problems.invalid(f"embeddings[{row}]", "finite values", got, index=row)
-        return request, fields, layout, embeddings
+        return request, fields, layout, self.scorer.prepare(snapshot.embeddings)
 
-    def _score(self, embeddings: np.ndarray, layout: Layout) -> np.ndarray:
-        scores = self.scorer.score(embeddings, layout.lod, layout.positions)
+    def _score(self, request: codec.DecodedRequest, embeddings: np.ndarray, layout: Layout) -> np.ndarray:
+        scores, non_finite = self.scorer.score(embeddings, layout.lod, layout.positions)
+        if non_finite.any():  # the graph checks its input: no extra pass over N x D on the hot path
+            row = int(np.argmax(non_finite))
+            source = request.snapshot.embeddings[row]
+            got = "NaN or inf" if not np.isfinite(source).all() else f"a value beyond {embeddings.dtype}'s range"
+            raise problems.invalid(f"embeddings[{row}]", "finite values", got, index=row)
         if not np.isfinite(scores).all():
             self.metrics.model_errors.inc()
             raise problems.Problem(500, "model-error", "Model error", "the model produced non-finite scores")
@@ -130,7 +128,7 @@ class Pipeline:
             raise problems.invalid(f"options.{exc.field}", exc.expected, repr(exc.got)) from exc
         history = [HistoryItem(**entry.model_dump()) for entry in fields.history]
         t1 = time.perf_counter()
-        scores = self._score(embeddings, layout)
+        scores = self._score(request, embeddings, layout)
         t2 = time.perf_counter()
         try:
             allocation = allocate(layout, scores, options, history)
@@ -151,7 +149,7 @@ class Pipeline:
         t0 = time.perf_counter()
         request, _, layout, embeddings = self._decode(body, media_type, ScoreFields)
         t1 = time.perf_counter()
-        scores = self._score(embeddings, layout)
+        scores = self._score(request, embeddings, layout)
         t2 = time.perf_counter()
         self.metrics.observe_scores(scores, layout.lod)
         t3 = time.perf_counter()

@@ -50,10 +50,12 @@ class Scorer:
             batch = self.adapter.run(None, {"x": batch})[0]
         return batch
 
-    def score(self, embeddings: np.ndarray, lod: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Prepared embeddings `[1, N, D]`, int64 `lod`/`positions` `[N]` → float32 scores `[N]`."""
+    def score(self, embeddings: np.ndarray, lod: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Prepared embeddings `[1, N, D]`, int64 `lod`/`positions` `[N]` → float32 scores `[N]`
+        and, per entry, whether its embedding holds NaN/inf (checked inside the graph)."""
         feed = {"embeddings": embeddings, "lod": lod[None], "positions": positions[None]}
-        return self.session.run(["scores"], feed)[0][0]
+        scores, non_finite = self.session.run(["scores", "non_finite"], feed)
+        return scores[0], non_finite[0]
 
     def warmup(self, sizes: list[int]) -> None:
         """Run each size once so the first real requests do not pay for allocation and tuning."""

@@ -64,7 +64,10 @@ def test_cli_random_init_artifact(random_artifact: Path) -> None:
             ("lod", "int64", ["batch", "n"]),
             ("positions", "int64", ["batch", "n"]),
         ]
-        assert [(t.name, t.dtype, t.shape) for t in spec.outputs] == [("scores", "float32", ["batch", "n"])]
+        assert [(t.name, t.dtype, t.shape) for t in spec.outputs] == [
+            ("scores", "float32", ["batch", "n"]),
+            ("non_finite", "bool", ["batch", "n"]),
+        ]
 
 
 def test_exported_graphs_compute_the_module(random_artifact: Path) -> None:
@@ -81,6 +84,18 @@ def test_exported_graphs_compute_the_module(random_artifact: Path) -> None:
         assert np.abs(got32 - expected).max() <= 1e-4
         assert np.abs(got16 - expected).max() <= 2e-2
         assert sign_agreement(expected, got16, 0.05)[0] >= 0.99
+
+
+def test_graphs_flag_non_finite_embeddings(random_artifact: Path) -> None:
+    feed = parity_inputs(init_random(LensNet(SMALL), 0), 2, 9, np.random.default_rng(3))
+    feed["embeddings"][0, 4, 7] = np.nan
+    feed["embeddings"][1, 8, 0] = -np.inf
+    expected = np.zeros((2, 9), dtype=bool)
+    expected[0, 4] = expected[1, 8] = True
+    for name, dtype in (("lensnet.fp32.onnx", np.float32), ("lensnet.fp16.onnx", np.float16)):
+        run = {**feed, "embeddings": feed["embeddings"].astype(dtype)}
+        _, non_finite = cpu_session(random_artifact / name).run(None, run)
+        assert np.array_equal(non_finite, expected), name
 
 
 def test_cpu_inference_is_bitwise_deterministic(random_artifact: Path) -> None:

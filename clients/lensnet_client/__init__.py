@@ -1,0 +1,27 @@
+"""Python client for the LensNet focus service, and the working-context layout rules.
+
+from lensnet_client import FocusClient, History, apply_edits
+
+with FocusClient("http://127.0.0.1:8000") as client:
+    result = client.focus(embeddings, lod, positions, w_max=8192, history=history)
+    lod, positions = apply_edits(lod, positions, result.edits, block_size=32)
+    history.record(result.edits)
+"""
+
+from .client import AsyncFocusClient, FocusClient, FocusError, FocusResult, History, ScoreResult
+from .layout import Edit, Layout, SnapshotError, apply_edits, synthetic_layout, validate_layout
+
+__all__ = [
+    "AsyncFocusClient",
+    "Edit",
+    "FocusClient",
+    "FocusError",
+    "FocusResult",
+    "History",
+    "Layout",
+    "ScoreResult",
+    "SnapshotError",
+    "apply_edits",
+    "synthetic_layout",
+    "validate_layout",
+]
