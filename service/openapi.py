@@ -7,7 +7,7 @@ added to the generated document.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -55,7 +55,7 @@ class ModelRef(BaseModel):
     provider: str
 
 
-EditDoc = create_model("Edit", **{name: (kind, ...) for name, kind in Edit.__annotations__.items()})  # type: ignore[call-overload]
+EditDoc = create_model("Edit", **{name: (kind, ...) for name, kind in get_type_hints(Edit).items()})  # type: ignore[call-overload]
 Rejected = create_model("Rejected", **{reason: (int, ...) for reason in REJECT_REASONS})  # type: ignore[call-overload]
 
 

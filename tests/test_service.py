@@ -1,0 +1,340 @@
+"""The focus service over real HTTP: a `lensnet-serve` process on loopback, the bundled model."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from lensnet_client import FocusClient, frame, validate_layout
+from service.allocator import AllocatorOptions, allocate
+
+from .live import REPO, LiveService, snapshot
+
+FRAME = frame.MEDIA_TYPE
+BUNDLED = REPO / "models" / "default"
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveService]:
+    service = LiveService("--max-entries", "4096", "--max-body-bytes", str(4 << 20)).wait_ready()
+    yield service
+    assert service.stop() == 0
+
+
+def frame_body(embeddings: np.ndarray, lod: np.ndarray, positions: np.ndarray, **fields: object) -> bytes:
+    return frame.pack(fields, {"embeddings": embeddings, "lod": lod, "positions": positions})
+
+
+def json_body(embeddings: np.ndarray, lod: np.ndarray, positions: np.ndarray, **fields: object) -> bytes:
+    arrays = {
+        "embeddings": embeddings.astype(np.float32).tolist(),
+        "lod": lod.tolist(),
+        "positions": positions.tolist(),
+    }
+    return json.dumps({**arrays, **fields}).encode()
+
+
+def graph_scores(embeddings: np.ndarray, lod: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(BUNDLED / "lensnet.fp32.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"embeddings": embeddings[None].astype(np.float32), "lod": lod[None], "positions": positions[None]}
+    return session.run(["scores"], feed)[0][0]
+
+
+def test_health_ready_model_and_docs(live: LiveService) -> None:
+    assert live.http.get("/healthz").json() == {"status": "alive"}
+    assert live.http.get("/readyz").json() == {"status": "ready"}
+    model = live.http.get("/v1/model").json()
+    manifest = json.loads((BUNDLED / "manifest.json").read_text())
+    assert (model["name"], model["version"]) == (manifest["model"]["name"], manifest["model"]["version"])
+    assert (model["precision"], model["provider"], model["input_dtype"]) == ("fp32", "CPUExecutionProvider", "float32")
+    assert model["sha256"] == manifest["files"]["lensnet.fp32.onnx"]["sha256"]
+    assert (model["embed_dim"], model["block_size"], model["max_lod"]) == (256, 32, 2)
+    assert live.http.get("/docs").status_code == 200
+    schemas = live.http.get("/openapi.json").json()["components"]["schemas"]
+    assert {"FocusRequest", "FocusResponse", "ScoreResponse", "Problem"} <= set(schemas)
+
+
+def test_wire_formats_round_trip_and_agree(live: LiveService) -> None:
+    embeddings, lod, positions = snapshot(700, seed=1, dtype=np.float32)
+    fields = {"options": {"w_max": 690, "max_edits": 16}, "return_scores": True}
+    binary = live.http.post(
+        "/v1/focus", content=frame_body(embeddings, lod, positions, **fields), headers={"content-type": FRAME}
+    )
+    assert binary.status_code == 200 and binary.headers["content-type"] == FRAME
+    header, arrays = frame.unpack(binary.content)
+    as_json = live.http.post(
+        "/v1/focus",
+        content=json_body(embeddings, lod, positions, **fields),
+        headers={"content-type": "application/json"},
+    )
+    document = as_json.json()
+    envelope = {
+        "embeddings": {
+            "dtype": "float32",
+            "shape": [700, 256],
+            "data": base64.b64encode(embeddings.tobytes()).decode(),
+        },
+        "lod": {"dtype": "int64", "shape": [700], "data": base64.b64encode(lod.tobytes()).decode()},
+        "positions": {"dtype": "int64", "shape": [700], "data": base64.b64encode(positions.tobytes()).decode()},
+    }
+    b64 = live.http.post("/v1/focus", json={**envelope, **fields}).json()
+    assert header["edits"] == document["edits"] == b64["edits"] and len(header["edits"]) > 0
+    assert np.array_equal(arrays["scores"], np.asarray(document["scores"], dtype=np.float32))
+    scores64 = np.frombuffer(base64.b64decode(b64["scores"]["data"]), dtype=np.float32)
+    assert b64["scores"]["dtype"] == "float32" and np.array_equal(scores64, arrays["scores"])
+    # Answered in kind, or as Accept asks.
+    crossed = live.http.post("/v1/focus", content=frame_body(embeddings, lod, positions, **fields),
+                             headers={"content-type": FRAME, "accept": "application/json"})  # fmt: skip
+    assert crossed.headers["content-type"] == "application/json" and crossed.json()["edits"] == document["edits"]
+    assert {"receive", "decode", "model", "allocate", "encode", "total"} <= {
+        part.split(";")[0].strip() for part in binary.headers["server-timing"].split(",")
+    }
+
+
+def test_scores_are_the_graphs_and_edits_the_allocators(live: LiveService) -> None:
+    embeddings, lod, positions = snapshot(900, seed=2)
+    options = {"w_max": 880, "tau_expand": 0.6, "max_edits": 12, "aggregation": "max", "protect_recent": 64}
+    history = [{"action": "collapse", "lod": int(lod[0]), "position": int(positions[0]), "age": 1}] if lod[0] else []
+    response = live.http.post(
+        "/v1/focus",
+        content=frame_body(embeddings, lod, positions, options=options, history=history, return_scores=True),
+        headers={"content-type": FRAME},
+    )
+    header, arrays = frame.unpack(response.content)
+    expected_scores = graph_scores(embeddings.astype(np.float32), lod, positions)
+    assert np.abs(arrays["scores"] - expected_scores).max() <= 1e-6
+    from service.allocator import HistoryItem
+
+    local = allocate(
+        validate_layout(lod, positions, 32, 2), arrays["scores"], AllocatorOptions(block_size=32, max_lod=2, **options),
+        [HistoryItem(**h) for h in history],
+    )  # fmt: skip
+    assert header["edits"] == [edit._asdict() for edit in local.edits]
+    assert (header["length_after"], header["budget_met"]) == (local.length_after, local.budget_met)
+    assert header["counters"]["rejected"] == local.counters.rejected
+
+
+def test_score_endpoint(live: LiveService) -> None:
+    embeddings, lod, positions = snapshot(128, seed=3)
+    response = live.http.post(
+        "/v1/score", content=frame_body(embeddings, lod, positions), headers={"content-type": FRAME}
+    )
+    header, arrays = frame.unpack(response.content)
+    assert set(header) == {"model", "timings_ms"}
+    assert np.abs(arrays["scores"] - graph_scores(embeddings.astype(np.float32), lod, positions)).max() <= 1e-6
+
+
+def _bad_requests() -> list[tuple[str, bytes, dict[str, str], int, str, str | None]]:
+    """(name, body, headers, status, problem type suffix, field)."""
+    e, lod, pos = snapshot(64, seed=4)
+    ok = {"options": {"w_max": 64}}
+    nan, inf = e.copy(), e.copy()
+    nan[5, 3], inf[9, 0] = np.nan, np.inf
+    bad_layout = pos.copy()
+    bad_layout[10:] += 1
+    f = {"content-type": FRAME}
+    j = {"content-type": "application/json"}
+
+    def frame_with(arrays: dict, fields: dict | None = None) -> bytes:
+        return frame.pack(ok if fields is None else fields, arrays)
+
+    bogus_dtype = bytearray(frame_body(e, lod, pos, **ok))
+    bogus_dtype = bogus_dtype.replace(b'"float16"', b'"bfloat1"', 1)
+    return [
+        ("broken json", b'{"embeddings": [', j, 400, "malformed-body", "body"),
+        ("json array not object", b"[1, 2]", j, 422, "invalid-field", "body"),
+        ("bad frame magic", b"XXXX" + frame_body(e, lod, pos, **ok)[4:], f, 400, "malformed-body", "frame"),
+        ("truncated frame", frame_body(e, lod, pos, **ok)[:5000], f, 400, "malformed-body", "embeddings"),
+        ("unknown dtype", bytes(bogus_dtype), f, 400, "malformed-body", "embeddings"),
+        ("unsupported media type", b"{}", {"content-type": "text/plain"}, 415, "unsupported-media-type",
+         "Content-Type"),
+        ("unacceptable accept", frame_body(e, lod, pos, **ok), {**f, "accept": "text/csv"}, 406, "not-acceptable",
+         "Accept"),
+        ("int embeddings", frame_with({"embeddings": e.astype(np.int32), "lod": lod, "positions": pos}), f, 422,
+         "invalid-field", "embeddings.dtype"),
+        ("wrong D", frame_with({"embeddings": np.zeros((64, 128), np.float16), "lod": lod, "positions": pos}), f, 422,
+         "invalid-field", "embeddings.shape"),
+        ("lod length", frame_with({"embeddings": e, "lod": lod[:-1], "positions": pos}), f, 422, "invalid-field",
+         "lod.shape"),
+        ("missing positions", frame_with({"embeddings": e, "lod": lod}), f, 422, "invalid-field", "positions"),
+        ("float lod in json", json.dumps({"embeddings": e.astype(float).tolist(), "lod": [0.5] * 64,
+                                          "positions": pos.tolist(), **ok}).encode(), j, 422, "invalid-field", "lod"),
+        ("ragged json", json.dumps({"embeddings": [[1.0], [1.0, 2.0]], "lod": [0, 0], "positions": [0, 1],
+                                    **ok}).encode(), j, 422, "invalid-field", "embeddings"),
+        ("bad base64", json.dumps({"embeddings": {"dtype": "float16", "shape": [64, 256], "data": "%%%"},
+                                   "lod": lod.tolist(), "positions": pos.tolist(), **ok}).encode(), j, 422,
+         "invalid-field", "embeddings.data"),
+        ("NaN", frame_body(nan, lod, pos, **ok), f, 422, "invalid-field", "embeddings[5]"),
+        ("inf", frame_body(inf, lod, pos, **ok), f, 422, "invalid-field", "embeddings[9]"),
+        ("layout", frame_body(e, lod, bad_layout, **ok), f, 422, "invalid-field", "positions[10]"),
+        ("lod out of range", frame_with({"embeddings": e, "lod": np.full(64, 3), "positions": pos}), f, 422,
+         "invalid-field", "lod[0]"),
+        ("missing w_max", frame_body(e, lod, pos, options={}), f, 422, "invalid-field", "options.w_max"),
+        ("tau out of range", frame_body(e, lod, pos, options={"w_max": 64, "tau_expand": 2.0}), f, 422, "invalid-field",
+         "options.tau_expand"),
+        ("string option", frame_body(e, lod, pos, options={"w_max": "64"}), f, 422, "invalid-field", "options.w_max"),
+        ("unknown option", frame_body(e, lod, pos, options={"w_max": 64, "tau": 1}), f, 422, "invalid-field",
+         "options.tau"),
+        ("unknown field", frame_body(e, lod, pos, **ok, verbose=True), f, 422, "invalid-field", "verbose"),
+        ("bad history", frame_body(e, lod, pos, **ok, history=[{"action": "expand", "lod": 0, "position": 0,
+                                                                "age": 1}]), f, 422, "invalid-field", "history[0].lod"),
+        ("too many entries", frame_body(*snapshot(5000, seed=5), **ok), f, 413, "too-large", "embeddings.shape"),
+        ("body too large", b"x" * (5 << 20), f, 413, "too-large", "body"),
+        ("bad deadline header", frame_body(e, lod, pos, **ok), {**f, "x-request-timeout-ms": "soon"}, 400,
+         "invalid-header", "X-Request-Timeout-Ms"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "headers", "status", "kind", "field"),
+    _bad_requests(),
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_bad_input_gets_a_precise_problem_and_the_service_keeps_serving(
+    live: LiveService, name: str, body: bytes, headers: dict[str, str], status: int, kind: str, field: str | None
+) -> None:
+    response = live.http.post("/v1/focus", content=body, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["type"] == f"urn:lensnet:problem:{kind}" and problem["status"] == status
+    assert problem["title"] and problem["detail"] and "Traceback" not in response.text
+    assert problem.get("field") == field
+    if status == 422:
+        assert problem.get("expected") and problem.get("got") is not None
+    good = live.http.post(
+        "/v1/focus", content=frame_body(*snapshot(64, seed=6), options={"w_max": 64}), headers={"content-type": FRAME}
+    )
+    assert good.status_code == 200
+
+
+def test_unknown_routes_and_methods_are_problems(live: LiveService) -> None:
+    missing = live.http.get("/v2/focus")
+    assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
+    assert live.http.get("/v1/focus").status_code == 405
+
+
+def test_metrics_count_exactly_what_was_served() -> None:
+    service = LiveService().wait_ready()
+    try:
+        with FocusClient(service.url) as client:
+            edits: Counter[tuple[str, str, str]] = Counter()
+            entries = Counter()
+            clamps = Counter()
+            for seed, n in enumerate((300, 500, 700)):
+                embeddings, lod, positions = snapshot(n, seed=seed)
+                result = client.focus(embeddings, lod, positions, w_max=n - 40, max_edits=20)
+                edits.update((e.action, e.cause, str(e.lod_before)) for e in result.edits)
+                entries.update(str(level) for level in lod.tolist())
+                clamps.update({k: v for k, v in result.counters["clamped"].items()})
+            client.score(*snapshot(100, seed=9)[:3])
+            entries.update(str(level) for level in snapshot(100, seed=9)[1].tolist())
+        m = service.metrics()
+        for (action, cause, lod), count in edits.items():
+            assert m[f'lensnet_edits_total{{action="{action}",cause="{cause}",lod="{lod}"}}'] == count
+        assert sum(v for k, v in m.items() if k.startswith("lensnet_edits_total{")) == sum(edits.values())
+        for lod, count in entries.items():
+            assert m[f'lensnet_entry_score_count{{lod="{lod}"}}'] == count
+        for action, count in clamps.items():
+            assert m.get(f'lensnet_clamps_total{{action="{action}"}}', 0) == count
+        assert m['lensnet_request_duration_seconds_count{endpoint="/v1/focus",status="200"}'] == 3
+        assert m['lensnet_request_duration_seconds_count{endpoint="/v1/score",status="200"}'] == 1
+        assert m["lensnet_working_context_entries_count"] == 4
+        assert m['lensnet_stage_duration_seconds_count{stage="model"}'] == 4
+        assert m["lensnet_model_ready"] == 1
+        assert any(k.startswith("lensnet_model_info{") and 'precision="fp32"' in k for k in m)
+        assert 'lensnet_request_duration_seconds_bucket{endpoint="/v1/focus",le="0.003",status="200"}' in m
+    finally:
+        assert service.stop() == 0
+
+
+def test_overload_answers_429_with_retry_after_and_clients_retry() -> None:
+    service = LiveService("--max-concurrency", "1", "--queue-size", "0").wait_ready()
+    try:
+        body = frame_body(*snapshot(2048, seed=7), options={"w_max": 2048})
+
+        def post(_: int) -> httpx.Response:
+            return httpx.post(service.url + "/v1/focus", content=body, headers={"content-type": FRAME}, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(post, range(6)))
+        refused = [r for r in responses if r.status_code == 429]
+        assert refused and all(r.status_code in (200, 429) for r in responses)
+        assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+        assert refused[0].json()["type"] == "urn:lensnet:problem:overloaded"
+        assert service.metrics()['lensnet_requests_refused_total{reason="overload"}'] == len(refused)
+
+        # The client's retries honour Retry-After and get through once the slot frees up.
+        def client_call(_: int) -> int:
+            with FocusClient(service.url, retries=3, max_backoff=5.0) as client:
+                return client.focus(*snapshot(2048, seed=7), w_max=2048).length_before
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(client_call, range(3))) == [2048] * 3
+    finally:
+        assert service.stop() == 0
+
+
+def test_deadline_exceeded_is_504_and_counted(live: LiveService) -> None:
+    body = frame_body(*snapshot(4000, seed=8), options={"w_max": 4000})
+    response = live.http.post("/v1/focus", content=body, headers={"content-type": FRAME, "x-request-timeout-ms": "5"})
+    assert response.status_code == 504 and response.json()["type"] == "urn:lensnet:problem:deadline-exceeded"
+    assert live.metrics()['lensnet_requests_refused_total{reason="deadline"}'] >= 1
+
+
+def test_not_ready_while_warming_up() -> None:
+    service = LiveService("--warmup-sizes", "[8192, 8192]")  # several seconds of warm-up on CPU
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                ready = service.http.get("/readyz")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert ready.status_code == 503 and ready.json()["state"] == "loading"
+        early = service.http.post(
+            "/v1/focus", content=frame_body(*snapshot(64), options={"w_max": 64}), headers={"content-type": FRAME}
+        )
+        assert early.status_code == 503 and int(early.headers["retry-after"]) >= 1
+        assert service.http.get("/healthz").status_code == 200  # alive while loading
+        service.wait_ready(120)
+    finally:
+        assert service.stop() == 0
+
+
+def test_refuses_an_artifact_that_does_not_match_its_checksums(tmp_path: Path) -> None:
+    tampered = tmp_path / "model"
+    shutil.copytree(BUNDLED, tampered)
+    graph = tampered / "lensnet.fp32.onnx"
+    graph.write_bytes(graph.read_bytes()[:-10] + b"\x00" * 10)
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--model-dir", str(tampered)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert "refusing to start" in result.stderr and "lensnet.fp32.onnx: sha256 does not match" in result.stderr
+
+
+def test_invalid_settings_exit_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--precision", "fp8"], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert result.returncode == 2 and "precision" in result.stderr

@@ -1,0 +1,47 @@
+"""Graceful shutdown of a real process: SIGTERM drains in-flight work, refuses new work, exits 0."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import time
+
+import httpx
+
+from lensnet_client import FocusClient, frame
+
+from .live import LiveService, snapshot
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0() -> None:
+    service = LiveService("--shutdown-grace-s", "30").wait_ready()
+    slow = frame.pack(
+        {"options": {"w_max": 8192}}, dict(zip(("embeddings", "lod", "positions"), snapshot(8192), strict=True))
+    )
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(
+            httpx.post, service.url + "/v1/focus", content=slow, headers={"content-type": frame.MEDIA_TYPE}, timeout=120
+        )
+        deadline = time.monotonic() + 30
+        while service.metrics().get("lensnet_in_flight_requests", 0) < 2:  # the slow request + this scrape
+            assert time.monotonic() < deadline and not in_flight.done()
+            time.sleep(0.02)
+        service.process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        ready = service.http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["state"] == "draining"
+        refused = service.http.post("/v1/focus", content=frame.pack({}, {}), headers={"content-type": frame.MEDIA_TYPE})
+        assert refused.status_code == 503 and refused.json()["type"] == "urn:lensnet:problem:shutting-down"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert service.process.poll() is None  # still draining
+        assert in_flight.result().status_code == 200  # the admitted request finished
+    assert service.stop(timeout=60) == 0
+
+
+def test_two_workers_share_a_port_aggregate_metrics_and_stop_cleanly() -> None:
+    service = LiveService("--workers", "2").wait_ready()
+    with FocusClient(service.url) as client:
+        for seed in range(6):
+            client.focus(*snapshot(64, seed=seed), w_max=64)
+    assert service.metrics()['lensnet_request_duration_seconds_count{endpoint="/v1/focus",status="200"}'] == 6
+    assert service.stop(timeout=60) == 0
