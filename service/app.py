@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -81,12 +81,18 @@ class Service:
         log.info("drained" if finished else "grace period over with requests still running")
 
     async def serve(self, request: Request, endpoint: str) -> Response:
+        """Answer /v1/<endpoint>; every failure leaves as a Problem (refusals counted)."""
         try:
             return await self._serve(request, endpoint)
         except problems.Problem as problem:
             if problem.slug in REFUSALS:
                 self.metrics.refused.labels(reason=REFUSALS[problem.slug]).inc()
             raise
+        except Exception as exc:  # a bug, not bad input: log it, answer 500, keep serving
+            log.exception("unhandled error on /v1/%s", endpoint)
+            raise problems.Problem(
+                500, "internal-error", "Internal error", "the request failed; see the service log"
+            ) from exc
 
     async def _serve(self, request: Request, endpoint: str) -> Response:
         arrival = request.state.arrival
@@ -229,22 +235,14 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
         )
         return problem_response(problem, request.url.path)
 
-    def guarded(endpoint: str) -> Callable[[Request], Awaitable[Response]]:
-        async def handler(request: Request) -> Response:
-            try:
-                return await service.serve(request, endpoint)
-            except problems.Problem:
-                raise
-            except Exception as exc:  # a bug, not bad input: log it, answer 500, keep serving
-                log.exception("unhandled error on /v1/%s", endpoint)
-                raise problems.Problem(
-                    500, "internal-error", "Internal error", "the request failed inside the service; see its log"
-                ) from exc
+    async def focus(request: Request) -> Response:
+        return await service.serve(request, "focus")
 
-        return handler
+    async def score(request: Request) -> Response:
+        return await service.serve(request, "score")
 
-    app.add_api_route("/v1/focus", guarded("focus"), methods=["POST"], **openapi.FOCUS)
-    app.add_api_route("/v1/score", guarded("score"), methods=["POST"], **openapi.SCORE)
+    app.add_api_route("/v1/focus", focus, methods=["POST"], **openapi.FOCUS)
+    app.add_api_route("/v1/score", score, methods=["POST"], **openapi.SCORE)
 
     @app.get("/v1/model", summary="The loaded artifact: version, checksum, precision, provider, D, B, max LOD")
     async def model() -> dict[str, Any]:
