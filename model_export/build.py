@@ -27,9 +27,10 @@ from service.artifact import (
     describe_files,
 )
 
+from .config import PARITY_SIZES
 from .lensnet import LensNet
 from .onnx_graphs import OPSET, export_graph, write_adapter
-from .parity import DEFAULT_SIZES, measure_parity
+from .parity import measure_parity
 
 
 class ParityError(RuntimeError):
@@ -62,7 +63,7 @@ def build_artifact(
     out_dir: Path,
     info: ModelInfo,
     source: Source,
-    parity_sizes: Sequence[int] = DEFAULT_SIZES,
+    parity_sizes: Sequence[int] = PARITY_SIZES,
     parity_seed: int = 0,
     force: bool = False,
 ) -> Manifest:

@@ -10,11 +10,7 @@ from typing import Any
 
 from service.artifact import ModelInfo, Source, sha256_file
 
-from .build import ParityError, build_artifact
-from .checkpoint import CheckpointError, load_lensnet
-from .config import LensNetConfig
-from .lensnet import LensNet, init_random
-from .parity import DEFAULT_SIZES
+from .config import PARITY_SIZES, LensNetConfig
 
 EXAMPLES = """\
 examples:
@@ -68,8 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     artifact.add_argument("--description", help="free text for the manifest")
     artifact.add_argument(
         "--parity-sizes",
-        default=",".join(map(str, DEFAULT_SIZES)),
-        help=f"WC lengths for the parity report (default: {','.join(map(str, DEFAULT_SIZES))})",
+        default=",".join(map(str, PARITY_SIZES)),
+        help=f"WC lengths for the parity report (default: {','.join(map(str, PARITY_SIZES))})",
     )
     return parser.parse_args(argv)
 
@@ -85,6 +81,13 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:  # torch and onnx are the `export` extra: not in the service's runtime image
+        from .build import ParityError, build_artifact
+        from .checkpoint import CheckpointError, load_lensnet
+        from .lensnet import LensNet, init_random
+    except ImportError as exc:
+        print(f"lensnet-export: needs the export extra (pip install 'lensnet-focus[export]'): {exc}", file=sys.stderr)
+        return 2
     try:
         sizes = [int(size) for size in args.parity_sizes.split(",")]
         overrides = config_overrides(args)

@@ -10,6 +10,8 @@ PositionalKind = Literal["gaussian", "simple"]
 
 LEVEL_EMBEDDINGS = 4
 """Rows of `level_embed`: fixed by the training repo, so `max_lod` can be at most 3."""
+PARITY_SIZES = (1, 101, 2048, 8192)
+"""WC lengths of the export's parity report: one entry, a length no B divides, up to 8,192."""
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ import torch
 from lensnet_client.layout import synthetic_layout
 from service.artifact import ParityBounds, ParityCase, ParityReport, Precision
 
+from .config import PARITY_SIZES
 from .lensnet import LensNet
 
-DEFAULT_SIZES = (1, 101, 2048, 8192)
 BATCHED_CASE = (3, 300)  # (batch, n): checks the dynamic batch axis
 
 
@@ -50,7 +50,7 @@ def sign_agreement(reference: np.ndarray, candidate: np.ndarray, min_abs: float)
 def measure_parity(
     model: LensNet,
     graphs: dict[Precision, Path],
-    sizes: Sequence[int] = DEFAULT_SIZES,
+    sizes: Sequence[int] = PARITY_SIZES,
     seed: int = 0,
     bounds: ParityBounds | None = None,
 ) -> ParityReport:

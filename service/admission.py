@@ -2,8 +2,9 @@
 
 Latency must never grow without bound: at most `max_concurrency` inferences run and at most
 `queue_size` wait; anything beyond is refused at once with 429 and a `Retry-After` estimated from
-recent service times. While draining (shutdown), new work gets 503. A request whose deadline
-passes while it waits gets 504.
+recent service times. A request whose deadline passes while it waits gets 504. Draining
+(shutdown) refuses requests that arrive after it started (503) and waits for every request that
+arrived before it, including ones still uploading their body.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from . import problems
 class Admission:
     def __init__(self, max_concurrency: int, queue_size: int) -> None:
         self.max_concurrency, self.queue_size = max_concurrency, queue_size
-        self.active = 0
-        self.waiting = 0
+        self.active = 0  # holding an inference slot
+        self.waiting = 0  # queued for one
+        self.requests = 0  # anywhere between arrival and answer
         self.draining = False
         self._slots = asyncio.Semaphore(max_concurrency)
         self._idle = asyncio.Event()
@@ -33,10 +35,22 @@ class Admission:
         return max(1, math.ceil(self._service_s * (self.waiting + 1) / self.max_concurrency))
 
     @asynccontextmanager
-    async def slot(self, deadline: float | None) -> AsyncIterator[None]:
-        """Hold an inference slot for the body of the `async with`; `deadline` is a perf_counter time."""
+    async def request(self) -> AsyncIterator[None]:
+        """Span one request from arrival to answer; refused (503) once draining has started."""
         if self.draining:
             raise problems.unavailable("shutting-down", "Shutting down", "the service is draining; retry elsewhere", 1)
+        self.requests += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.requests -= 1
+            if self.requests == 0:
+                self._idle.set()
+
+    @asynccontextmanager
+    async def slot(self, deadline: float | None) -> AsyncIterator[None]:
+        """Hold an inference slot for the body of the `async with`; `deadline` is a perf_counter time."""
         if self.active + self.waiting >= self.max_concurrency + self.queue_size:
             raise problems.unavailable(
                 "overloaded", "Overloaded",
@@ -57,7 +71,6 @@ class Admission:
         finally:
             self.waiting -= 1
         self.active += 1
-        self._idle.clear()
         started = time.perf_counter()
         try:
             yield
@@ -65,11 +78,9 @@ class Admission:
             self._service_s = 0.8 * self._service_s + 0.2 * (time.perf_counter() - started)
             self.active -= 1
             self._slots.release()
-            if self.active == 0 and self.waiting == 0:
-                self._idle.set()
 
     async def drain(self, grace_s: float) -> bool:
-        """Refuse new work and wait up to `grace_s` for admitted work to finish; True if it did."""
+        """Refuse new requests and wait up to `grace_s` for the others to finish; True if they did."""
         self.draining = True
         try:
             await asyncio.wait_for(self._idle.wait(), grace_s)

@@ -83,7 +83,8 @@ class Service:
     async def serve(self, request: Request, endpoint: str) -> Response:
         """Answer /v1/<endpoint>; every failure leaves as a Problem (refusals counted)."""
         try:
-            return await self._serve(request, endpoint)
+            async with self.admission.request():
+                return await self._serve(request, endpoint)
         except problems.Problem as problem:
             if problem.slug in REFUSALS:
                 self.metrics.refused.labels(reason=REFUSALS[problem.slug]).inc()
@@ -97,8 +98,6 @@ class Service:
     async def _serve(self, request: Request, endpoint: str) -> Response:
         arrival = request.state.arrival
         pipeline = self.pipeline
-        if self.admission.draining:
-            raise problems.unavailable("shutting-down", "Shutting down", "the service is draining; retry elsewhere", 1)
         if pipeline is None:
             detail = f"model {self.status}" + (f": {self.load_error}" if self.load_error else "")
             raise problems.unavailable("not-ready", "Model not ready", detail, 2)
@@ -163,7 +162,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 class RequestTelemetry:
-    """ASGI middleware: arrival time, in-flight gauge, latency by endpoint and status."""
+    """ASGI middleware: arrival time, in-flight gauge (/v1 only), latency by endpoint and status."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -174,20 +173,29 @@ class RequestTelemetry:
             return
         start = time.perf_counter()
         scope.setdefault("state", {})["arrival"] = start
-        status = 500
+        path = scope["path"]
+        counted = path.startswith("/v1/")  # probes and scrapes are not load
+        status, recorded = 500, False
 
         async def send_and_record(message: Message) -> None:
-            nonlocal status
+            nonlocal status, recorded
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Record before the last byte leaves, so a client never sees an uncounted answer.
+                recorded = True
+                self.metrics.observe_request(path, status, time.perf_counter() - start)
             await send(message)
 
-        self.metrics.in_flight.inc()
+        if counted:
+            self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            self.metrics.in_flight.dec()
-            self.metrics.observe_request(scope["path"], status, time.perf_counter() - start)
+            if counted:
+                self.metrics.in_flight.dec()
+            if not recorded:  # the app failed before answering
+                self.metrics.observe_request(path, status, time.perf_counter() - start)
 
 
 def problem_response(problem: problems.Problem, instance: str) -> Response:

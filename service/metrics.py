@@ -87,7 +87,7 @@ class Metrics:
             "lensnet_working_context_entries", "WC length N per scored request.", buckets=WC_SIZE_BUCKETS, registry=r
         )
         self.in_flight = Gauge(
-            "lensnet_in_flight_requests", "Requests being served.", registry=r, multiprocess_mode="livesum"
+            "lensnet_in_flight_requests", "/v1 requests being served.", registry=r, multiprocess_mode="livesum"
         )
         self.queued = Gauge(
             "lensnet_queued_requests",
@@ -124,22 +124,19 @@ class Metrics:
     def observe_scores(self, scores: np.ndarray, lod: np.ndarray) -> None:
         """Bulk-observe N scores in one vectorised pass (N `observe` calls would take milliseconds).
 
-        prometheus-client stores per-bucket (non-cumulative) counts and a sum per child; we add to
-        those directly. tests/test_metrics.py pins this against the one-by-one `observe`.
+        prometheus-client stores per-bucket (non-cumulative) counts per child; we add to those
+        directly. (It exports no `_sum` for histograms with negative buckets, so none is kept.)
+        tests/test_metrics.py pins this against the one-by-one `observe`.
         """
         edges = self.score_edges
         bucket = np.searchsorted(edges, scores, side="left")  # first edge >= score: its `le` bucket
         counts = np.bincount(lod * (edges.size + 1) + bucket, minlength=(self.max_lod + 1) * (edges.size + 1))
-        counts = counts.reshape(self.max_lod + 1, edges.size + 1)
-        sums = np.bincount(lod, weights=scores, minlength=self.max_lod + 1)
         self.wc_size.observe(scores.size)
-        for level, (row, total) in enumerate(zip(counts.tolist(), sums.tolist(), strict=True)):
+        for level, row in enumerate(counts.reshape(self.max_lod + 1, edges.size + 1).tolist()):
             child = self._score_by_lod[level]
             for index, count in enumerate(row):
                 if count:
                     child._buckets[index].inc(count)
-            if any(row):
-                child._sum.inc(total)
 
     def observe_allocation(self, allocation: Allocation) -> None:
         for edit in allocation.edits:

@@ -88,27 +88,24 @@ def supervise(settings: Settings) -> int:
     listener = _uvicorn_config(None, settings).bind_socket()
     context = multiprocessing.get_context("spawn")
     values = settings.model_dump(mode="json")
-    workers = [context.Process(target=_worker, args=(values, listener), daemon=False) for _ in range(settings.workers)]
-    stopping = False
-
-    def forward(sig: int, _: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        for worker in workers:
-            if worker.is_alive() and worker.pid:
-                os.kill(worker.pid, sig)
-
+    workers = [context.Process(target=_worker, args=(values, listener)) for _ in range(settings.workers)]
+    received: list[int] = []  # the handler only records; the loop below acts (waitpid is not reentrant)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
+        signal.signal(sig, lambda sig, _: received.append(sig))
     for worker in workers:
         worker.start()
     log.info("supervising %d workers on %s:%d", len(workers), settings.host, listener.getsockname()[1])
-    status = 0
-    while any(worker.is_alive() for worker in workers):
-        wait([worker.sentinel for worker in workers if worker.is_alive()])
-        for worker in workers:
-            if worker.exitcode not in (None, 0) and not stopping:
-                log.error("worker %s exited with %s; stopping the others", worker.pid, worker.exitcode)
-                status = 1
-                forward(signal.SIGTERM, None)
+    status, forwarded = 0, 0
+    while running := [worker for worker in workers if worker.exitcode is None]:
+        wait([worker.sentinel for worker in running], timeout=0.1)
+        crashed = [worker for worker in workers if worker.exitcode not in (None, 0)]
+        if crashed and not received:
+            log.error("worker %s exited with %s; stopping the others", crashed[0].pid, crashed[0].exitcode)
+            status = 1
+            received.append(signal.SIGTERM)
+        for sig in received[forwarded:]:
+            for worker in workers:
+                if worker.exitcode is None and worker.pid:
+                    os.kill(worker.pid, sig)
+        forwarded = len(received)
     return status

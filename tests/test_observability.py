@@ -1,0 +1,453 @@
+"""The dashboard and the alert rules against a live service scraped by a real Prometheus.
+
+One module-scoped stack: `lensnet-serve` on the bundled demo model and Debian's `prometheus` on
+loopback, scraping every second and evaluating deploy/prometheus/rules every second. The scrape
+job mirrors the ServiceMonitor (deploy/k8s): the same job name, namespace/pod/endpoint target
+labels and honor_labels, so the queries are checked against the labels they get on Kubernetes.
+Known traffic covers every series the dashboard shows: focus and score requests (edits, clamps,
+scores at every LOD), 422s, 413s (too large), 429s (overload) and 504s (deadline).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from lensnet_client.layout import synthetic_layout
+from tests.live import free_port
+from tests.test_deploy import FINAL_STAGES, all_panels, dashboard, dockerfile_stages
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+RULES = DEPLOY / "prometheus" / "rules" / "lensnet.rules.yml"
+K8S = DEPLOY / "k8s"
+
+JOB = "lensnet-focus"  # what the ServiceMonitor's job label is: the Service's name
+POD = "lensnet-focus-test-0"
+# The service runs with one inference slot and no queue, so concurrent requests get 429s, and
+# with a WC limit of 400 entries, so 500 entries get a 413.
+MAX_ENTRIES = 400
+# Grafana's built-in variables, as Grafana would expand them for a short time range.
+GRAFANA_BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "5m"}
+T = TypeVar("T")
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def eventually(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25) -> T:
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@contextmanager
+def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A subprocess logging to `log`, stopped (SIGTERM, then SIGKILL) however the block ends."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def ready(proc: subprocess.Popen[bytes], log: Path, url: str) -> bool:
+    """Whether `url` answers 200; fails at once, with the log, if `proc` has exited."""
+    if proc.poll() is not None:
+        pytest.fail(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def executable(name: str) -> str | None:
+    return shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+
+
+# --- the stack ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    service: httpx.Client
+    prometheus: httpx.Client
+    sent: Counter[tuple[str, int]]  # (endpoint, status) → requests
+    at: float  # a scrape time after all traffic: the dashboard queries are evaluated there
+
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """An instant query's result vector; fails the test on any API error (parse errors included)."""
+        params = {"query": expr} | ({"time": f"{at:.3f}"} if at is not None else {})
+        response = self.prometheus.post("/api/v1/query", data=params)
+        body = response.json()
+        assert response.status_code == 200 and body["status"] == "success", f"{expr}\n{body}"
+        return body["data"]["result"]
+
+    def value(self, expr: str) -> float:
+        (sample,) = self.query(expr)
+        return float(sample["value"][1])
+
+
+def snapshot(rng: np.random.Generator, n: int, model: dict[str, Any]) -> dict[str, Any]:
+    lod, positions = synthetic_layout(n, model["block_size"], model["max_lod"], rng)
+    embeddings = rng.standard_normal((n, model["embed_dim"])).astype(np.float32)
+    return {"embeddings": embeddings.tolist(), "lod": lod.tolist(), "positions": positions.tolist()}
+
+
+def send_traffic(url: str, seed: int) -> Counter[tuple[str, int]]:
+    """One round of known traffic; returns what was answered, by (endpoint, status)."""
+    sent: Counter[tuple[str, int]] = Counter()
+    rng = np.random.default_rng(seed)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        model = client.get("/v1/model").json()
+
+        def post(endpoint: str, body: dict[str, Any], **headers: str) -> int:
+            status = client.post(endpoint, json=body, headers=headers).status_code
+            sent[endpoint, status] += 1
+            return status
+
+        def post_raw(payload: bytes) -> int:  # from the burst's threads: one connection each
+            with httpx.Client(base_url=url, timeout=30) as own:
+                return own.post("/v1/score", content=payload, headers={"content-type": "application/json"}).status_code
+
+        for n in (120, 200, 260, 300, 340, 380, 150, 320, 390, 280):
+            assert post("/v1/focus", snapshot(rng, n, model) | {"options": {"w_max": 250}}) == 200
+        for n in (64, 200, 380, 300):
+            assert post("/v1/score", snapshot(rng, n, model)) == 200
+        invalid = snapshot(rng, 100, model)
+        invalid["positions"] = [p + 1 for p in invalid["positions"]]  # misaligned spans
+        assert post("/v1/score", invalid) == 422
+        assert post("/v1/focus", snapshot(rng, MAX_ENTRIES + 100, model) | {"options": {"w_max": 250}}) == 413
+        assert post("/v1/focus", snapshot(rng, 64, model) | {"options": {"w_max": 250}},
+                    **{"X-Request-Timeout-Ms": "0.001"}) == 504  # fmt: skip
+        # Overload: bursts of concurrent requests (bodies serialised up front, so they arrive
+        # together) on one inference slot without a queue.
+        burst = [json.dumps(snapshot(rng, MAX_ENTRIES, model)).encode() for _ in range(6)]
+        with ThreadPoolExecutor(len(burst)) as pool:
+            for _ in range(20):
+                if sent["/v1/score", 429] >= 3:
+                    break
+                statuses = list(pool.map(post_raw, burst))
+                assert set(statuses) <= {200, 429}, statuses
+                sent.update(("/v1/score", status) for status in statuses)
+    assert sent["/v1/score", 429] >= 3, sent
+    return sent
+
+
+def prometheus_config(service_port: int) -> dict[str, Any]:
+    """A one-second scrape of the service, shaped like the ServiceMonitor's scrape config."""
+    (monitor,) = [d for d in yaml.safe_load_all((K8S / "servicemonitor.yaml").read_text()) if d]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    return {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "900ms"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [{
+            "job_name": JOB,
+            "metrics_path": endpoint["path"],
+            "honor_labels": endpoint.get("honorLabels", False),
+            "static_configs": [{
+                "targets": [f"127.0.0.1:{service_port}"],
+                "labels": {"namespace": "lensnet", "pod": POD, "endpoint": endpoint["port"]},
+            }],
+        }],
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    prometheus, serve = executable("prometheus"), executable("lensnet-serve")
+    if prometheus is None:
+        pytest.skip("prometheus is not installed (scripts/bootstrap test installs Debian's package)")
+    assert serve, "lensnet-serve is installed with the project"
+    tmp = tmp_path_factory.mktemp("observability")
+    service_port, prometheus_port = free_port(), free_port()
+    config = tmp / "prometheus.yml"
+    config.write_text(yaml.safe_dump(prometheus_config(service_port)))
+    service_url, prometheus_url = f"http://127.0.0.1:{service_port}", f"http://127.0.0.1:{prometheus_port}"
+    with ExitStack() as resources:
+        service_log, prometheus_log = tmp / "service.log", tmp / "prometheus.log"
+        service = resources.enter_context(process([
+            serve, "--host", "127.0.0.1", "--port", str(service_port), "--warmup-sizes", "[32]",
+            "--max-concurrency", "1", "--queue-size", "0", "--max-entries", str(MAX_ENTRIES),
+            "--shutdown-grace-s", "2", "--log-level", "warning",
+        ], service_log))  # fmt: skip
+        prom = resources.enter_context(process([
+            prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prometheus_port}", "--log.level=warn",
+        ], prometheus_log))  # fmt: skip
+        eventually(lambda: ready(service, service_log, f"{service_url}/readyz"), 60, "the service")
+        eventually(lambda: ready(prom, prometheus_log, f"{prometheus_url}/-/ready"), 30, "Prometheus")
+        client = resources.enter_context(httpx.Client(base_url=prometheus_url, timeout=10))
+        service_client = resources.enter_context(httpx.Client(base_url=service_url, timeout=10))
+        live = Stack(service_client, client, Counter(), 0.0)
+        eventually(lambda: live.query(f'up{{job="{JOB}"}} == 1'), 20, "the first scrape")
+
+        # Two rounds with a scrape in between: rate() only sees increases after a series' first
+        # sample, so every series must exist before the second round increases it.
+        scoring = f'lensnet_request_duration_seconds_count{{job="{JOB}",endpoint=~"/v1/(focus|score)"}}'
+        for seed in (1, 2):
+            live.sent += send_traffic(service_url, seed)
+            expected = f"sum({scoring}) == {live.sent.total()}"
+            eventually(lambda q=expected: live.query(q), 20, "Prometheus to scrape the traffic")
+
+        def scraped_after(moment: float) -> float | None:
+            last = live.value(f'timestamp(up{{job="{JOB}"}})')
+            return last if last > moment else None
+
+        # Two more scrapes, so every series (even one born in the last request) has two samples.
+        done = time.time()
+        live.at = eventually(lambda: scraped_after(done + 2), 20, "two scrapes after the traffic")
+        yield live
+
+
+# --- the dashboard ------------------------------------------------------------------------------
+
+
+def dashboard_targets() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    return [
+        (f"panel{panel['id']}-{target['refId']}", panel, target)
+        for panel in all_panels(dashboard()["panels"])
+        for target in panel.get("targets", [])
+    ]
+
+
+def expand(expr: str, variables: dict[str, str]) -> str:
+    """Substitute Grafana variables ($name, ${name}, ${name:format}); every one must be known."""
+    values = GRAFANA_BUILTINS | variables
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        assert name in values, f"unknown variable ${name} in {expr}"
+        return values[name]
+
+    expanded = re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", substitute, expr)
+    assert "$" not in expanded, expanded
+    return expanded
+
+
+# The `All` selection of the multi-value variables is their allValue, `.*`.
+ALL = {"job": JOB, "instance": ".*", "lod": ".*"}
+
+
+def label_values(live: Stack, query: str) -> list[str]:
+    """Grafana's `label_values(selector, label)` through Prometheus' label values API."""
+    match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", query)
+    assert match, query
+    selector, label = expand(match.group(1), ALL), match.group(2)
+    response = live.prometheus.get(f"/api/v1/label/{label}/values", params={"match[]": selector})
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+def test_dashboard_variables_find_the_service(stack: Stack) -> None:
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"] if v["type"] == "query"}
+    assert label_values(stack, variables["job"]["definition"]) == [JOB]
+    assert label_values(stack, variables["instance"]["definition"]) == [stack.service.base_url.netloc.decode()]
+    model = stack.service.get("/v1/model").json()
+    assert label_values(stack, variables["lod"]["definition"]) == [str(lod) for lod in range(model["max_lod"] + 1)]
+
+
+@pytest.mark.parametrize(
+    ("panel", "target"), [t[1:] for t in dashboard_targets()], ids=[t[0] for t in dashboard_targets()]
+)
+def test_dashboard_query_returns_data(stack: Stack, panel: dict[str, Any], target: dict[str, Any]) -> None:
+    """Every panel query parses and returns at least one finite value after the known traffic.
+
+    A repeated panel is checked once per value of its variable (the score heatmap: once per LOD).
+    """
+    repeat = panel.get("repeat")
+    values = [None]
+    if repeat:
+        (variable,) = [v for v in dashboard()["templating"]["list"] if v["name"] == repeat]
+        values = label_values(stack, variable["definition"])
+        assert values, repeat
+    for value in values:
+        expr = expand(target["expr"], ALL | ({repeat: value} if repeat else {}))
+        result = stack.query(expr, at=stack.at)
+        finite = [s for s in result if math.isfinite(float(s["value"][1]))]
+        assert finite, f"{panel['title']} ({repeat}={value}): no data for {expr}\n{result}"
+
+
+def exposed_metric_names(live: Stack) -> set[str]:
+    text = live.service.get("/metrics").text
+    return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def referenced_metric_names(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w:])lensnet_[a-z0-9_]+", text))
+
+
+def test_every_referenced_metric_is_exposed_by_the_service(stack: Stack) -> None:
+    exposed = exposed_metric_names(stack)
+    (adapter,) = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    sources = {
+        "dashboard": " ".join(
+            [target["expr"] for _, _, target in dashboard_targets()]
+            + [v["definition"] for v in dashboard()["templating"]["list"] if v["type"] == "query"]
+        ),
+        "rules": " ".join(rule["expr"] for rule in rules()),
+        "adapter": f"{adapter['seriesQuery']} {adapter['metricsQuery']}",
+    }
+    for where, text in sources.items():
+        referenced = referenced_metric_names(text)
+        assert referenced, where
+        assert referenced <= exposed, f"{where}: {sorted(referenced - exposed)}"
+
+
+def test_prometheus_counts_exactly_the_traffic_sent(stack: Stack) -> None:
+    """The scraped request and refusal counters agree with what the client saw, under the
+    ServiceMonitor's labelling (its `endpoint` target label must not replace the service's)."""
+    scoring = f'lensnet_request_duration_seconds_count{{job="{JOB}",endpoint=~"/v1/(focus|score)"}}'
+    result = stack.query(f"sum by (endpoint, status) ({scoring})", at=stack.at)
+    seen = {(s["metric"]["endpoint"], int(s["metric"]["status"])): int(float(s["value"][1])) for s in result}
+    assert seen == dict(stack.sent)
+    refused = stack.query(f'lensnet_requests_refused_total{{job="{JOB}"}}', at=stack.at)
+    by_reason = {s["metric"]["reason"]: int(float(s["value"][1])) for s in refused}
+    statuses = Counter({status: n for (_, status), n in stack.sent.items()})
+    assert by_reason == {
+        "overload": statuses[429], "too_large": statuses[413], "deadline": statuses[504],
+        "not_ready": 0, "shutting_down": 0,
+    }  # fmt: skip
+
+
+# --- the rules ----------------------------------------------------------------------------------
+
+
+def rules() -> list[dict[str, Any]]:
+    return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+
+
+@pytest.mark.parametrize("rule", rules(), ids=[r.get("record") or r["alert"] for r in rules()])
+def test_rule_expression_evaluates(stack: Stack, rule: dict[str, Any]) -> None:
+    stack.query(rule["expr"])
+
+
+def test_prometheus_loads_every_rule_healthy(stack: Stack) -> None:
+    def loaded() -> list[dict[str, Any]] | None:
+        groups = stack.prometheus.get("/api/v1/rules").json()["data"]["groups"]
+        found = [rule for group in groups for rule in group["rules"]]
+        # A rule is unknown until its first evaluation.
+        return found if found and all(r["health"] != "unknown" for r in found) else None
+
+    found = eventually(loaded, 15, "the rules' first evaluation")
+    assert sorted(r["name"] for r in found) == sorted(r.get("record") or r["alert"] for r in rules())
+    assert {r["name"]: r["health"] for r in found} == {r["name"]: "ok" for r in found}
+
+
+@pytest.mark.parametrize("record", [r["record"] for r in rules() if "record" in r])
+def test_recording_rule_records_the_live_service(stack: Stack, record: str) -> None:
+    result = eventually(lambda: stack.query(f'{record}{{job="{JOB}"}}'), 15, record)
+    assert all(s["metric"]["namespace"] == "lensnet" for s in result), "aggregated by (namespace, job)"
+    assert any(math.isfinite(float(s["value"][1])) for s in result), result
+
+
+# The demo model on CPU answers (nearly) every request slower than 3 ms, 2 of the ~50 scoring
+# requests are 504s and more than 5 % are 429s: those alerts go pending (their `for` keeps them
+# from firing in a short test). The model is ready and healthy, and the drift alerts have no
+# day-long baseline yet.
+EXPECTED_ALERTS = {
+    "LensNetLatencyP99OverBudget": "pending",
+    "LensNetLatencySLOFastBurn": "pending",
+    "LensNetLatencySLOSlowBurn": "pending",
+    "LensNetHighErrorRatio": "pending",
+    "LensNetOverloaded": "pending",
+    "LensNetClampRateSpike": "inactive",
+    "LensNetScoreMedianShift": "inactive",
+    "LensNetScoreSaturationShift": "inactive",
+    "LensNetModelNotReady": "inactive",
+    "LensNetModelErrors": "inactive",
+}
+
+
+def test_alerts_react_to_the_live_traffic(stack: Stack) -> None:
+    assert set(EXPECTED_ALERTS) == {r["alert"] for r in rules() if "alert" in r}
+    statuses = Counter({status: n for (_, status), n in stack.sent.items()})
+    total = statuses.total()
+    assert statuses[504] / total > 0.01 and statuses[429] / total > 0.05, f"traffic as designed: {statuses}"
+
+    def states() -> dict[str, str]:
+        groups = stack.prometheus.get("/api/v1/rules", params={"type": "alert"}).json()["data"]["groups"]
+        return {rule["name"]: rule["state"] for group in groups for rule in group["rules"]}
+
+    deadline = time.monotonic() + 20  # the recording rules feed the alerts a few evaluations later
+    while (current := states()) != EXPECTED_ALERTS and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert current == EXPECTED_ALERTS
+    (alert,) = [a for a in stack.prometheus.get("/api/v1/alerts").json()["data"]["alerts"]
+                if a["labels"]["alertname"] == "LensNetLatencyP99OverBudget"]  # fmt: skip
+    assert alert["labels"] == {"alertname": "LensNetLatencyP99OverBudget", "job": JOB, "namespace": "lensnet",
+                               "severity": "warning"}  # fmt: skip
+    assert "budget 3 ms" in alert["annotations"]["description"]
+
+
+# --- the autoscaler's metric --------------------------------------------------------------------
+
+
+def test_adapter_rule_serves_the_hpa_metric(stack: Stack) -> None:
+    """The Prometheus adapter rule, rendered as the adapter would for the HPA's pod query."""
+    (rule,) = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    series = stack.prometheus.get("/api/v1/series", params={"match[]": rule["seriesQuery"]}).json()["data"]
+    assert series and {s["pod"] for s in series} == {POD}
+    metric = re.fullmatch(r"(\w+)\{.*\}", rule["seriesQuery"]).group(1)
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", metric)
+        .replace("<<.LabelMatchers>>", f'namespace="lensnet",pod=~"{POD}"')
+        .replace("<<.GroupBy>>", "pod")
+    )
+    (sample,) = stack.query(query, at=stack.at)
+    assert sample["metric"] == {"pod": POD}
+    # Requests in service, on average: some after the traffic, at most the one inference slot.
+    assert 0 < float(sample["value"][1]) <= 1
+
+
+# --- the image's HEALTHCHECK --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", FINAL_STAGES)
+def test_image_healthcheck_command_probes_healthz(stack: Stack, target: str) -> None:
+    """The Dockerfile's HEALTHCHECK command succeeds against a live server and fails without one."""
+    (healthcheck,) = dockerfile_stages()[target].args("HEALTHCHECK")
+    command = json.loads(healthcheck.split(" CMD ", 1)[1])
+    assert command[0] == "python"
+    command[0] = sys.executable  # the image's `python` is its virtualenv's
+
+    def probe(port: int) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(command, env={**os.environ, "LENSNET_PORT": str(port)}, capture_output=True, timeout=30)
+
+    healthy = probe(stack.service.base_url.port)
+    assert healthy.returncode == 0, healthy.stderr
+    assert probe(free_port()).returncode != 0
