@@ -17,7 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lensnet_client.layout import Layout, SnapshotError, validate_layout
 
 from . import codec, problems
-from .allocator import Aggregation, Allocation, AllocatorOptions, HistoryItem, OptionsError, allocate
+from .allocator import (
+    Aggregation,
+    Allocation,
+    AllocatorOptions,
+    HistoryItem,
+    OptionsError,
+    allocate,
+    cooldown_keys,
+)
 from .artifact import Manifest
 from .metrics import Metrics
 from .runtime import Scorer
@@ -127,13 +135,14 @@ class Pipeline:
         except OptionsError as exc:
             raise problems.invalid(f"options.{exc.field}", exc.expected, repr(exc.got)) from exc
         history = [HistoryItem(**entry.model_dump()) for entry in fields.history]
+        try:
+            cooldown_keys(history, options)  # fail before the model runs; a few entries, negligible
+        except SnapshotError as exc:
+            raise _snapshot_problem(exc) from exc
         t1 = time.perf_counter()
         scores = self._score(request, embeddings, layout)
         t2 = time.perf_counter()
-        try:
-            allocation = allocate(layout, scores, options, history)
-        except SnapshotError as exc:
-            raise _snapshot_problem(exc) from exc
+        allocation = allocate(layout, scores, options, history)
         t3 = time.perf_counter()
         self.metrics.observe_scores(scores, layout.lod)
         self.metrics.observe_allocation(allocation)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -14,13 +13,6 @@ from lensnet_client import AsyncFocusClient, Edit, FocusClient, FocusError, Hist
 from lensnet_client.client import _Protocol, parse_server_timing
 
 from .live import LiveService, snapshot
-
-
-@pytest.fixture(scope="module")
-def live() -> Iterator[LiveService]:
-    service = LiveService().wait_ready()
-    yield service
-    assert service.stop() == 0
 
 
 def test_frame_round_trip_is_exact_and_zero_copy() -> None:

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,13 +18,6 @@ EXAMPLE = re.compile(r"<!-- example: (\w+) -->\n```\w+\n(.*?)```", re.DOTALL)
 
 def examples() -> dict[str, str]:
     return dict(EXAMPLE.findall((REPO / "README.md").read_text()))
-
-
-@pytest.fixture(scope="module")
-def live() -> Iterator[LiveService]:
-    service = LiveService().wait_ready()
-    yield service
-    assert service.stop() == 0
 
 
 def test_readme_has_both_examples() -> None:
