@@ -30,7 +30,7 @@ valid snapshot. Over budget with no legal collapse left is a result, not an erro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -240,6 +240,34 @@ class _Selection:
             self.collapse(g, "threshold")
 
 
+class _Queue:
+    """Candidate positions in (primary, secondary) ascending order, sorted lazily: the first
+    `head` (with every tie at the cut) at once, the rest only if iteration gets there."""
+
+    def __init__(self, primary: np.ndarray, secondary: np.ndarray, head: int) -> None:
+        self.primary, self.secondary = primary, secondary
+        if primary.size <= head:
+            first, self.rest = np.arange(primary.size), np.empty(0, dtype=np.int64)
+        else:
+            cut = np.partition(primary, head - 1)[head - 1]
+            first, self.rest = np.flatnonzero(primary <= cut), np.flatnonzero(primary > cut)
+        self.first = self.sort(first)
+        self._rest_started = False
+
+    def sort(self, positions: np.ndarray) -> np.ndarray:
+        return positions[np.lexsort((self.secondary[positions], self.primary[positions]))]
+
+    def batches(self) -> Iterator[np.ndarray]:
+        yield self.first
+        if self.rest.size:
+            self._rest_started = True
+            yield self.sort(self.rest)
+
+    def pending(self) -> np.ndarray:
+        """Positions of batches not yet handed out (unsorted)."""
+        return np.empty(0, dtype=np.int64) if self._rest_started else self.rest
+
+
 class _Room:
     """Collapse candidates for make-room trades, least useful first (the budget pool's order)."""
 
@@ -351,36 +379,44 @@ def allocate(
     if starts.size:
         inside = (starts[holder] <= entry) & (starts[holder] + b > entry) & (levels[holder] == lod[entry])
     is_expand = np.arange(wants.size + voluntary.size) < wants.size
-    strength = np.concatenate([exp_score[wants], -block[voluntary]])
-    # One integer key for "lower index, then collapse first" keeps this a two-key sort.
-    order = np.lexsort((2 * np.concatenate([entry, starts[voluntary]]) + is_expand, -strength))
-    cand = np.concatenate([wants, voluntary])[order]
-    kinds = is_expand[order]
-    owner = np.concatenate([np.where(inside, holder, -1), np.full(voluntary.size, -1)])[order]
+    cand = np.concatenate([wants, voluntary])
+    owner = np.concatenate([np.where(inside, holder, -1), np.full(voluntary.size, -1)])
+    # Queue order: strength descending, then lower index, then collapse before expand. Usually
+    # only the first few dozen entries are reached, so those are sorted first and the rest only
+    # on demand.
+    primary = -np.concatenate([exp_score[wants], -block[voluntary]])
+    secondary = 2 * np.concatenate([entry, starts[voluntary]]) + is_expand
+    queue = _Queue(primary, secondary, head=4 * options.max_edits + 16)
     room = _Room(pool.tolist(), block[pool].tolist())
     limit = options.w_max - (b - 1)  # an expansion fits while length <= limit
-    stopped = cand.size  # queue position from which no expansion can be taken any more
-    for pos, (k, expands, own) in enumerate(zip(cand.tolist(), kinds.tolist(), owner.tolist(), strict=True)):
-        if sel.edits_left == 0 or (expands and sel.edits_left == 1 and sel.length > limit):
-            stopped = pos
+    unreached = np.empty(0, dtype=np.int64)
+    for batch in queue.batches():
+        stop = None
+        items = zip(cand[batch].tolist(), is_expand[batch].tolist(), owner[batch].tolist(), strict=True)
+        for j, (k, expands, own) in enumerate(items):
+            if sel.edits_left == 0 or (expands and sel.edits_left == 1 and sel.length > limit):
+                stop = j
+                break
+            if not expands:
+                sel.offer_collapse(k, rejected)
+            elif own >= 0 and sel.collapsed[own]:
+                rejected["overlap"] += 1
+            elif sel.length <= limit:
+                sel.expand(k, own)
+            elif sel.edits_left < 2:
+                rejected["max_edits"] += 1
+            elif (g := room.find(sel, float(exp_score[k]), own)) is not None:
+                sel.collapse(g, "make_room")
+                sel.expand(k, own)
+            else:
+                rejected["budget"] += 1
+        if stop is not None:
+            unreached = np.concatenate([batch[stop:], queue.pending()])
             break
-        if not expands:
-            sel.offer_collapse(k, rejected)
-        elif own >= 0 and sel.collapsed[own]:
-            rejected["overlap"] += 1
-        elif sel.length <= limit:
-            sel.expand(k, own)
-        elif sel.edits_left < 2:
-            rejected["max_edits"] += 1
-        elif (g := room.find(sel, float(exp_score[k]), own)) is not None:
-            sel.collapse(g, "make_room")
-            sel.expand(k, own)
-        else:
-            rejected["budget"] += 1
-    # The rest of the queue: out of edits, or one left and no room, so no expansion can be taken
-    # (a trade needs two edits); a remaining collapse may still take the last edit.
-    rejected["max_edits"] += int(kinds[stopped:].sum())
-    for g in cand[stopped:][~kinds[stopped:]].tolist():
+    # Unreached: out of edits, or one left and no room, so no expansion can be taken (a trade
+    # needs two edits); a remaining collapse may still take the last edit, in queue order.
+    rejected["max_edits"] += int(is_expand[unreached].sum())
+    for g in cand[queue.sort(unreached[~is_expand[unreached]])].tolist():
         if sel.edits_left:
             sel.offer_collapse(g, rejected)
         elif not sel.collapsed[g]:

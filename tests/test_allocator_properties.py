@@ -178,3 +178,19 @@ def test_collapse_groups_match_brute_force(case: Case) -> None:
     assert list(zip(starts.tolist(), levels.tolist(), strict=True)) == brute_force_groups(
         case.lod, case.positions, o.block_size, o.max_lod
     )
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.integers(0, 400), st.integers(1, 50), st.integers(0, 2**32 - 1))
+def test_lazy_queue_order_is_the_full_sort(n: int, head: int, seed: int) -> None:
+    """The allocator's queue sorts a head first and the rest later; together they must be exactly
+    the full (primary, secondary) order, ties at the cut included."""
+    from service.allocator import _Queue
+
+    rng = np.random.default_rng(seed)
+    primary = rng.choice([-1.0, -0.5, -0.5, 0.0, 0.25], n)  # many ties
+    secondary = rng.permutation(n)
+    queue = _Queue(primary, secondary, head)
+    batches = list(queue.batches())
+    assert np.array_equal(np.concatenate(batches) if n else np.empty(0), np.lexsort((secondary, primary)))
+    assert batches[0].size >= min(head, n)
