@@ -80,11 +80,16 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
             f"no LensNet state_dict found: expected a dict of tensors, possibly nested under one of "
             f"{list(NESTING_KEYS)}; got top-level {keys}"
         )
-    if any(key.startswith(LENSNET_PREFIX) for key in state):
-        state = _strip(state, LENSNET_PREFIX)
-    for wrapper in WRAPPER_PREFIXES:
-        if state and all(key.startswith(wrapper) for key in state):
+    # Peel prefixes until none applies: wrappers (DDP, torch.compile) may sit around the whole
+    # model (`module.lensnet.…`) or around LensNet alone (`lensnet.module.…`).
+    while True:
+        wrapper = next((w for w in WRAPPER_PREFIXES if state and all(k.startswith(w) for k in state)), None)
+        if wrapper is not None:
             state = _strip(state, wrapper)
+        elif any(key.startswith(LENSNET_PREFIX) for key in state):
+            state = _strip(state, LENSNET_PREFIX)
+        else:
+            break
     return dict(state)
 
 

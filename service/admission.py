@@ -48,15 +48,19 @@ class Admission:
             if self.requests == 0:
                 self._idle.set()
 
-    @asynccontextmanager
-    async def slot(self, deadline: float | None) -> AsyncIterator[None]:
-        """Hold an inference slot for the body of the `async with`; `deadline` is a perf_counter time."""
+    def check_capacity(self) -> None:
+        """Refuse (429) when every slot is taken and the queue is full."""
         if self.active + self.waiting >= self.max_concurrency + self.queue_size:
             raise problems.unavailable(
                 "overloaded", "Overloaded",
                 f"{self.active} requests running and {self.waiting} queued (limits {self.max_concurrency} + "
                 f"{self.queue_size})", self.retry_after_s(), status=429,
             )  # fmt: skip
+
+    @asynccontextmanager
+    async def slot(self, deadline: float | None) -> AsyncIterator[None]:
+        """Hold an inference slot for the body of the `async with`; `deadline` is a perf_counter time."""
+        self.check_capacity()
         self.waiting += 1
         try:
             timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())

@@ -32,11 +32,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 
-from lensnet_client.layout import Action, Edit, Layout, SnapshotError, multiple_of, node_keys, span_table
+from lensnet_client.layout import (
+    POSITION_LIMIT,
+    Action,
+    Edit,
+    Layout,
+    SnapshotError,
+    multiple_of,
+    node_keys,
+    span_table,
+)
 
 Aggregation = Literal["mean", "max", "min"]
 RejectReason = Literal["protected", "cooldown", "threshold", "overlap", "budget", "max_edits"]
@@ -137,8 +146,15 @@ def validate_scores(scores: object, n: int) -> np.ndarray:
     return array
 
 
-def cooldown_keys(history: Sequence[HistoryItem], options: AllocatorOptions) -> tuple[np.ndarray, np.ndarray]:
-    """Node keys that may not be expanded (recently collapsed) / re-collapsed (recently expanded)."""
+class Cooldown(NamedTuple):
+    """Node keys (`node_keys`) that hysteresis blocks this step."""
+
+    no_expand: np.ndarray  # created by a recent collapse
+    no_collapse: np.ndarray  # recently expanded
+
+
+def cooldown_keys(history: Sequence[HistoryItem], options: AllocatorOptions) -> Cooldown:
+    """Validate the history and return the nodes it blocks (undoing an edit within `cooldown_steps`)."""
     spans = span_table(options.block_size, options.max_lod)
     blocked: dict[Action, list[tuple[int, int]]] = {"expand": [], "collapse": []}
     for k, item in enumerate(history):
@@ -147,8 +163,8 @@ def cooldown_keys(history: Sequence[HistoryItem], options: AllocatorOptions) -> 
             problem = ("action", "'expand' or 'collapse'", repr(item.action))
         elif not 1 <= item.lod <= options.max_lod:
             problem = ("lod", f"a gist level 1…{options.max_lod}", item.lod)
-        elif item.position < 0 or item.position % spans[item.lod]:
-            problem = ("position", f"a non-negative multiple of {spans[item.lod]}", item.position)
+        elif not 0 <= item.position < POSITION_LIMIT or item.position % int(spans[item.lod]):
+            problem = ("position", f"a multiple of {spans[item.lod]} in [0, 2**48)", item.position)
         elif item.age < 1:
             problem = ("age", ">= 1 (1 = the previous step)", item.age)
         if problem:
@@ -161,7 +177,7 @@ def cooldown_keys(history: Sequence[HistoryItem], options: AllocatorOptions) -> 
     def keys(nodes: list[tuple[int, int]]) -> np.ndarray:
         return node_keys([lod for lod, _ in nodes], [pos for _, pos in nodes])
 
-    return keys(blocked["expand"]), keys(blocked["collapse"])
+    return Cooldown(keys(blocked["expand"]), keys(blocked["collapse"]))
 
 
 def collapse_groups(
@@ -316,12 +332,13 @@ def allocate(
     layout: Layout,
     scores: object,
     options: AllocatorOptions,
-    history: Sequence[HistoryItem] = (),
+    history: Sequence[HistoryItem] | Cooldown = (),
 ) -> Allocation:
     """Decide this step's edits (see the module docstring for the exact rules).
 
-    `layout` comes from `validate_layout` (step 1 is split out so a caller that validated the
-    snapshot before scoring it does not pay for it twice).
+    `layout` comes from `validate_layout`, and `history` may be given as its `cooldown_keys`:
+    parts of step 1 are split out so a caller that validated its input before scoring it does
+    not pay for it twice.
     """
     b, top = options.block_size, options.max_lod
     if (layout.block_size, layout.max_lod) != (b, top):
@@ -330,7 +347,7 @@ def allocate(
         )
     lod, positions = layout.lod, layout.positions
     raw = validate_scores(scores, lod.size)
-    no_expand, no_collapse = cooldown_keys(history, options)
+    no_expand, no_collapse = history if isinstance(history, Cooldown) else cooldown_keys(history, options)
     spans = span_table(b, top)
 
     # 2. Clamp.
@@ -403,9 +420,7 @@ def allocate(
                 rejected["overlap"] += 1
             elif sel.length <= limit:
                 sel.expand(k, own)
-            elif sel.edits_left < 2:
-                rejected["max_edits"] += 1
-            elif (g := room.find(sel, float(exp_score[k]), own)) is not None:
+            elif (g := room.find(sel, float(exp_score[k]), own)) is not None:  # two edits are left
                 sel.collapse(g, "make_room")
                 sel.expand(k, own)
             else:
@@ -415,13 +430,20 @@ def allocate(
             break
     # Unreached: out of edits, or one left and no room, so no expansion can be taken (a trade
     # needs two edits); a remaining collapse may still take the last edit, in queue order.
-    rejected["max_edits"] += int(is_expand[unreached].sum())
+    # Overlap still takes precedence over max_edits as the reason.
+    collapsed = np.frombuffer(sel.collapsed, dtype=np.uint8).astype(bool)
+    mine = owner[unreached[is_expand[unreached]]]
+    overlapping = int(collapsed[mine[mine >= 0]].sum())
+    rejected["overlap"] += overlapping
+    rejected["max_edits"] += mine.size - overlapping
     for g in cand[queue.sort(unreached[~is_expand[unreached]])].tolist():
         if sel.edits_left:
             sel.offer_collapse(g, rejected)
+        elif sel.expanded_in[g]:
+            rejected["overlap"] += 1
         elif not sel.collapsed[g]:
             rejected["max_edits"] += 1
-    collapsed = np.frombuffer(sel.collapsed, dtype=np.uint8).astype(bool)
+    collapsed = np.frombuffer(sel.collapsed, dtype=np.uint8).astype(bool)  # the loop above may add some
     below = remaining[block[remaining] > -options.tau_collapse]
     rejected["threshold"] += int((~collapsed[below]).sum())
 

@@ -63,15 +63,16 @@ class Service:
                 self.settings.model_dir, self.manifest, self.settings.precision, self.settings.intra_op_threads
             )
             scorer.warmup(self.settings.warmup_sizes)
-        except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
+        except Exception:
+            self.load_error = "the model failed to load; see the service log"
             log.exception("model failed to load")
             return
         graph = self.manifest.graphs[scorer.precision].file
         m = self.manifest.model
         self.metrics.set_model(m.name, m.version, scorer.precision, scorer.provider, self.manifest.files[graph].sha256)
         self.pipeline = Pipeline(scorer, self.manifest, self.metrics, self.settings.max_entries)
-        self.metrics.model_ready.set(1)
+        if not self.admission.draining:
+            self.metrics.model_ready.set(1)
         log.info("ready: %s %s, %s on %s", m.name, m.version, scorer.precision, scorer.provider)
 
     async def drain(self) -> None:
@@ -104,6 +105,7 @@ class Service:
         media = codec.request_media_type(request.headers.get("content-type"))
         respond_as = codec.response_media_type(request.headers.get("accept"), media)
         deadline = self._deadline(request, arrival)
+        self.admission.check_capacity()  # refuse before buffering a body we would refuse anyway
         body = await read_body(request, self.settings.max_body_bytes)
         received = time.perf_counter()
         timings = {"receive": received - arrival}
@@ -116,14 +118,10 @@ class Service:
                 self.metrics.queued.dec()
                 timings["queue"] = time.perf_counter() - received
                 loop = asyncio.get_running_loop()
-                content = await loop.run_in_executor(self.executor, run, body, media, respond_as, timings)
+                content = await loop.run_in_executor(self.executor, run, body, media, respond_as, deadline, timings)
         finally:
             if not admitted:
                 self.metrics.queued.dec()
-        if deadline is not None and time.perf_counter() > deadline:
-            raise problems.Problem(
-                504, "deadline-exceeded", "Deadline exceeded", "the answer was ready after the deadline"
-            )
         self.metrics.observe_stages(timings)
         timings["total"] = time.perf_counter() - arrival
         server_timing = ", ".join(f"{stage};dur={seconds * 1e3:.3f}" for stage, seconds in timings.items())
@@ -213,7 +211,7 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
         loading = asyncio.get_running_loop().run_in_executor(None, service.load)
         yield
         await loading
-        service.executor.shutdown(wait=True)
+        service.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="LensNet focus service",
@@ -277,9 +275,11 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
             "parity": {k: v for k, v in m.parity.model_dump().items() if k != "cases"},
         }
 
-    @app.get("/healthz", summary="Liveness: the process answers")
-    async def healthz() -> dict[str, str]:
-        return {"status": "alive"}
+    @app.get("/healthz", summary="Liveness: the process answers (503 once the model failed to load: restart it)")
+    async def healthz() -> Response:
+        if service.load_error:
+            raise problems.Problem(503, "model-failed", "Model failed to load", service.load_error)
+        return Response(b'{"status":"alive"}', media_type="application/json")
 
     @app.get("/readyz", summary="Readiness: model loaded, checksums verified, warmed up, not draining")
     async def readyz() -> Response:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -58,11 +59,14 @@ def request_media_type(content_type: str | None) -> str:
 
 
 def response_media_type(accept: str | None, request_media: str) -> str:
-    """The first of our media types that `Accept` lists; the request's type for */* or no Accept."""
+    """The first of our media types that `Accept` lists (q=0 excluded; other weights are not
+    ranked); the request's type for */* or no Accept."""
     if not accept:
         return request_media
     for item in accept.split(","):
-        media = item.split(";")[0].strip().lower()
+        media, *params = (part.strip().lower() for part in item.split(";"))
+        if any(param.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for param in params):
+            continue  # explicitly not acceptable
         if media in MEDIA_TYPES:
             return media
         if media in ("*/*", "application/*"):
@@ -83,11 +87,13 @@ def decode_request(body: bytes | bytearray, media_type: str, embed_dim: int, max
             fields, arrays = frame.unpack(body)
         except frame.FrameError as exc:
             raise problems.malformed(exc.field, str(exc)) from exc
+        if unknown := sorted(set(arrays) - set(ARRAY_FIELDS)):
+            raise problems.invalid(unknown[0], f"only the arrays {list(ARRAY_FIELDS)}", f"an array {unknown[0]!r}")
         style: ArrayStyle = "frame"
     else:
         try:
             fields = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge int literals, deep nesting
             raise problems.malformed("body", f"body: not valid JSON ({exc})") from exc
         if not isinstance(fields, dict):
             raise problems.invalid("body", "a JSON object", type(fields).__name__)
@@ -126,8 +132,10 @@ def _base64_array(value: dict[str, Any], name: str) -> np.ndarray:
     allowed = EMBEDDING_DTYPES if name == "embeddings" else INDEX_DTYPES
     if dtype not in allowed:
         raise problems.invalid(f"{name}.dtype", " | ".join(allowed), repr(dtype))
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise problems.invalid(f"{name}.shape", "a list of non-negative integers", repr(shape))
+    if not frame.is_shape(shape):
+        raise problems.invalid(
+            f"{name}.shape", f"a list of at most {frame.MAX_DIMS} non-negative integers", repr(shape)
+        )
     if not isinstance(data, str):
         raise problems.invalid(f"{name}.data", "a base64 string", type(data).__name__)
     try:
@@ -137,7 +145,7 @@ def _base64_array(value: dict[str, Any], name: str) -> np.ndarray:
             f"{name}.data", "base64", "invalid base64", f"{name}.data: not valid base64 ({exc})"
         ) from exc
     item = np.dtype(dtype).newbyteorder("<")
-    expected = int(np.prod(shape, dtype=np.int64)) * item.itemsize
+    expected = math.prod(shape) * item.itemsize
     if len(raw) != expected:
         raise problems.invalid(f"{name}.data", f"{expected} bytes ({dtype} {shape})", f"{len(raw)} bytes")
     return np.frombuffer(raw, dtype=item).reshape(shape)

@@ -17,6 +17,7 @@ from lensnet_client.frame import MEDIA_TYPE as FRAME
 from lensnet_client.layout import Edit
 
 from .allocator import REJECT_REASONS
+from .codec import EMBEDDING_DTYPES, INDEX_DTYPES
 from .pipeline import FocusFields
 from .problems import MEDIA_TYPE as PROBLEM
 
@@ -25,7 +26,7 @@ class ArrayObject(BaseModel):
     """A numeric array as base64 of its little-endian bytes."""
 
     model_config = ConfigDict(extra="forbid")
-    dtype: Literal["float16", "float32", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"]
+    dtype: Literal[EMBEDDING_DTYPES + INDEX_DTYPES]  # type: ignore[valid-type]
     shape: list[int]
     data: str = Field(description="base64")
 

@@ -3,11 +3,14 @@
     body → decode/validate → score (ONNX Runtime) → allocate → encode, telemetry on the side.
 
 Everything here is a snapshot → decision function: no connection state, so incremental
-sessions can later feed it without changing it. Each stage's time goes into `timings`.
+sessions can later feed it without changing it. Each stage's time goes into `timings`. A
+`deadline` (perf_counter time) passed by the end of the model stage gives 504, with nothing
+recorded as returned.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Literal, TypeVar
 
@@ -30,7 +33,9 @@ from .artifact import Manifest
 from .metrics import Metrics
 from .runtime import Scorer
 
+log = logging.getLogger("lensnet.pipeline")
 Fields = TypeVar("Fields", bound=BaseModel)
+MAX_HISTORY = 1024  # entries; the client's History keeps at most this many
 
 
 class FocusOptions(BaseModel):
@@ -61,7 +66,7 @@ class FocusFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     options: FocusOptions
-    history: list[HistoryEntry] = Field(default_factory=list, max_length=4096)
+    history: list[HistoryEntry] = Field(default_factory=list, max_length=MAX_HISTORY)
     return_scores: bool = False
 
 
@@ -76,7 +81,8 @@ def _fields(model: type[Fields], fields: dict[str, Any]) -> Fields:
         return model.model_validate(fields)
     except ValidationError as exc:
         error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"]) or "body"
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+        where = where or "body"
         got = repr(error.get("input"))[:80] if error["type"] != "missing" else "nothing"
         raise problems.invalid(where, error["msg"], got, f"{where}: {error['msg']}, got {got}") from exc
 
@@ -106,8 +112,19 @@ class Pipeline:
             raise _snapshot_problem(exc) from exc
         return request, fields, layout, self.scorer.prepare(snapshot.embeddings)
 
-    def _score(self, request: codec.DecodedRequest, embeddings: np.ndarray, layout: Layout) -> np.ndarray:
-        scores, non_finite = self.scorer.score(embeddings, layout.lod, layout.positions)
+    def _score(
+        self, request: codec.DecodedRequest, embeddings: np.ndarray, layout: Layout, deadline: float | None
+    ) -> np.ndarray:
+        try:
+            scores, non_finite = self.scorer.score(embeddings, layout.lod, layout.positions)
+        except Exception as exc:  # ONNX Runtime failed (out of memory, device error …)
+            self.metrics.model_errors.inc()
+            log.exception("inference failed")
+            raise problems.Problem(500, "model-error", "Model error", "inference failed; see the service log") from exc
+        if deadline is not None and time.perf_counter() > deadline:  # before any telemetry: nothing returned
+            raise problems.Problem(
+                504, "deadline-exceeded", "Deadline exceeded", "the model finished after the deadline"
+            )
         if non_finite.any():  # the graph checks its input: no extra pass over N x D on the hot path
             row = int(np.argmax(non_finite))
             source = request.snapshot.embeddings[row]
@@ -123,7 +140,14 @@ class Pipeline:
 
     # -- endpoints ---------------------------------------------------------------------------
 
-    def focus(self, body: bytes | bytearray, media_type: str, respond_as: str, timings: dict[str, float]) -> bytes:
+    def focus(
+        self,
+        body: bytes | bytearray,
+        media_type: str,
+        respond_as: str,
+        deadline: float | None,
+        timings: dict[str, float],
+    ) -> bytes:
         t0 = time.perf_counter()
         request, fields, layout, embeddings = self._decode(body, media_type, FocusFields)
         try:
@@ -136,13 +160,13 @@ class Pipeline:
             raise problems.invalid(f"options.{exc.field}", exc.expected, repr(exc.got)) from exc
         history = [HistoryItem(**entry.model_dump()) for entry in fields.history]
         try:
-            cooldown_keys(history, options)  # fail before the model runs; a few entries, negligible
+            cooldown = cooldown_keys(history, options)  # validated before the model runs
         except SnapshotError as exc:
             raise _snapshot_problem(exc) from exc
         t1 = time.perf_counter()
-        scores = self._score(request, embeddings, layout)
+        scores = self._score(request, embeddings, layout, deadline)
         t2 = time.perf_counter()
-        allocation = allocate(layout, scores, options, history)
+        allocation = allocate(layout, scores, options, cooldown)
         t3 = time.perf_counter()
         self.metrics.observe_scores(scores, layout.lod)
         self.metrics.observe_allocation(allocation)
@@ -154,11 +178,18 @@ class Pipeline:
         timings["encode"] = time.perf_counter() - t4
         return content
 
-    def score(self, body: bytes | bytearray, media_type: str, respond_as: str, timings: dict[str, float]) -> bytes:
+    def score(
+        self,
+        body: bytes | bytearray,
+        media_type: str,
+        respond_as: str,
+        deadline: float | None,
+        timings: dict[str, float],
+    ) -> bytes:
         t0 = time.perf_counter()
         request, _, layout, embeddings = self._decode(body, media_type, ScoreFields)
         t1 = time.perf_counter()
-        scores = self._score(request, embeddings, layout)
+        scores = self._score(request, embeddings, layout, deadline)
         t2 = time.perf_counter()
         self.metrics.observe_scores(scores, layout.lod)
         t3 = time.perf_counter()

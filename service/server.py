@@ -1,8 +1,8 @@
 """Process runner: uvicorn with a draining shutdown, in one or several worker processes.
 
-On SIGTERM (or Ctrl-C) a worker turns not-ready and answers new requests 503 while admitted
-ones finish, for up to `shutdown_grace_s`; then uvicorn closes and the process exits 0. A second
-signal stops at once. With `workers > 1` a small supervisor shares one listening socket among
+On SIGTERM (or Ctrl-C) a worker turns not-ready and answers new requests 503 while the ones that
+arrived before finish, for up to `shutdown_grace_s`; then uvicorn closes and the process exits 0.
+A second signal stops at once. With `workers > 1` a small supervisor shares one listening socket among
 spawned workers, forwards signals to them, and exits non-zero if one dies unexpectedly.
 """
 
@@ -12,16 +12,19 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import tempfile
 from multiprocessing.connection import wait
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
 from .app import Service, create_app
+from .artifact import load_manifest
 from .settings import Settings
 
 log = logging.getLogger("lensnet.server")
@@ -33,6 +36,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, service: Service) -> None:
         super().__init__(config)
         self.service = service
+        self.drain_requested = False  # set in the signal handler itself, so two quick signals cannot both drain
         self.draining: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -43,9 +47,10 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not recorded in uvicorn's captured signals: after a drain the exit is clean (status 0),
         # not a re-raised SIGTERM.
-        if self.draining is not None or self._loop is None:
+        if self.drain_requested or self._loop is None:
             self.should_exit = self.force_exit = True
             return
+        self.drain_requested = True
         log.info(
             "signal %s: draining for up to %.1f s", signal.Signals(sig).name, self.service.settings.shutdown_grace_s
         )
@@ -64,9 +69,11 @@ def _configure_logging(level: str) -> None:
 
 
 def _uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    # The drain already waited for in-flight requests (up to the grace period); uvicorn's own
+    # graceful shutdown only has to close idle connections, so a second grace would double it.
     return uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)), lifespan="on",
+        timeout_graceful_shutdown=1, lifespan="on",
     )  # fmt: skip
 
 
@@ -78,13 +85,19 @@ def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> Non
 
 
 def _worker(values: dict[str, Any], listener: socket.socket) -> None:
+    os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which forwards it once
     serve(Settings(**values), [listener])
 
 
 def supervise(settings: Settings) -> int:
     """Run `settings.workers` worker processes on one socket; return the exit status."""
     _configure_logging(settings.log_level)
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="lensnet-metrics-"))
+    load_manifest(settings.model_dir)  # refuse a bad artifact once, before spawning anything
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    metrics_dir = Path(given or tempfile.mkdtemp(prefix="lensnet-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    for stale in metrics_dir.glob("*.db"):  # prometheus-client needs it empty, or old counts are summed in
+        stale.unlink()
     listener = _uvicorn_config(None, settings).bind_socket()
     context = multiprocessing.get_context("spawn")
     values = settings.model_dump(mode="json")
@@ -108,4 +121,6 @@ def supervise(settings: Settings) -> int:
                 if worker.exitcode is None and worker.pid:
                     os.kill(worker.pid, sig)
         forwarded = len(received)
+    if not given:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return status

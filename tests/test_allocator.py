@@ -168,6 +168,14 @@ def test_stronger_edit_wins_an_overlap(scores: list[float], expected: list[Edit]
     assert result.counters.rejected["overlap"] == 1
 
 
+def test_overlap_is_the_reason_even_when_edits_ran_out() -> None:
+    # The expansion (0.9) beats its own group's collapse (strength 0.525) and takes the only edit;
+    # the collapse is then rejected for overlapping it, not for max_edits.
+    result = run((1, 1, 1, 1), [-1.0, -1.0, -1.0, 0.9], max_edits=1)
+    assert list(result.edits) == [expand(3, 1, 12, 0.9)]
+    assert (result.counters.rejected["overlap"], result.counters.rejected["max_edits"]) == (1, 0)
+
+
 def test_edits_apply_to_a_valid_snapshot_and_are_deterministic() -> None:
     lods = (2, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     scores = [0.9, 0.6, -0.2, 0.1, 0.3, -0.9, -0.8, -0.7, -0.9, -0.1, -0.2, -0.3, -0.1, -0.5]
@@ -233,7 +241,9 @@ def test_invalid_scores_are_rejected(scores: list, message: str) -> None:
     [
         (HistoryItem("merge", 1, 0, 1), r"history\[0\]\.action: expected 'expand' or 'collapse'"),  # type: ignore[arg-type]
         (HistoryItem("expand", 0, 0, 1), r"history\[0\]\.lod: expected a gist level 1…2"),
-        (HistoryItem("expand", 1, 6, 1), r"history\[0\]\.position: expected a non-negative multiple of 4"),
+        (HistoryItem("expand", 1, 6, 1), r"history\[0\]\.position: expected a multiple of 4 in \[0, 2\*\*48\)"),
+        (HistoryItem("collapse", 1, 2**62, 1), r"history\[0\]\.position"),  # would wrap the int64 node key
+        (HistoryItem("collapse", 1, -4, 1), r"history\[0\]\.position"),
         (HistoryItem("collapse", 1, 4, 0), r"history\[0\]\.age: expected >= 1"),
     ],
 )

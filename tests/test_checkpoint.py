@@ -36,6 +36,9 @@ FORMS: dict[str, Callable[[dict], object]] = {
     "prefixed": lambda sd: {f"lensnet.{k}": v for k, v in sd.items()} | {"gistnet.proj.weight": torch.ones(2, 2)},
     "ddp-wrapped": lambda sd: {f"module.{k}": v for k, v in sd.items()},
     "compiled-and-nested": lambda sd: {"lensnet_state_dict": {f"_orig_mod.{k}": v for k, v in sd.items()}},
+    "ddp-whole-model": lambda sd: (
+        {f"module.lensnet.{k}": v for k, v in sd.items()} | {"module.gistnet.proj.weight": torch.ones(2, 2)}
+    ),
 }
 
 

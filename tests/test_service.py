@@ -153,6 +153,13 @@ def _bad_requests() -> list[tuple[str, bytes, dict[str, str], int, str, str | No
 
     bogus_dtype = bytearray(frame_body(e, lod, pos, **ok))
     bogus_dtype = bogus_dtype.replace(b'"float16"', b'"bfloat1"', 1)
+
+    def raw_frame(header: dict) -> bytes:  # a hand-written header (frame.pack only writes valid ones)
+        text = json.dumps(header).encode()
+        return (b"LNF1" + len(text).to_bytes(4, "little") + text).ljust(4096, b" ")
+
+    huge = {"dtype": "float16", "shape": [2**40, 2**40], "offset": 0, "nbytes": 0}
+    deep = {"dtype": "float16", "shape": [1] * 65, "offset": 0, "nbytes": 2}
     return [
         ("broken json", b'{"embeddings": [', j, 400, "malformed-body", "body"),
         ("json array not object", b"[1, 2]", j, 422, "invalid-field", "body"),
@@ -193,6 +200,20 @@ def _bad_requests() -> list[tuple[str, bytes, dict[str, str], int, str, str | No
                                                                 "age": 1}]), f, 422, "invalid-field", "history[0].lod"),
         ("too many entries", frame_body(*snapshot(5000, seed=5), **ok), f, 413, "too-large", "embeddings.shape"),
         ("body too large", b"x" * (5 << 20), f, 413, "too-large", "body"),
+        ("unhashable dtype", raw_frame({"arrays": {"embeddings": {**huge, "dtype": ["float16"]}}}), f, 400,
+         "malformed-body", "embeddings"),
+        ("overflowing shape", raw_frame({"arrays": {"embeddings": huge}}), f, 400, "malformed-body", "embeddings"),
+        ("too many dimensions", raw_frame({"arrays": {"embeddings": deep}}), f, 400, "malformed-body", "embeddings"),
+        ("extra array", frame.pack(ok, {"embeddings": e, "lod": lod, "positions": pos, "mask": lod}), f, 422,
+         "invalid-field", "mask"),
+        ("huge int literal", b'{"embeddings": ' + b"9" * 5000 + b"}", j, 400, "malformed-body", "body"),
+        ("deep nesting", b"[" * 100_000 + b"]" * 100_000, j, 400, "malformed-body", "body"),
+        ("base64 overflowing shape", json.dumps({"embeddings": {"dtype": "float16", "shape": [2**62, 2**62],
+                                                 "data": ""}, "lod": [0], "positions": [0], **ok}).encode(), j, 422,
+         "invalid-field", "embeddings.data"),
+        ("history position beyond 2**48", frame_body(e, lod, pos, **ok, history=[{"action": "collapse", "lod": 1,
+                                                     "position": 2**62, "age": 1}]), f, 422, "invalid-field",
+         "history[0].position"),
         ("bad deadline header", frame_body(e, lod, pos, **ok), {**f, "x-request-timeout-ms": "soon"}, 400,
          "invalid-header", "X-Request-Timeout-Ms"),
     ]  # fmt: skip
@@ -288,11 +309,33 @@ def test_overload_answers_429_with_retry_after_and_clients_retry() -> None:
         assert service.stop() == 0
 
 
-def test_deadline_exceeded_is_504_and_counted(live: LiveService) -> None:
-    body = frame_body(*snapshot(4000, seed=8), options={"w_max": 4000})
+def test_deadline_passed_during_the_model_is_504_with_nothing_recorded(live: LiveService) -> None:
+    before = live.metrics()
+    body = frame_body(*snapshot(4000, seed=8), options={"w_max": 4000})  # ~0.4 s of CPU inference
     response = live.http.post("/v1/focus", content=body, headers={"content-type": FRAME, "x-request-timeout-ms": "5"})
     assert response.status_code == 504 and response.json()["type"] == "urn:lensnet:problem:deadline-exceeded"
-    assert live.metrics()['lensnet_requests_refused_total{reason="deadline"}'] >= 1
+    after = live.metrics()
+    deadline = 'lensnet_requests_refused_total{reason="deadline"}'
+    assert after[deadline] == before[deadline] + 1
+    assert after.get("lensnet_working_context_entries_count") == before.get("lensnet_working_context_entries_count")
+
+
+def test_deadline_passed_while_queued_is_504() -> None:
+    service = LiveService("--max-concurrency", "1", "--queue-size", "4").wait_ready()
+    try:
+        slow = frame_body(*snapshot(8192, seed=9), options={"w_max": 8192})  # ~1 s on the CPU
+        quick = frame_body(*snapshot(64, seed=9), options={"w_max": 64})
+        headers = {"content-type": FRAME}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, service.url + "/v1/focus", content=slow, headers=headers, timeout=60)
+            while service.metrics().get("lensnet_in_flight_requests", 0) < 1:
+                time.sleep(0.01)
+            time.sleep(0.1)  # the slow one holds the only slot
+            queued = service.http.post("/v1/focus", content=quick, headers={**headers, "x-request-timeout-ms": "50"})
+            assert queued.status_code == 504 and "waited for a slot" in queued.json()["detail"]
+            assert first.result().status_code == 200
+    finally:
+        assert service.stop() == 0
 
 
 def test_not_ready_while_warming_up() -> None:

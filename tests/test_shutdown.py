@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
+import socket
 import time
 
 import httpx
@@ -38,10 +39,35 @@ def test_sigterm_drains_in_flight_requests_then_exits_0() -> None:
     assert service.stop(timeout=60) == 0
 
 
+def test_a_request_still_uploading_at_sigterm_is_served() -> None:
+    service = LiveService("--shutdown-grace-s", "30").wait_ready()
+    arrays = dict(zip(("embeddings", "lod", "positions"), snapshot(64), strict=True))
+    body = frame.pack({"options": {"w_max": 64}}, arrays)
+    head = (
+        f"POST /v1/focus HTTP/1.1\r\nHost: x\r\nContent-Type: {frame.MEDIA_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", service.port)) as upload:
+        upload.sendall(head.encode() + body[:100])  # headers and the first bytes only
+        deadline = time.monotonic() + 10
+        while service.metrics().get("lensnet_in_flight_requests", 0) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        service.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert service.http.get("/readyz").status_code == 503  # draining…
+        assert service.process.poll() is None  # …but waiting for the upload
+        upload.sendall(body[100:])
+        answer = upload.recv(65536).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 200"), answer[:200]
+    assert service.stop(timeout=60) == 0
+
+
 def test_two_workers_share_a_port_aggregate_metrics_and_stop_cleanly() -> None:
     service = LiveService("--workers", "2").wait_ready()
     with FocusClient(service.url) as client:
         for seed in range(6):
             client.focus(*snapshot(64, seed=seed), w_max=64)
     assert service.metrics()['lensnet_request_duration_seconds_count{endpoint="/v1/focus",status="200"}'] == 6
+    log = service.log()
     assert service.stop(timeout=60) == 0
+    assert log.count("lensnet.service: ready") == 2  # both workers loaded the model

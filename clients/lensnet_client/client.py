@@ -68,6 +68,8 @@ class History:
     `cooldown_steps` you use).
     """
 
+    MAX_ENTRIES = 1024  # the service accepts at most this many
+
     def __init__(self, horizon: int = 16) -> None:
         self.horizon = horizon
         self._entries: list[dict[str, Any]] = []
@@ -76,7 +78,7 @@ class History:
         """One focus step happened and these edits were applied."""
         aged = [{**entry, "age": entry["age"] + 1} for entry in self._entries if entry["age"] < self.horizon]
         fresh = [{"action": e.action, "lod": e.node_lod, "position": e.position, "age": 1} for e in edits]
-        self._entries = fresh + aged
+        self._entries = (fresh + aged)[: self.MAX_ENTRIES]  # newest first
 
     def entries(self) -> list[dict[str, Any]]:
         return [dict(entry) for entry in self._entries]
@@ -92,6 +94,18 @@ def parse_server_timing(header: str | None) -> dict[str, float]:
             if key == "dur" and name:
                 timings[name] = float(value)
     return timings
+
+
+def _index_array(values: object, name: str) -> np.ndarray:
+    """Integer metadata as sent: int8 for small values (lod), int64 otherwise; never a lossy cast
+    (a float or out-of-range value would turn a caller bug into a valid-looking snapshot)."""
+    array = np.asarray(values)
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{name}: expected integers, got dtype {array.dtype}")
+    if array.size and array.dtype == np.uint64 and array.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name}: values beyond int64")
+    small = array.size and array.min() >= 0 and array.max() <= np.iinfo(np.int8).max
+    return array.astype(np.int8 if small else np.int64)
 
 
 def _array_json(array: np.ndarray) -> dict[str, Any]:
@@ -128,8 +142,8 @@ class _Protocol:
             embeddings = embeddings.astype(np.float32)
         arrays = {
             "embeddings": embeddings,
-            "lod": np.asarray(lod, dtype=np.int8),
-            "positions": np.asarray(positions, dtype=np.int64),
+            "lod": _index_array(lod, "lod"),
+            "positions": _index_array(positions, "positions"),
         }
         if self.format == "binary":
             content = frame.pack(fields, arrays)

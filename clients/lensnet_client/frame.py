@@ -17,6 +17,7 @@ embedding matrix costs no more than reading it off the socket.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -27,6 +28,18 @@ MAGIC = b"LNF1"
 ALIGN = 64
 DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"})
 _PREFIX = struct.Struct("<4sI")
+
+
+MAX_DIMS = 8
+
+
+def is_shape(shape: Any) -> bool:
+    """A JSON value usable as an array shape: a short list of non-negative ints."""
+    return (
+        isinstance(shape, list)
+        and len(shape) <= MAX_DIMS
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    )
 
 
 class FrameError(ValueError):
@@ -79,7 +92,7 @@ def unpack(body: bytes | bytearray | memoryview) -> tuple[dict[str, Any], dict[s
         raise FrameError("frame", f"frame: header length {length} runs past the body ({len(body)} bytes)")
     try:
         header = json.loads(bytes(body[_PREFIX.size : _PREFIX.size + length]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge int literals, deep nesting
         raise FrameError("frame", f"frame: header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict) or not isinstance(header.get("arrays", {}), dict):
         raise FrameError("frame", "frame: header must be a JSON object whose 'arrays' is an object")
@@ -92,15 +105,17 @@ def _view(body: bytes | bytearray | memoryview, start: int, name: str, spec: Any
     if not isinstance(spec, dict):
         raise FrameError(name, f"{name}: expected an array descriptor object, got {type(spec).__name__}")
     dtype, shape, offset, nbytes = (spec.get(k) for k in ("dtype", "shape", "offset", "nbytes"))
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise FrameError(name, f"{name}.dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise FrameError(name, f"{name}.shape: expected a list of non-negative integers, got {shape!r}")
+    if not is_shape(shape):
+        raise FrameError(
+            name, f"{name}.shape: expected a list of at most {MAX_DIMS} non-negative integers, got {shape!r}"
+        )
     for key, value in (("offset", offset), ("nbytes", nbytes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise FrameError(name, f"{name}.{key}: expected a non-negative integer, got {value!r}")
     item = np.dtype(dtype).newbyteorder("<")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: no overflow, however large the claimed shape
     if nbytes != count * item.itemsize:
         raise FrameError(name, f"{name}.nbytes: expected {count * item.itemsize} for {dtype} {shape}, got {nbytes}")
     if start + offset + nbytes > len(body):

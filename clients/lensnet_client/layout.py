@@ -148,7 +148,12 @@ def apply_edits(
         touched_lod = lod_arr[edit.index : stop]
         child_span = block_size ** min(edit.lod_before, edit.lod_after)
         if edit.action == "expand":
-            valid = edit.removed == 1 and edit.added == block_size and edit.lod_after == edit.lod_before - 1
+            valid = (
+                edit.lod_before >= 1
+                and edit.removed == 1
+                and edit.added == block_size
+                and edit.lod_after == edit.lod_before - 1
+            )
         elif edit.action == "collapse":
             valid = (
                 edit.removed == block_size
