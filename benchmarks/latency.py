@@ -9,6 +9,8 @@ telemetry + encode (everything the service adds besides receiving and the model)
 
     python -m benchmarks.latency [--quick] [--out report.json]
 
+Embeddings are sent as float16 (the production format); the D = 512, N = 8,192 binary
+configuration is also run with float32 embeddings (the CPU graph's own dtype: no conversion).
 The D = 512 artifact is a random-init export cached in .bench/ (needs the export extra).
 """
 
@@ -98,9 +100,9 @@ def model_dir(d: int) -> Path:
     return path
 
 
-def snapshots(n: int, d: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def snapshots(n: int, d: int, seed: int, dtype: type = np.float16) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    return [(rng.standard_normal((n, d)).astype(np.float16), *synthetic_layout(n, 32, 2, rng)) for _ in range(VARIANTS)]
+    return [(rng.standard_normal((n, d)).astype(dtype), *synthetic_layout(n, 32, 2, rng)) for _ in range(VARIANTS)]
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -221,7 +223,7 @@ def main() -> None:
                             run = drive(url, fmt, snaps, n, concurrency, requests_for(n, fmt, args.quick))
                             receive = run["server_ms"]["receive"].get("p50", float("nan"))
                             results.append(
-                                {"d": d, "n": n, "format": fmt, "concurrency": concurrency, **run,
+                                {"d": d, "n": n, "format": fmt, "concurrency": concurrency, "payload": "float16", **run,
                                  "body_bytes": baseline["body_bytes"], "session_run_ms": raw,
                                  "bare_receive_ms": baseline["receive_ms"],
                                  "receive_ratio_p50": round(receive / baseline["receive_ms"]["p50"], 3),
@@ -230,7 +232,13 @@ def main() -> None:
                             print(json.dumps({k: results[-1][k] for k in ("d", "n", "format", "concurrency")}
                                              | {"processing_p50": run["server_ms"]["processing"].get("p50")}),
                                   file=sys.stderr)  # fmt: skip
-    key = [r for r in results if (r["d"], r["n"], r["format"]) == (512, 8192, "binary")]
+                if d == 512:  # the target configuration once more, embeddings sent in the CPU graph's dtype
+                    snaps = snapshots(8192, d, seed=8192 + d, dtype=np.float32)
+                    run = drive(url, "binary", snaps, 8192, 1, requests_for(8192, "binary", args.quick))
+                    results.append(
+                        {"d": d, "n": 8192, "format": "binary", "concurrency": 1, "payload": "float32", **run}
+                    )
+    key = [r for r in results if (r["d"], r["n"], r["format"], r["payload"]) == (512, 8192, "binary", "float16")]
     report = {
         "benchmark": "latency",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__},
@@ -243,7 +251,7 @@ def main() -> None:
         },
         "targets_met": {
             "processing": all(r["server_ms"]["processing"]["p50"] <= TARGET_PROCESSING_MS for r in key),
-            "receive": all(r["receive_ratio_p50"] <= TARGET_RECEIVE_RATIO for r in results),
+            "receive": all(r["receive_ratio_p50"] <= TARGET_RECEIVE_RATIO for r in results if "receive_ratio_p50" in r),
             "errors": all(r["errors"] == 0 for r in results if r["concurrency"] == 8),
         },
     }
