@@ -24,6 +24,7 @@ from .allocator import (
     Aggregation,
     Allocation,
     AllocatorOptions,
+    Cooldown,
     HistoryItem,
     OptionsError,
     allocate,
@@ -138,7 +139,22 @@ class Pipeline:
     def _document(self, timings: dict[str, float]) -> dict[str, Any]:
         return {"model": self.model, "timings_ms": {k: round(v * 1e3, 4) for k, v in timings.items()}}
 
-    # -- endpoints ---------------------------------------------------------------------------
+    def _allocator_inputs(self, fields: FocusFields) -> tuple[AllocatorOptions, Cooldown]:
+        """Options and history, validated before the model runs (a bad one must not cost an inference)."""
+        try:
+            options = AllocatorOptions(
+                block_size=self.config.block_size,
+                max_lod=self.config.max_lod,
+                **fields.options.model_dump(exclude_none=True),
+            )
+        except OptionsError as exc:
+            raise problems.invalid(f"options.{exc.field}", exc.expected, repr(exc.got)) from exc
+        try:
+            return options, cooldown_keys([HistoryItem(**entry.model_dump()) for entry in fields.history], options)
+        except SnapshotError as exc:
+            raise _snapshot_problem(exc) from exc
+
+    # -- endpoints (same signature: body, its media type, the answer's, deadline, timings) --
 
     def focus(
         self,
@@ -148,34 +164,21 @@ class Pipeline:
         deadline: float | None,
         timings: dict[str, float],
     ) -> bytes:
-        t0 = time.perf_counter()
+        stage = _Stages(timings)
         request, fields, layout, embeddings = self._decode(body, media_type, FocusFields)
-        try:
-            options = AllocatorOptions(
-                block_size=self.config.block_size,
-                max_lod=self.config.max_lod,
-                **fields.options.model_dump(exclude_none=True),
-            )
-        except OptionsError as exc:
-            raise problems.invalid(f"options.{exc.field}", exc.expected, repr(exc.got)) from exc
-        history = [HistoryItem(**entry.model_dump()) for entry in fields.history]
-        try:
-            cooldown = cooldown_keys(history, options)  # validated before the model runs
-        except SnapshotError as exc:
-            raise _snapshot_problem(exc) from exc
-        t1 = time.perf_counter()
+        options, cooldown = self._allocator_inputs(fields)
+        stage.done("decode")
         scores = self._score(request, embeddings, layout, deadline)
-        t2 = time.perf_counter()
+        stage.done("model")
         allocation = allocate(layout, scores, options, cooldown)
-        t3 = time.perf_counter()
+        stage.done("allocate")
         self.metrics.observe_scores(scores, layout.lod)
         self.metrics.observe_allocation(allocation)
-        t4 = time.perf_counter()
-        timings.update(decode=t1 - t0, model=t2 - t1, allocate=t3 - t2, telemetry=t4 - t3)
+        stage.done("telemetry")
         document = self._document(timings) | _allocation_document(allocation)
         arrays = {"scores": scores} if fields.return_scores else {}
         content = codec.encode_response(document, arrays, respond_as, request.style)
-        timings["encode"] = time.perf_counter() - t4
+        stage.done("encode")
         return content
 
     def score(
@@ -186,17 +189,27 @@ class Pipeline:
         deadline: float | None,
         timings: dict[str, float],
     ) -> bytes:
-        t0 = time.perf_counter()
+        stage = _Stages(timings)
         request, _, layout, embeddings = self._decode(body, media_type, ScoreFields)
-        t1 = time.perf_counter()
+        stage.done("decode")
         scores = self._score(request, embeddings, layout, deadline)
-        t2 = time.perf_counter()
+        stage.done("model")
         self.metrics.observe_scores(scores, layout.lod)
-        t3 = time.perf_counter()
-        timings.update(decode=t1 - t0, model=t2 - t1, telemetry=t3 - t2)
+        stage.done("telemetry")
         content = codec.encode_response(self._document(timings), {"scores": scores}, respond_as, request.style)
-        timings["encode"] = time.perf_counter() - t3
+        stage.done("encode")
         return content
+
+
+class _Stages:
+    """Times consecutive stages into `timings` (seconds), each from the end of the previous one."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings, self.last = timings, time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name], self.last = now - self.last, now
 
 
 def _snapshot_problem(exc: SnapshotError) -> problems.Problem:
