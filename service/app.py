@@ -22,7 +22,7 @@ from . import codec, openapi, problems
 from .admission import Admission
 from .artifact import Manifest, load_manifest
 from .metrics import CONTENT_TYPE, Metrics
-from .pipeline import Pipeline
+from .pipeline import Call, Pipeline
 from .runtime import Scorer
 from .settings import Settings
 
@@ -118,7 +118,9 @@ class Service:
                 self.metrics.queued.dec()
                 timings["queue"] = time.perf_counter() - received
                 loop = asyncio.get_running_loop()
-                content = await loop.run_in_executor(self.executor, run, body, media, respond_as, deadline, timings)
+                content = await loop.run_in_executor(
+                    self.executor, run, Call(body, media, respond_as, deadline, timings)
+                )
         finally:
             if not admitted:
                 self.metrics.queued.dec()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -154,51 +155,51 @@ class Pipeline:
         except SnapshotError as exc:
             raise _snapshot_problem(exc) from exc
 
-    # -- endpoints (same signature: body, its media type, the answer's, deadline, timings) --
+    # -- endpoints --------------------------------------------------------------------------
 
-    def focus(
-        self,
-        body: bytes | bytearray,
-        media_type: str,
-        respond_as: str,
-        deadline: float | None,
-        timings: dict[str, float],
-    ) -> bytes:
-        stage = _Stages(timings)
-        request, fields, layout, embeddings = self._decode(body, media_type, FocusFields)
+    def focus(self, call: Call) -> bytes:
+        stage = _Stages(call.timings)
+        request, fields, layout, embeddings = self._decode(call.body, call.media_type, FocusFields)
         options, cooldown = self._allocator_inputs(fields)
         stage.done("decode")
-        scores = self._score(request, embeddings, layout, deadline)
+        scores = self._score(request, embeddings, layout, call.deadline)
         stage.done("model")
         allocation = allocate(layout, scores, options, cooldown)
         stage.done("allocate")
         self.metrics.observe_scores(scores, layout.lod)
         self.metrics.observe_allocation(allocation)
         stage.done("telemetry")
-        document = self._document(timings) | _allocation_document(allocation)
+        document = self._document(call.timings) | _allocation_document(allocation)
         arrays = {"scores": scores} if fields.return_scores else {}
-        content = codec.encode_response(document, arrays, respond_as, request.style)
+        content = codec.encode_response(document, arrays, call.respond_as, request.style)
         stage.done("encode")
         return content
 
-    def score(
-        self,
-        body: bytes | bytearray,
-        media_type: str,
-        respond_as: str,
-        deadline: float | None,
-        timings: dict[str, float],
-    ) -> bytes:
-        stage = _Stages(timings)
-        request, _, layout, embeddings = self._decode(body, media_type, ScoreFields)
+    def score(self, call: Call) -> bytes:
+        stage = _Stages(call.timings)
+        request, _, layout, embeddings = self._decode(call.body, call.media_type, ScoreFields)
         stage.done("decode")
-        scores = self._score(request, embeddings, layout, deadline)
+        scores = self._score(request, embeddings, layout, call.deadline)
         stage.done("model")
         self.metrics.observe_scores(scores, layout.lod)
         stage.done("telemetry")
-        content = codec.encode_response(self._document(timings), {"scores": scores}, respond_as, request.style)
+        content = codec.encode_response(
+            self._document(call.timings), {"scores": scores}, call.respond_as, request.style
+        )
         stage.done("encode")
         return content
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One endpoint call: the body, its media type, the answer's, an optional deadline
+    (perf_counter time), and the stage timings the pipeline fills in (seconds)."""
+
+    body: bytes
+    media_type: str
+    respond_as: str
+    deadline: float | None
+    timings: dict[str, float]
 
 
 class _Stages:

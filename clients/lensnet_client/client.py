@@ -194,6 +194,21 @@ class _Protocol:
             parse_server_timing(response.headers.get("server-timing")),
         )
 
+    def focus_request(
+        self,
+        arrays: tuple[np.ndarray, np.ndarray, np.ndarray],
+        w_max: int,
+        options: Mapping[str, Any],
+        history: History | Sequence[Mapping[str, Any]] | None,
+        return_scores: bool,
+        deadline_ms: float | None,
+    ) -> tuple[bytes, dict[str, str]]:
+        """The body and headers of one /v1/focus call (options left out stay server defaults)."""
+        entries = history.entries() if isinstance(history, History) else [dict(h) for h in history or ()]
+        chosen = {key: value for key, value in options.items() if value is not None}
+        fields = {"options": {"w_max": w_max, **chosen}, "history": entries, "return_scores": return_scores}
+        return self.build(*arrays, fields, deadline_ms)
+
     def retry_delay(self, attempt: int, response: httpx.Response | None) -> float | None:
         """Seconds to wait before attempt `attempt + 1`, or None to stop retrying."""
         if attempt >= self.retries or (response is not None and response.status_code not in RETRY_STATUSES):
@@ -203,14 +218,6 @@ class _Protocol:
         if retry_after.replace(".", "", 1).isdigit():  # seconds; an HTTP-date keeps the backoff
             delay = max(delay, float(retry_after))
         return delay if delay <= self.max_backoff else None
-
-
-def _focus_fields(
-    w_max: int, options: Mapping[str, Any], history: History | Sequence[Mapping[str, Any]] | None, return_scores: bool
-) -> dict[str, Any]:
-    entries = history.entries() if isinstance(history, History) else [dict(h) for h in history or ()]
-    chosen = {key: value for key, value in options.items() if value is not None}
-    return {"options": {"w_max": w_max, **chosen}, "history": entries, "return_scores": return_scores}
 
 
 class FocusClient:
@@ -268,15 +275,16 @@ class FocusClient:
     ) -> FocusResult:
         """One focus step. `options`: tau_expand, tau_collapse, max_edits, aggregation,
         protect_recent, cooldown_steps (server defaults when omitted)."""
-        fields = _focus_fields(w_max, options, history, return_scores)
-        content, headers = self.protocol.build(embeddings, lod, positions, fields, deadline_ms)
-        return self.protocol.focus_result(self._post("/v1/focus", content, headers))
+        request = self.protocol.focus_request(
+            (embeddings, lod, positions), w_max, options, history, return_scores, deadline_ms
+        )
+        return self.protocol.focus_result(self._post("/v1/focus", *request))
 
     def score(
         self, embeddings: np.ndarray, lod: np.ndarray, positions: np.ndarray, *, deadline_ms: float | None = None
     ) -> ScoreResult:
-        content, headers = self.protocol.build(embeddings, lod, positions, {}, deadline_ms)
-        return self.protocol.score_result(self._post("/v1/score", content, headers))
+        request = self.protocol.build(embeddings, lod, positions, {}, deadline_ms)
+        return self.protocol.score_result(self._post("/v1/score", *request))
 
     def model(self) -> dict[str, Any]:
         response = self.http.get("/v1/model")
@@ -342,15 +350,16 @@ class AsyncFocusClient:
         deadline_ms: float | None = None,
         **options: Any,
     ) -> FocusResult:
-        fields = _focus_fields(w_max, options, history, return_scores)
-        content, headers = self.protocol.build(embeddings, lod, positions, fields, deadline_ms)
-        return self.protocol.focus_result(await self._post("/v1/focus", content, headers))
+        request = self.protocol.focus_request(
+            (embeddings, lod, positions), w_max, options, history, return_scores, deadline_ms
+        )
+        return self.protocol.focus_result(await self._post("/v1/focus", *request))
 
     async def score(
         self, embeddings: np.ndarray, lod: np.ndarray, positions: np.ndarray, *, deadline_ms: float | None = None
     ) -> ScoreResult:
-        content, headers = self.protocol.build(embeddings, lod, positions, {}, deadline_ms)
-        return self.protocol.score_result(await self._post("/v1/score", content, headers))
+        request = self.protocol.build(embeddings, lod, positions, {}, deadline_ms)
+        return self.protocol.score_result(await self._post("/v1/score", *request))
 
     async def model(self) -> dict[str, Any]:
         return self.protocol.document(await self.http.get("/v1/model"))[0]
