@@ -1,7 +1,7 @@
 """Allocator properties over thousands of random valid snapshots (hypothesis).
 
-Checked against brute-force oracles written here from the rules, not against the allocator's
-own helpers.
+Checked against brute-force oracles written from the rules (here, and the literal reference
+implementation in allocator_reference.py), not against the allocator's own helpers.
 """
 
 from __future__ import annotations
@@ -9,11 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lensnet_client.layout import apply_edits, synthetic_layout, validate_layout
-from service.allocator import AllocatorOptions, HistoryItem, allocate, collapse_groups
+from lensnet_client.layout import SnapshotError, apply_edits, synthetic_layout, validate_layout
+from service.allocator import AllocatorOptions, HistoryItem, allocate, check_layout
+
+from .allocator_reference import reference_allocate
 
 PROPERTY_SETTINGS = settings(
     max_examples=1500, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -170,27 +173,62 @@ def test_a_clamp_never_flips_a_legal_decision(case: Case, seed: int) -> None:
         assert alt.counters.rejected == result.counters.rejected
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@PROPERTY_SETTINGS
 @given(cases())
-def test_collapse_groups_match_brute_force(case: Case) -> None:
+def test_every_decision_and_counter_equals_the_literal_reference(case: Case) -> None:
+    """Same edits (action, index, cause, score), length, rejection reasons and budget note as the
+    rules written out as plain loops and full sorts (tests/allocator_reference.py)."""
     o = case.options
-    starts, levels = collapse_groups(case.lod, case.positions, o.block_size, o.max_lod)
-    assert list(zip(starts.tolist(), levels.tolist(), strict=True)) == brute_force_groups(
-        case.lod, case.positions, o.block_size, o.max_lod
-    )
+    result = allocate(validate_layout(case.lod, case.positions, o.block_size, o.max_lod), case.scores, o, case.history)
+    expected = reference_allocate(case.lod, case.positions, case.scores, o, case.history)
+    assert [(e.action, e.index, e.cause, e.score) for e in result.edits] == expected["edits"]
+    assert result.length_after == expected["length_after"]
+    c = result.counters
+    assert c.rejected == expected["rejected"]
+    assert (c.candidates_expand, c.candidates_collapse) == expected["candidates"]
+    assert (c.clamped_expand, c.clamped_collapse) == expected["clamped"]
+    assert (result.budget_note is not None) == expected["budget_short_after_budget_step"]
+    if result.budget_note:
+        assert f"{expected['need']} collapses needed" in result.budget_note
+        assert (f"{expected['legal']} legal" in result.budget_note) == (expected["legal"] < expected["need"])
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
-@given(st.integers(0, 400), st.integers(1, 50), st.integers(0, 2**32 - 1))
-def test_lazy_queue_order_is_the_full_sort(n: int, head: int, seed: int) -> None:
-    """The allocator's queue sorts a head first and the rest later; together they must be exactly
-    the full (primary, secondary) order, ties at the cut included."""
-    from service.allocator import _Queue
+@st.composite
+def damaged_layouts(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Valid snapshots, sometimes with one entry's level or position broken (every layout rule)."""
+    b = draw(st.sampled_from([2, 3, 4, 32]))
+    top = draw(st.sampled_from([1, 2, 3]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    lod, positions = synthetic_layout(draw(st.integers(1, 600)), b, top, rng)
+    i = int(rng.integers(lod.size))
+    damage = draw(st.sampled_from(["none", "lod", "position", "negative", "huge", "swap"]))
+    if damage == "lod":
+        lod[i] = draw(st.integers(-2, top + 2))
+    elif damage == "position":
+        positions[i] += draw(st.integers(-3 * b, 3 * b))
+    elif damage == "negative":
+        positions[i] = -draw(st.integers(1, 10))
+    elif damage == "huge":
+        positions[i] = 2**48 + draw(st.integers(-2, 2))
+    elif damage == "swap" and lod.size > 1:
+        j = int(rng.integers(lod.size))
+        positions[[i, j]] = positions[[j, i]]
+    return lod, positions, b, top
 
-    rng = np.random.default_rng(seed)
-    primary = rng.choice([-1.0, -0.5, -0.5, 0.0, 0.25], n)  # many ties
-    secondary = rng.permutation(n)
-    queue = _Queue(primary, secondary, head)
-    batches = list(queue.batches())
-    assert np.array_equal(np.concatenate(batches) if n else np.empty(0), np.lexsort((secondary, primary)))
-    assert batches[0].size >= min(head, n)
+
+@settings(max_examples=1500, deadline=None, derandomize=True)
+@given(damaged_layouts())
+def test_the_c_layout_check_agrees_with_validate_layout(case: tuple[np.ndarray, np.ndarray, int, int]) -> None:
+    """check_layout (C) accepts exactly what lensnet_client's validate_layout accepts, and refuses
+    with validate_layout's own error (rule and index)."""
+    lod, positions, b, top = case
+    try:
+        expected = validate_layout(lod, positions, b, top)
+    except SnapshotError as error:
+        with pytest.raises(SnapshotError) as refused:
+            check_layout(lod, positions, b, top)
+        assert (refused.value.rule, refused.value.index) == (error.rule, error.index)
+    else:
+        layout = check_layout(lod.astype(np.int32), positions, b, top)
+        assert np.array_equal(layout.lod, expected.lod) and np.array_equal(layout.positions, expected.positions)
+        assert layout.lod.dtype == layout.positions.dtype == np.int64
