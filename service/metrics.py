@@ -7,6 +7,7 @@ multiprocess mode (PROMETHEUS_MULTIPROC_DIR) aggregates them at scrape time.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
@@ -20,12 +21,14 @@ from prometheus_client import (
     multiprocess,
 )
 
-from service.allocator import DEFAULT_TAU_COLLAPSE, DEFAULT_TAU_EXPAND, Allocation
+from service import _bulk
+from service.allocator import DEFAULT_TAU_COLLAPSE, DEFAULT_TAU_EXPAND, REJECT_REASONS, Allocation
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
 ENDPOINTS = ("/v1/focus", "/v1/score", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "other")
-STAGES = ("receive", "queue", "decode", "model", "allocate", "telemetry", "encode")
+SCORED = ("/v1/focus", "/v1/score")
+STAGES = ("admit", "receive", "queue", "decode", "model", "allocate", "telemetry", "encode")
 # Sub-millisecond resolution, with the budget edge added by Metrics (3 ms by default).
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005,
@@ -45,7 +48,7 @@ class Metrics:
     def __init__(self, budget_s: float, max_lod: int) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.budget_s = budget_s
-        self.score_edges = np.asarray(score_buckets())
+        self.score_edges = np.asarray(score_buckets(), dtype=np.float64)
         self.max_lod = max_lod
         latency = tuple(sorted({*LATENCY_BUCKETS, budget_s}))
         r = self.registry
@@ -108,47 +111,60 @@ class Metrics:
         )
         for reason in ("overload", "not_ready", "shutting_down", "deadline", "too_large"):
             self.refused.labels(reason=reason)
+        # Children resolved once: `labels()` costs microseconds a call on the request path.
         self._score_by_lod = [self.scores.labels(lod=str(level)) for level in range(max_lod + 1)]
+        self._stage = {stage: self.stages.labels(stage=stage) for stage in STAGES}
+        self._rejected = {reason: self.rejections.labels(reason=reason) for reason in REJECT_REASONS}
+        self._clamped = {action: self.clamps.labels(action=action) for action in ("expand", "collapse")}
+        self._edits: dict[tuple[str, str, int], Any] = {}
+        self._requests: dict[tuple[str, int], Any] = {}
+        self._over_budget = {endpoint: self.over_budget.labels(endpoint=endpoint) for endpoint in SCORED}
         self.model_ready.set(0)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         endpoint = endpoint if endpoint in ENDPOINTS else "other"
-        self.requests.labels(endpoint=endpoint, status=str(status)).observe(seconds)
-        if seconds > self.budget_s and endpoint in ("/v1/focus", "/v1/score"):
-            self.over_budget.labels(endpoint=endpoint).inc()
+        child = self._requests.get((endpoint, status))
+        if child is None:
+            child = self._requests[endpoint, status] = self.requests.labels(endpoint=endpoint, status=str(status))
+        child.observe(seconds)
+        if seconds > self.budget_s and endpoint in SCORED:
+            self._over_budget[endpoint].inc()
 
     def observe_stages(self, timings: dict[str, float]) -> None:
         for stage, seconds in timings.items():
-            self.stages.labels(stage=stage).observe(seconds)
+            self._stage[stage].observe(seconds)
 
     def observe_scores(self, scores: np.ndarray, lod: np.ndarray) -> None:
-        """Bulk-observe N scores in one vectorised pass (N `observe` calls would take milliseconds).
+        """Bulk-observe N scores: one C pass counts them per LOD and bucket.
 
         prometheus-client stores per-bucket (non-cumulative) counts per child; we add to those
-        directly. (It exports no `_sum` for histograms with negative buckets, so none is kept.)
-        tests/test_metrics.py pins this against the one-by-one `observe`.
+        directly (N `observe` calls would take milliseconds). It exports no `_sum` for
+        histograms with negative buckets, so none is kept. tests/test_metrics.py pins this
+        against the one-by-one `observe`.
         """
-        edges = self.score_edges
-        bucket = np.searchsorted(edges, scores, side="left")  # first edge >= score: its `le` bucket
-        counts = np.bincount(lod * (edges.size + 1) + bucket, minlength=(self.max_lod + 1) * (edges.size + 1))
+        width = self.score_edges.size + 1
+        counts = np.zeros((self.max_lod + 1) * width, dtype=np.int64)
+        _bulk.bucket_counts(scores, lod, self.score_edges, counts)
         self.wc_size.observe(scores.size)
-        for level, row in enumerate(counts.reshape(self.max_lod + 1, edges.size + 1).tolist()):
-            child = self._score_by_lod[level]
-            for index, count in enumerate(row):
-                if count:
-                    child._buckets[index].inc(count)
+        slots = np.flatnonzero(counts)
+        for slot, count in zip(slots.tolist(), counts[slots].tolist(), strict=True):
+            self._score_by_lod[slot // width]._buckets[slot % width].inc(count)
 
     def observe_allocation(self, allocation: Allocation) -> None:
         for edit in allocation.edits:
-            self.edits.labels(action=edit.action, cause=edit.cause, lod=str(edit.lod_before)).inc()
+            key = (edit.action, edit.cause, edit.lod_before)
+            child = self._edits.get(key)
+            if child is None:
+                child = self._edits[key] = self.edits.labels(action=key[0], cause=key[1], lod=str(key[2]))
+            child.inc()
         c = allocation.counters
         if c.clamped_expand:
-            self.clamps.labels(action="expand").inc(c.clamped_expand)
+            self._clamped["expand"].inc(c.clamped_expand)
         if c.clamped_collapse:
-            self.clamps.labels(action="collapse").inc(c.clamped_collapse)
+            self._clamped["collapse"].inc(c.clamped_collapse)
         for reason, count in c.rejected.items():
             if count:
-                self.rejections.labels(reason=reason).inc(count)
+                self._rejected[reason].inc(count)
         if not allocation.budget_met:
             self.budget_unmet.inc()
 
