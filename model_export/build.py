@@ -1,4 +1,4 @@
-"""Build a complete artifact directory: graphs, adapters, parity gate, manifest — atomically.
+"""Build a complete artifact directory: graphs, parity gate, manifest — atomically.
 
 Everything is written to a temporary sibling directory and renamed into place only after the
 parity bounds are met, so a failed export never leaves an artifact that looks valid.
@@ -29,7 +29,7 @@ from service.artifact import (
 
 from .config import PARITY_SIZES
 from .lensnet import LensNet
-from .onnx_graphs import OPSET, export_graph, write_adapter
+from .onnx_graphs import OPSET, export_graph
 from .parity import measure_parity
 
 
@@ -76,7 +76,6 @@ def build_artifact(
     staging.chmod(0o755)  # mkdtemp makes it private; artifacts are read by other users (containers)
     try:
         graphs = {precision: export_graph(model, precision, staging / name) for precision, name in GRAPH_FILES.items()}
-        adapters = [write_adapter(staging, "float16", "float32"), write_adapter(staging, "float32", "float16")]
         parity = measure_parity(
             model, {precision: staging / spec.file for precision, spec in graphs.items()}, parity_sizes, parity_seed
         )
@@ -89,8 +88,7 @@ def build_artifact(
             config=model.config,
             source=source,
             graphs=graphs,
-            adapters=adapters,
-            files=describe_files(staging, [spec.file for spec in graphs.values()] + adapters),
+            files=describe_files(staging, [spec.file for spec in graphs.values()]),
             parity=parity,
             export={
                 "opset": str(OPSET),

@@ -1,4 +1,4 @@
-"""ONNX graphs of an artifact: the LensNet graph per precision, and the input Cast adapters."""
+"""ONNX graphs of an artifact: the LensNet graph per precision."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 
-from service.artifact import GRAPH_DTYPES, GraphSpec, Precision, TensorSpec, adapter_file
+from service.artifact import GRAPH_DTYPES, GraphSpec, Precision, TensorSpec
 
 from .lensnet import LensNet
 
@@ -93,21 +93,3 @@ def export_graph(model: LensNet, precision: Precision, path: Path) -> GraphSpec:
     if got != want:
         raise RuntimeError(f"{path.name}: exported graph has dtypes {got}, expected {want}")
     return spec
-
-
-def write_adapter(directory: Path, source_dtype: str, target_dtype: str) -> str:
-    """A one-node Cast graph `x [batch, n, d] → y`: ONNX Runtime converts fp16⇄fp32 many times
-    faster than numpy, so the service converts embeddings with it."""
-    types = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT}
-    dims = ["batch", "n", "d"]
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["x"], ["y"], to=types[target_dtype])],
-        f"cast_{source_dtype}_to_{target_dtype}",
-        [helper.make_tensor_value_info("x", types[source_dtype], dims)],
-        [helper.make_tensor_value_info("y", types[target_dtype], dims)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lensnet-export")
-    onnx.checker.check_model(model, full_check=True)
-    name = adapter_file(source_dtype, target_dtype)
-    onnx.save(model, str(directory / name))
-    return name

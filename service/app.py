@@ -1,7 +1,9 @@
-"""HTTP adapter: FastAPI routes over the pipeline, with admission control and telemetry.
+"""HTTP adapter: the scoring endpoints and FastAPI routes over the pipeline, with admission
+control and telemetry.
 
-Routes stay thin: read the body (bounded), admit (429/503/504), run the pipeline in the
-inference thread pool, answer with `Server-Timing`. Every error is RFC 9457 problem+json.
+Endpoints stay thin: admit (429/503), read the body into its decoder (bounded), wait for an
+inference slot (504 past the deadline), run the pipeline in the inference thread pool, answer
+with `Server-Timing`. Every error is RFC 9457 problem+json.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from . import codec, openapi, problems
 from .admission import Admission
@@ -106,9 +108,10 @@ class Service:
         respond_as = codec.response_media_type(request.headers.get("accept"), media)
         deadline = self._deadline(request, arrival)
         self.admission.check_capacity()  # refuse before buffering a body we would refuse anyway
-        body = await read_body(request, self.settings.max_body_bytes)
+        reading = time.perf_counter()
+        body = await read_body(request, media, pipeline, self.settings)
         received = time.perf_counter()
-        timings = {"receive": received - arrival}
+        timings = {"admit": reading - arrival, "receive": received - reading}
         run = pipeline.focus if endpoint == "focus" else pipeline.score
         self.metrics.queued.inc()
         admitted = False
@@ -118,9 +121,7 @@ class Service:
                 self.metrics.queued.dec()
                 timings["queue"] = time.perf_counter() - received
                 loop = asyncio.get_running_loop()
-                content = await loop.run_in_executor(
-                    self.executor, run, Call(body, media, respond_as, deadline, timings)
-                )
+                content = await loop.run_in_executor(self.executor, run, Call(body, respond_as, deadline, timings))
         finally:
             if not admitted:
                 self.metrics.queued.dec()
@@ -147,33 +148,43 @@ class Service:
         return None if timeout_ms is None else arrival + timeout_ms / 1e3
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as it is known to exceed `limit` bytes."""
+async def read_body(request: Request, media: str, pipeline: Pipeline, settings: Settings) -> codec.BodyReader:
+    """The body, fed to its reader as it arrives (a frame is decoded on the way); 413 as soon as
+    it is known to exceed the size limit."""
+    limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    length = int(declared) if declared is not None and declared.isdigit() else None
+    if length is not None and length > limit:
         raise problems.too_large("body", f"{limit} bytes", f"{declared} bytes (Content-Length)")
-    chunks, size = [], 0
+    config = pipeline.config
+    body = codec.reader(media, config.embed_dim, settings.max_entries, pipeline.scorer.input_dtype, length)
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise problems.too_large("body", f"{limit} bytes", f"more than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body.feed(chunk)
+    return body
 
 
-class RequestTelemetry:
-    """ASGI middleware: arrival time, in-flight gauge (/v1 only), latency by endpoint and status."""
+class FocusApp:
+    """The ASGI app: request telemetry around everything; POST /v1/focus and /v1/score go
+    straight to their endpoints (the hot path: no middleware stack, router, request models or
+    dependency solving between arrival and reading the body); the rest goes to FastAPI (docs,
+    /v1/model, probes, metrics)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, api: FastAPI, service: Service) -> None:
+        self.api, self.service, self.metrics = api, service, service.metrics
+        self.scoring = {f"/v1/{name}": ScoringEndpoint(service, name) for name in ("focus", "score")}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http":  # lifespan
+            await self.api(scope, receive, send)
             return
         start = time.perf_counter()
         scope.setdefault("state", {})["arrival"] = start
         path = scope["path"]
+        endpoint = self.scoring.get(path)
         counted = path.startswith("/v1/")  # probes and scrapes are not load
         status, recorded = 500, False
 
@@ -190,12 +201,31 @@ class RequestTelemetry:
         if counted:
             self.metrics.in_flight.inc()
         try:
-            await self.app(scope, receive, send_and_record)
+            await (endpoint or self.api)(scope, receive, send_and_record)
         finally:
             if counted:
                 self.metrics.in_flight.dec()
             if not recorded:  # the app failed before answering
                 self.metrics.observe_request(path, status, time.perf_counter() - start)
+
+
+class ScoringEndpoint:
+    """/v1/focus or /v1/score: the service's answer or a problem, always."""
+
+    def __init__(self, service: Service, endpoint: str) -> None:
+        self.service, self.endpoint = service, endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            if scope["method"] != "POST":
+                raise problems.Problem(
+                    405, "http-error", "Method Not Allowed", f"{scope['method']} {scope['path']}: only POST",
+                    headers={"Allow": "POST"},
+                )  # fmt: skip
+            response = await self.service.serve(Request(scope, receive), self.endpoint)
+        except problems.Problem as problem:
+            response = problem_response(problem, scope["path"])
+        await response(scope, receive, send)
 
 
 def problem_response(problem: problems.Problem, instance: str) -> Response:
@@ -204,7 +234,7 @@ def problem_response(problem: problems.Problem, instance: str) -> Response:
     )
 
 
-def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
+def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp:
     """The service app. Verifies the artifact now (raises `ArtifactError`); loads the model in the background."""
     service = Service(settings, manifest or load_manifest(settings.model_dir))
 
@@ -221,8 +251,6 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
         summary="Scores a working-context snapshot with LensNet and returns legal, budgeted expand/collapse edits.",
         lifespan=lifespan,
     )
-    app.state.service = service
-    app.add_middleware(RequestTelemetry, metrics=service.metrics)
 
     @app.exception_handler(problems.Problem)
     async def on_problem(request: Request, problem: problems.Problem) -> Response:
@@ -242,15 +270,6 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
             500, "internal-error", "Internal error", "the request failed inside the service; see its log"
         )
         return problem_response(problem, request.url.path)
-
-    async def focus(request: Request) -> Response:
-        return await service.serve(request, "focus")
-
-    async def score(request: Request) -> Response:
-        return await service.serve(request, "score")
-
-    app.add_api_route("/v1/focus", focus, methods=["POST"], **openapi.FOCUS)
-    app.add_api_route("/v1/score", score, methods=["POST"], **openapi.SCORE)
 
     @app.get("/v1/model", summary="The loaded artifact: version, checksum, precision, provider, D, B, max LOD")
     async def model() -> dict[str, Any]:
@@ -294,5 +313,5 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
-    openapi.install(app)
-    return app
+    openapi.install(app)  # documents /v1/focus and /v1/score, served by FocusApp
+    return FocusApp(app, service)

@@ -15,17 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from model_export.config import LensNetConfig
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: no Cast adapter graphs (the service converts embeddings itself)
 GRAPH_FILES: dict[str, str] = {"fp32": "lensnet.fp32.onnx", "fp16": "lensnet.fp16.onnx"}
 GRAPH_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16"}
 """The embeddings input dtype of each graph (lod/positions are int64, scores float32 in both)."""
 
 Precision = Literal["fp32", "fp16"]
-
-
-def adapter_file(source_dtype: str, target_dtype: str) -> str:
-    """File name of the one-node Cast graph that converts embeddings between dtypes."""
-    return f"cast.{source_dtype}-to-{target_dtype}.onnx"
 
 
 class _Strict(BaseModel):
@@ -95,7 +90,6 @@ class Manifest(_Strict):
     config: LensNetConfig
     source: Source
     graphs: dict[Precision, GraphSpec]
-    adapters: list[str]
     files: dict[str, FileEntry]
     parity: ParityReport
     export: dict[str, str]
@@ -131,7 +125,7 @@ def load_manifest(directory: Path) -> Manifest:
         raise ArtifactError(f"{path}: invalid manifest: {exc}") from exc
     if manifest.format_version != MANIFEST_FORMAT:
         raise ArtifactError(f"{path}: manifest format {manifest.format_version}, this service reads {MANIFEST_FORMAT}")
-    referenced = [graph.file for graph in manifest.graphs.values()] + manifest.adapters
+    referenced = [graph.file for graph in manifest.graphs.values()]
     problems = [f"{name}: referenced but not listed in files" for name in referenced if name not in manifest.files]
     for name, entry in manifest.files.items():
         file = directory / name

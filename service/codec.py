@@ -1,10 +1,11 @@
-"""Wire codecs: request bodies → a typed snapshot, results → response bodies. Pure functions.
+"""Wire codecs: request bodies → a typed snapshot, results → response bodies.
 
 Two request formats, chosen by `Content-Type`:
 - `application/json`: arrays as nested lists (small requests) or as
   `{"dtype", "shape", "data": base64 of little-endian bytes}`;
 - `application/vnd.lensnet.frame` (`lensnet_client.frame`): a JSON header + raw array bytes,
-  decoded without copies or number parsing — the production format.
+  the production format, decoded while it arrives (`FrameReader`).
+Embeddings come out in the graph's dtype (float16 ⇄ float32 converted once, by `service._bulk`).
 Responses use the request's format unless `Accept` asks for the other one.
 """
 
@@ -15,13 +16,13 @@ import binascii
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from lensnet_client import frame
 
-from . import problems
+from . import _bulk, problems
 
 JSON = "application/json"
 FRAME = frame.MEDIA_TYPE
@@ -29,15 +30,18 @@ MEDIA_TYPES = (JSON, FRAME)
 EMBEDDING_DTYPES = ("float16", "float32")
 INDEX_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32")
 ARRAY_FIELDS = ("embeddings", "lod", "positions")
+ALLOWED_DTYPES = {"embeddings": EMBEDDING_DTYPES, "lod": INDEX_DTYPES, "positions": INDEX_DTYPES}
+_CONVERT = {("float16", "float32"): _bulk.half_to_float, ("float32", "float16"): _bulk.float_to_half}
 
 ArrayStyle = Literal["list", "base64", "frame"]
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    embeddings: np.ndarray  # [N, D], float16 or float32, as received
+    embeddings: np.ndarray  # [N, D] in the graph's dtype
     lod: np.ndarray  # [N], integer
     positions: np.ndarray  # [N], integer
+    sent_dtype: str  # the embeddings' dtype on the wire (float32 for JSON lists)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,24 @@ class DecodedRequest:
     snapshot: Snapshot
     fields: dict[str, Any]  # everything besides the arrays (options, history, …), validated later
     style: ArrayStyle  # how arrays came in, so they go back out the same way
+
+
+class BodyReader(Protocol):
+    """A request body, fed chunk by chunk as it arrives (on the event loop: cheap per chunk),
+    then decoded by `finish` (in the inference thread: where the remaining work happens)."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> DecodedRequest: ...
+
+
+def reader(
+    media_type: str, embed_dim: int, max_entries: int, dtype: np.dtype, declared_length: int | None
+) -> BodyReader:
+    """The reader for a body of `media_type` whose embeddings the graph wants as `dtype`."""
+    if media_type == FRAME:
+        return FrameReader(embed_dim, max_entries, dtype, declared_length)
+    return JsonReader(embed_dim, max_entries, dtype)
 
 
 def request_media_type(content_type: str | None) -> str:
@@ -77,31 +99,173 @@ def response_media_type(accept: str | None, request_media: str) -> str:
     )  # fmt: skip
 
 
-def decode_request(body: bytes | bytearray, media_type: str, embed_dim: int, max_entries: int) -> DecodedRequest:
-    """Parse a body and check the snapshot's arrays (dtypes, shapes, D, N limits).
+class JsonReader:
+    """JSON bodies are parsed whole: chunks are kept until `finish`."""
 
-    Raises `Problem`: 400 unparseable, 413 too many entries, 422 wrong arrays.
-    """
-    if media_type == FRAME:
+    def __init__(self, embed_dim: int, max_entries: int, dtype: np.dtype) -> None:
+        self.embed_dim, self.max_entries, self.dtype = embed_dim, max_entries, dtype
+        self.chunks: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+    def finish(self) -> DecodedRequest:
+        """Raises `Problem`: 400 unparseable, 413 too many entries, 422 wrong arrays."""
         try:
-            fields, arrays = frame.unpack(body)
-        except frame.FrameError as exc:
-            raise problems.malformed(exc.field, str(exc)) from exc
-        if unknown := sorted(set(arrays) - set(ARRAY_FIELDS)):
-            raise problems.invalid(unknown[0], f"only the arrays {list(ARRAY_FIELDS)}", f"an array {unknown[0]!r}")
-        style: ArrayStyle = "frame"
-    else:
-        try:
-            fields = json.loads(body)
+            fields = json.loads(b"".join(self.chunks))
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge int literals, deep nesting
             raise problems.malformed("body", f"body: not valid JSON ({exc})") from exc
         if not isinstance(fields, dict):
             raise problems.invalid("body", "a JSON object", type(fields).__name__)
-        style = "base64" if isinstance(fields.get("embeddings"), dict) else "list"
-        arrays = {name: _json_array(fields[name], name) for name in ARRAY_FIELDS if name in fields}
-        for name in ARRAY_FIELDS:
-            fields.pop(name, None)
-    return DecodedRequest(_snapshot(arrays, embed_dim, max_entries), fields, style)
+        style: ArrayStyle = "base64" if isinstance(fields.get("embeddings"), dict) else "list"
+        arrays = {name: _json_array(fields.pop(name), name) for name in ARRAY_FIELDS if name in fields}
+        _check_arrays({name: (array.dtype, array.shape) for name, array in arrays.items()}, self.embed_dim,
+                      self.max_entries)  # fmt: skip
+        embeddings = arrays["embeddings"]
+        snapshot = Snapshot(convert(embeddings, self.dtype), arrays["lod"], arrays["positions"], embeddings.dtype.name)
+        return DecodedRequest(snapshot, fields, style)
+
+
+class FrameReader:
+    """A frame decoded as it arrives: the header as soon as it is complete (bad arrays are refused
+    before the rest of the body is read), then each array's bytes straight into its final buffer,
+    the embeddings converted to the graph's dtype on the way. After the last byte only a
+    completeness check is left: no whole-body copy, no conversion pass."""
+
+    def __init__(self, embed_dim: int, max_entries: int, dtype: np.dtype, declared_length: int | None) -> None:
+        self.embed_dim, self.max_entries, self.dtype = embed_dim, max_entries, dtype
+        self.declared_length = declared_length
+        self.head = bytearray()  # prefix, header and padding, until the payload starts
+        self.length: int | None = None  # of the JSON header
+        self.start = 0  # payload offset in the body, once `length` is known
+        self.received = 0  # payload bytes so far
+        self.fields: dict[str, Any] = {}
+        self.specs: dict[str, frame.ArraySpec] = {}
+        self.sinks: dict[str, _Sink] = {}
+
+    def feed(self, chunk: bytes) -> None:
+        data = memoryview(chunk)
+        if not self.sinks:
+            data = self._read_head(data)
+        if data:
+            first = self.received
+            for name, spec in self.specs.items():
+                lo, hi = max(first, spec.offset), min(first + len(data), spec.offset + spec.nbytes)
+                if lo < hi:
+                    self.sinks[name].write(data[lo - first : hi - first])
+            self.received += len(data)
+
+    def finish(self) -> DecodedRequest:
+        if not self.sinks:
+            self._truncated_head()
+        for name, spec in self.specs.items():
+            if self.received < spec.offset + spec.nbytes:
+                raise _malformed(frame.beyond(name, spec))
+        embeddings, lod, positions = (self.sinks[name].array for name in ARRAY_FIELDS)
+        sent = self.specs["embeddings"].dtype.name
+        return DecodedRequest(Snapshot(embeddings, lod, positions, sent), self.fields, "frame")
+
+    def _read_head(self, data: memoryview) -> memoryview:
+        """Take header bytes from `data`; once the header is complete, plan the arrays. Returns the rest."""
+        while not self.sinks:
+            want = 8 if self.length is None else self.start
+            take = min(want - len(self.head), len(data))
+            self.head += data[:take]
+            data = data[take:]
+            if len(self.head) < want:
+                return data
+            if self.length is None:
+                try:
+                    self.length = frame.header_length(self.head)
+                except frame.FrameError as exc:
+                    raise _malformed(exc) from exc
+                self.start = frame.payload_start(self.length)
+                if self.declared_length is not None and self.start > self.declared_length:
+                    self._truncated_head()
+            else:
+                self._plan()
+        return data
+
+    def _truncated_head(self) -> None:
+        got = self.declared_length if self.declared_length is not None else len(self.head)
+        if self.length is None:
+            detail = f"frame: expected at least 8 bytes, got {got}"
+        else:
+            detail = f"frame: header length {self.length} runs past the body ({got} bytes)"
+        raise problems.malformed("frame", detail)
+
+    def _plan(self) -> None:
+        """Check the header's arrays (what each may hold, the shapes, D, N) and allocate their buffers."""
+        try:
+            self.fields, descriptors = frame.parse_header(memoryview(self.head)[8 : 8 + self.length])
+        except frame.FrameError as exc:
+            raise _malformed(exc) from exc
+        if unknown := sorted(set(descriptors) - set(ARRAY_FIELDS)):
+            raise problems.invalid(unknown[0], f"only the arrays {list(ARRAY_FIELDS)}", f"an array {unknown[0]!r}")
+        for name, raw in descriptors.items():
+            dtype = raw.get("dtype") if isinstance(raw, dict) else None
+            if isinstance(raw, dict) and dtype not in ALLOWED_DTYPES[name]:
+                raise problems.invalid(f"{name}.dtype", " | ".join(ALLOWED_DTYPES[name]), repr(dtype))
+            try:
+                self.specs[name] = frame.array_spec(name, raw)
+            except frame.FrameError as exc:
+                raise _malformed(exc) from exc
+        _check_arrays({name: (spec.dtype, spec.shape) for name, spec in self.specs.items()}, self.embed_dim,
+                      self.max_entries)  # fmt: skip
+        for name, spec in self.specs.items():
+            if self.declared_length is not None and self.start + spec.offset + spec.nbytes > self.declared_length:
+                raise _malformed(frame.beyond(name, spec))  # before allocating for a header that lies
+            target = self.dtype if name == "embeddings" else spec.dtype
+            self.sinks[name] = _Sink(spec, np.empty(spec.shape, dtype=target))
+
+
+class _Sink:
+    """Bytes of one array in arrival order, into its buffer: copied, or converted element by
+    element when the buffer's dtype differs (an element split across chunks waits for the rest)."""
+
+    def __init__(self, spec: frame.ArraySpec, array: np.ndarray) -> None:
+        self.array, self.source = array, spec.dtype
+        self.kernel = _CONVERT.get((spec.dtype.name, array.dtype.name))
+        self.out = memoryview(array.reshape(-1)).cast("B") if self.kernel is None else array.reshape(-1)
+        self.done = 0  # bytes (copy) or elements (convert) written
+        self.partial = bytearray()
+
+    def write(self, data: memoryview) -> None:
+        if self.kernel is None:
+            self.out[self.done : self.done + len(data)] = data
+            self.done += len(data)
+            return
+        size = self.source.itemsize
+        if self.partial:
+            take = min(size - len(self.partial), len(data))
+            self.partial += data[:take]
+            data = data[take:]
+            if len(self.partial) < size:
+                return
+            self._convert(memoryview(bytes(self.partial)))
+            self.partial.clear()
+        whole = len(data) - len(data) % size
+        if whole:
+            self._convert(data[:whole])
+        self.partial += data[whole:]
+
+    def _convert(self, data: memoryview) -> None:
+        count = len(data) // self.source.itemsize
+        self.kernel(np.frombuffer(data, dtype=self.source), self.out[self.done : self.done + count])
+        self.done += count
+
+
+def convert(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`array` (float16 or float32) in `dtype`, converted at most once."""
+    if array.dtype == dtype:
+        return array
+    out = np.empty(array.shape, dtype=dtype)
+    _CONVERT[array.dtype.name, dtype.name](np.ascontiguousarray(array), out)
+    return out
+
+
+def _malformed(error: frame.FrameError) -> problems.Problem:
+    return problems.malformed(error.field, str(error))
 
 
 def _json_array(value: Any, name: str) -> np.ndarray:
@@ -129,7 +293,7 @@ def _base64_array(value: dict[str, Any], name: str) -> np.ndarray:
     if unknown or not {"dtype", "shape", "data"} <= set(value):
         raise problems.invalid(name, "keys dtype, shape, data", f"keys {sorted(value)}")
     dtype, shape, data = value["dtype"], value["shape"], value["data"]
-    allowed = EMBEDDING_DTYPES if name == "embeddings" else INDEX_DTYPES
+    allowed = ALLOWED_DTYPES[name]
     if dtype not in allowed:
         raise problems.invalid(f"{name}.dtype", " | ".join(allowed), repr(dtype))
     if not frame.is_shape(shape):
@@ -151,26 +315,26 @@ def _base64_array(value: dict[str, Any], name: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=item).reshape(shape)
 
 
-def _snapshot(arrays: dict[str, np.ndarray], embed_dim: int, max_entries: int) -> Snapshot:
+def _check_arrays(arrays: dict[str, tuple[np.dtype, tuple[int, ...]]], embed_dim: int, max_entries: int) -> None:
+    """The snapshot's arrays by (dtype, shape): all three present, allowed dtypes, [N, D] / [N] / [N]."""
     for name in ARRAY_FIELDS:
         if name not in arrays:
             raise problems.invalid(name, "an array", "nothing", f"{name}: required")
-    embeddings, lod, positions = (arrays[name] for name in ARRAY_FIELDS)
-    if embeddings.dtype.name not in EMBEDDING_DTYPES:
-        raise problems.invalid("embeddings.dtype", " | ".join(EMBEDDING_DTYPES), embeddings.dtype.name)
-    if embeddings.ndim != 2 or embeddings.shape[1] != embed_dim:
-        raise problems.invalid("embeddings.shape", f"[N, {embed_dim}]", str(list(embeddings.shape)))
-    n = embeddings.shape[0]
+    (emb_dtype, emb_shape), lod, positions = (arrays[name] for name in ARRAY_FIELDS)
+    if emb_dtype.name not in EMBEDDING_DTYPES:
+        raise problems.invalid("embeddings.dtype", " | ".join(EMBEDDING_DTYPES), emb_dtype.name)
+    if len(emb_shape) != 2 or emb_shape[1] != embed_dim:
+        raise problems.invalid("embeddings.shape", f"[N, {embed_dim}]", str(list(emb_shape)))
+    n = emb_shape[0]
     if n < 1:
         raise problems.invalid("embeddings.shape", "at least 1 entry", "0 entries")
     if n > max_entries:
         raise problems.too_large("embeddings.shape", f"{max_entries} entries", f"{n} entries")
-    for name, array in (("lod", lod), ("positions", positions)):
-        if array.dtype.name not in INDEX_DTYPES:
-            raise problems.invalid(f"{name}.dtype", " | ".join(INDEX_DTYPES), array.dtype.name)
-        if array.shape != (n,):
-            raise problems.invalid(f"{name}.shape", f"[{n}] (one per embedding)", str(list(array.shape)))
-    return Snapshot(embeddings, lod, positions)
+    for name, (dtype, shape) in (("lod", lod), ("positions", positions)):
+        if dtype.name not in INDEX_DTYPES:
+            raise problems.invalid(f"{name}.dtype", " | ".join(INDEX_DTYPES), dtype.name)
+        if tuple(shape) != (n,):
+            raise problems.invalid(f"{name}.shape", f"[{n}] (one per embedding)", str(list(shape)))
 
 
 def encode_response(

@@ -1,8 +1,8 @@
 """OpenAPI documentation (/docs) for the endpoints that read their bodies themselves.
 
-/v1/focus and /v1/score accept two content types and decode arrays without pydantic (that
-would take seconds for 8k × D lists), so their request/response schemas are declared here and
-added to the generated document.
+/v1/focus and /v1/score are plain ASGI endpoints that accept two content types and decode arrays
+without pydantic (that would take seconds for 8k × D lists), so their operations and
+request/response schemas are declared here and added to the generated document.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-def _operation(summary: str, request: type[BaseModel], response: type[BaseModel]) -> dict[str, Any]:
+def _operation(name: str, summary: str, request: type[BaseModel], response: type[BaseModel]) -> dict[str, Any]:
     frame_body = {"schema": {"type": "string", "format": "binary"}, "example": "(see README: binary frame)"}
     errors = {
         str(code): {"description": text, "content": {PROBLEM: {"schema": _ref(Problem)}}}
@@ -112,41 +112,48 @@ def _operation(summary: str, request: type[BaseModel], response: type[BaseModel]
     }  # fmt: skip
     return {
         "summary": summary,
-        "openapi_extra": {
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": _ref(request)}, FRAME: frame_body},
+        "operationId": name,
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(request)}, FRAME: frame_body},
+        },
+        "parameters": [
+            {
+                "name": "X-Request-Timeout-Ms",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "number"},
+                "description": "deadline in ms from arrival; a request that cannot make it gets 504",
+            }
+        ],
+        "responses": {
+            "200": {
+                "description": "OK (Server-Timing header: per-stage milliseconds)",
+                "content": {"application/json": {"schema": _ref(response)}, FRAME: frame_body},
             },
-            "parameters": [
-                {
-                    "name": "X-Request-Timeout-Ms",
-                    "in": "header",
-                    "required": False,
-                    "schema": {"type": "number"},
-                    "description": "deadline in ms from arrival; a request that cannot make it gets 504",
-                }
-            ],
-            "responses": {
-                "200": {
-                    "description": "OK (Server-Timing header: per-stage milliseconds)",
-                    "content": {"application/json": {"schema": _ref(response)}, FRAME: frame_body},
-                },
-                **errors,
-            },
+            **errors,
         },
     }
 
 
-FOCUS = _operation("Score a WC snapshot and return legal, budgeted edits", FocusRequest, FocusResponse)
-SCORE = _operation("Score a WC snapshot (no allocation), for analysis and A/B checks", ScoreRequest, ScoreResponse)
+OPERATIONS = {
+    "/v1/focus": _operation(
+        "focus", "Score a WC snapshot and return legal, budgeted edits", FocusRequest, FocusResponse
+    ),
+    "/v1/score": _operation(
+        "score", "Score a WC snapshot (no allocation), for analysis and A/B checks", ScoreRequest, ScoreResponse
+    ),
+}
 
 
 def install(app: FastAPI) -> None:
-    """Add the schemas above to the generated OpenAPI document."""
+    """Add the operations and schemas above to the generated OpenAPI document."""
 
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
             document = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            scoring = {path: {"post": operation} for path, operation in OPERATIONS.items()}
+            document["paths"] = scoring | document["paths"]
             schemas = document.setdefault("components", {}).setdefault("schemas", {})
             for model in (FocusRequest, ScoreRequest, FocusResponse, ScoreResponse, Problem):
                 schema = model.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lensnet_client.layout import Layout, SnapshotError, validate_layout
+from lensnet_client.layout import Layout, SnapshotError
 
 from . import codec, problems
 from .allocator import (
@@ -29,6 +29,7 @@ from .allocator import (
     HistoryItem,
     OptionsError,
     allocate,
+    check_layout,
     cooldown_keys,
 )
 from .artifact import Manifest
@@ -102,23 +103,19 @@ class Pipeline:
 
     # -- stages ------------------------------------------------------------------------------
 
-    def _decode(
-        self, body: bytes | bytearray, media_type: str, model: type[Fields]
-    ) -> tuple[codec.DecodedRequest, Fields, Layout, np.ndarray]:
-        request = codec.decode_request(body, media_type, self.config.embed_dim, self.max_entries)
+    def _decode(self, reader: codec.BodyReader, model: type[Fields]) -> tuple[codec.DecodedRequest, Fields, Layout]:
+        request = reader.finish()
         fields = _fields(model, request.fields)
         snapshot = request.snapshot
         try:
-            layout = validate_layout(snapshot.lod, snapshot.positions, self.config.block_size, self.config.max_lod)
+            layout = check_layout(snapshot.lod, snapshot.positions, self.config.block_size, self.config.max_lod)
         except SnapshotError as exc:
             raise _snapshot_problem(exc) from exc
-        return request, fields, layout, self.scorer.prepare(snapshot.embeddings)
+        return request, fields, layout
 
-    def _score(
-        self, request: codec.DecodedRequest, embeddings: np.ndarray, layout: Layout, deadline: float | None
-    ) -> np.ndarray:
+    def _score(self, snapshot: codec.Snapshot, layout: Layout, deadline: float | None) -> np.ndarray:
         try:
-            scores, non_finite = self.scorer.score(embeddings, layout.lod, layout.positions)
+            scores, non_finite = self.scorer.score(snapshot.embeddings, layout.lod, layout.positions)
         except Exception as exc:  # ONNX Runtime failed (out of memory, device error …)
             self.metrics.model_errors.inc()
             log.exception("inference failed")
@@ -129,8 +126,9 @@ class Pipeline:
             )
         if non_finite.any():  # the graph checks its input: no extra pass over N x D on the hot path
             row = int(np.argmax(non_finite))
-            source = request.snapshot.embeddings[row]
-            got = "NaN or inf" if not np.isfinite(source).all() else f"a value beyond {embeddings.dtype}'s range"
+            got = "NaN or inf"
+            if snapshot.sent_dtype != snapshot.embeddings.dtype.name:  # converted: out of range turns into inf
+                got += f" (or a value beyond {snapshot.embeddings.dtype.name}'s range)"
             raise problems.invalid(f"embeddings[{row}]", "finite values", got, index=row)
         if not np.isfinite(scores).all():
             self.metrics.model_errors.inc()
@@ -159,10 +157,10 @@ class Pipeline:
 
     def focus(self, call: Call) -> bytes:
         stage = _Stages(call.timings)
-        request, fields, layout, embeddings = self._decode(call.body, call.media_type, FocusFields)
+        request, fields, layout = self._decode(call.body, FocusFields)
         options, cooldown = self._allocator_inputs(fields)
         stage.done("decode")
-        scores = self._score(request, embeddings, layout, call.deadline)
+        scores = self._score(request.snapshot, layout, call.deadline)
         stage.done("model")
         allocation = allocate(layout, scores, options, cooldown)
         stage.done("allocate")
@@ -177,9 +175,9 @@ class Pipeline:
 
     def score(self, call: Call) -> bytes:
         stage = _Stages(call.timings)
-        request, _, layout, embeddings = self._decode(call.body, call.media_type, ScoreFields)
+        request, _, layout = self._decode(call.body, ScoreFields)
         stage.done("decode")
-        scores = self._score(request, embeddings, layout, call.deadline)
+        scores = self._score(request.snapshot, layout, call.deadline)
         stage.done("model")
         self.metrics.observe_scores(scores, layout.lod)
         stage.done("telemetry")
@@ -192,11 +190,11 @@ class Pipeline:
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One endpoint call: the body, its media type, the answer's, an optional deadline
-    (perf_counter time), and the stage timings the pipeline fills in (seconds)."""
+    """One endpoint call: the body (read, and for frames already placed in its arrays), the
+    answer's media type, an optional deadline (perf_counter time), and the stage timings the
+    pipeline fills in (seconds)."""
 
-    body: bytes
-    media_type: str
+    body: codec.BodyReader
     respond_as: str
     deadline: float | None
     timings: dict[str, float]

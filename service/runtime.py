@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend: one session over the artifact graph, plus its embedding adapter."""
+"""The ONNX Runtime backend: one session over the artifact graph."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lensnet_client.layout import synthetic_layout
-from service.artifact import GRAPH_DTYPES, Manifest, Precision, adapter_file
+from service.artifact import GRAPH_DTYPES, Manifest, Precision
 
 log = logging.getLogger("lensnet.runtime")
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -26,34 +26,34 @@ class Scorer:
     """Scores one snapshot per call. Thread-safe: ONNX Runtime sessions allow concurrent `run`."""
 
     def __init__(self, model_dir: Path, manifest: Manifest, precision: str, intra_op_threads: int = 0) -> None:
-        self.precision, providers = choose(precision, ort.get_available_providers())
+        available = ort.get_available_providers()
+        if CUDA in available and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when installed that way
+        self.precision, providers = choose(precision, available)
+        self.session = self._session(model_dir / manifest.graphs[self.precision].file, providers, intra_op_threads)
+        if precision == "auto" and providers[0] == CUDA and self.session.get_providers()[0] != CUDA:
+            # ONNX Runtime lists CUDA but could not start it (driver, libraries): the fp16 graph
+            # would run on the CPU, slowly; auto means the CPU's graph there.
+            log.warning("the CUDA execution provider did not start; running fp32 on the CPU")
+            self.precision = "fp32"
+            self.session = self._session(model_dir / manifest.graphs["fp32"].file, [CPU], intra_op_threads)
+        self.provider = self.session.get_providers()[0]
+        self.input_dtype = np.dtype(GRAPH_DTYPES[self.precision])
+        self.config = manifest.config
+        log.info("loaded %s (%s) on %s", manifest.graphs[self.precision].file, self.precision, self.provider)
+
+    @staticmethod
+    def _session(graph: Path, providers: list[str], intra_op_threads: int) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        graph = model_dir / manifest.graphs[self.precision].file
-        self.session = ort.InferenceSession(str(graph), options, providers=providers)
-        self.provider = self.session.get_providers()[0]
-        self.input_dtype = np.dtype(GRAPH_DTYPES[self.precision])
-        other = "float32" if self.input_dtype == np.float16 else "float16"
-        # Conversion runs on the CPU provider: the input is on the host either way.
-        self.adapter = ort.InferenceSession(
-            str(model_dir / adapter_file(other, self.input_dtype.name)), providers=[CPU]
-        )
-        self.config = manifest.config
-        log.info("loaded %s (%s) on %s", graph.name, self.precision, self.provider)
-
-    def prepare(self, embeddings: np.ndarray) -> np.ndarray:
-        """`[N, D]` float16/float32 → `[1, N, D]` in the graph's dtype, converted at most once."""
-        batch = embeddings[None]
-        if batch.dtype != self.input_dtype:
-            batch = self.adapter.run(None, {"x": batch})[0]
-        return batch
+        return ort.InferenceSession(str(graph), options, providers=providers)
 
     def score(self, embeddings: np.ndarray, lod: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Prepared embeddings `[1, N, D]`, int64 `lod`/`positions` `[N]` → float32 scores `[N]`
+        """Embeddings `[N, D]` in `input_dtype`, int64 `lod`/`positions` `[N]` → float32 scores `[N]`
         and, per entry, whether its embedding holds NaN/inf (checked inside the graph)."""
-        feed = {"embeddings": embeddings, "lod": lod[None], "positions": positions[None]}
+        feed = {"embeddings": embeddings[None], "lod": lod[None], "positions": positions[None]}
         scores, non_finite = self.session.run(["scores", "non_finite"], feed)
         return scores[0], non_finite[0]
 
@@ -63,5 +63,5 @@ class Scorer:
         cfg = self.config
         for n in sizes:
             lod, positions = synthetic_layout(n, cfg.block_size, cfg.max_lod, rng)
-            x = rng.standard_normal((1, n, cfg.embed_dim)).astype(self.input_dtype)
+            x = rng.standard_normal((n, cfg.embed_dim)).astype(self.input_dtype)
             self.score(x, lod, positions)

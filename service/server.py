@@ -81,7 +81,7 @@ def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> Non
     """Run one worker in this process until it has drained (raises ArtifactError on a bad artifact)."""
     _configure_logging(settings.log_level)
     app = create_app(settings)
-    DrainingServer(_uvicorn_config(app, settings), app.state.service).run(sockets)
+    DrainingServer(_uvicorn_config(app, settings), app.service).run(sockets)
 
 
 def _worker(values: dict[str, Any], listener: socket.socket) -> None:

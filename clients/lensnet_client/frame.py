@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -81,27 +81,41 @@ def pack(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
     return bytes(body)
 
 
-def unpack(body: bytes | bytearray | memoryview) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The header (without "arrays") and zero-copy array views; `FrameError` on any defect."""
-    if len(body) < _PREFIX.size:
-        raise FrameError("frame", f"frame: expected at least {_PREFIX.size} bytes, got {len(body)}")
-    magic, length = _PREFIX.unpack_from(body)
+class ArraySpec(NamedTuple):
+    """One array's descriptor from a frame header, checked: where its bytes are and what they hold."""
+
+    dtype: np.dtype  # little-endian
+    shape: tuple[int, ...]
+    offset: int  # from the payload start
+    nbytes: int
+
+
+def header_length(prefix: bytes | bytearray | memoryview) -> int:
+    """H, from the frame's first 8 bytes (magic and header length); `FrameError` on bad magic."""
+    magic, length = _PREFIX.unpack_from(prefix)
     if magic != MAGIC:
         raise FrameError("frame", f"frame: expected magic {MAGIC!r}, got {bytes(magic)!r}")
-    if _PREFIX.size + length > len(body):
-        raise FrameError("frame", f"frame: header length {length} runs past the body ({len(body)} bytes)")
+    return int(length)
+
+
+def payload_start(length: int) -> int:
+    """Where the payload begins for a header of `length` bytes."""
+    return _align(_PREFIX.size + length)
+
+
+def parse_header(raw: bytes | bytearray | memoryview) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The header's JSON: (fields without "arrays", the raw array descriptors by name)."""
     try:
-        header = json.loads(bytes(body[_PREFIX.size : _PREFIX.size + length]))
+        header = json.loads(bytes(raw))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge int literals, deep nesting
         raise FrameError("frame", f"frame: header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict) or not isinstance(header.get("arrays", {}), dict):
         raise FrameError("frame", "frame: header must be a JSON object whose 'arrays' is an object")
-    start = _align(_PREFIX.size + length)
-    arrays = {name: _view(body, start, name, spec) for name, spec in header.pop("arrays", {}).items()}
-    return header, arrays
+    return header, header.pop("arrays", {})
 
 
-def _view(body: bytes | bytearray | memoryview, start: int, name: str, spec: Any) -> np.ndarray:
+def array_spec(name: str, spec: Any) -> ArraySpec:
+    """A checked descriptor: a known dtype, a sane shape, and `nbytes` matching them."""
     if not isinstance(spec, dict):
         raise FrameError(name, f"{name}: expected an array descriptor object, got {type(spec).__name__}")
     dtype, shape, offset, nbytes = (spec.get(k) for k in ("dtype", "shape", "offset", "nbytes"))
@@ -118,6 +132,29 @@ def _view(body: bytes | bytearray | memoryview, start: int, name: str, spec: Any
     count = math.prod(shape)  # Python ints: no overflow, however large the claimed shape
     if nbytes != count * item.itemsize:
         raise FrameError(name, f"{name}.nbytes: expected {count * item.itemsize} for {dtype} {shape}, got {nbytes}")
-    if start + offset + nbytes > len(body):
-        raise FrameError(name, f"{name}: bytes {offset}…{offset + nbytes} run past the payload end")
-    return np.frombuffer(body, dtype=item, count=count, offset=start + offset).reshape(shape)
+    return ArraySpec(item, tuple(shape), offset, nbytes)
+
+
+def beyond(name: str, spec: ArraySpec) -> FrameError:
+    """The error for an array whose bytes run past the end of the body."""
+    return FrameError(name, f"{name}: bytes {spec.offset}…{spec.offset + spec.nbytes} run past the payload end")
+
+
+def unpack(body: bytes | bytearray | memoryview) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The header (without "arrays") and zero-copy array views; `FrameError` on any defect."""
+    if len(body) < _PREFIX.size:
+        raise FrameError("frame", f"frame: expected at least {_PREFIX.size} bytes, got {len(body)}")
+    length = header_length(body)
+    if _PREFIX.size + length > len(body):
+        raise FrameError("frame", f"frame: header length {length} runs past the body ({len(body)} bytes)")
+    header, descriptors = parse_header(memoryview(body)[_PREFIX.size : _PREFIX.size + length])
+    start = payload_start(length)
+    arrays = {}
+    for name, raw in descriptors.items():
+        spec = array_spec(name, raw)
+        if start + spec.offset + spec.nbytes > len(body):
+            raise beyond(name, spec)
+        count = spec.nbytes // spec.dtype.itemsize
+        view = np.frombuffer(body, dtype=spec.dtype, count=count, offset=start + spec.offset)
+        arrays[name] = view.reshape(spec.shape)
+    return header, arrays
