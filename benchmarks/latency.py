@@ -5,9 +5,12 @@ For N = 512, 2,048, 8,192 × D = 256 (the bundled model) and 512 × JSON and bin
 server's stage breakdown (Server-Timing), throughput and errors; and, in the same run, the raw
 `session.run` time of the same graph on the same inputs and a bare uvicorn endpoint reading the
 same bytes, so that model and receive overheads are ratios. Processing = decode + allocate +
-telemetry + encode (everything the service adds besides receiving and the model).
+telemetry + encode (everything the service adds besides receiving and the model). The bare
+endpoint is timed at the same concurrency: at 1, each service request is paired with a bare one
+sent just before it, so both see the same machine.
 
-    python -m benchmarks.latency [--quick] [--out report.json]
+    python -m benchmarks.latency [--quick] [--sizes 8192] [--dims 512] [--formats binary]
+                                 [--concurrency 1 8] [--min-seconds 20] [--out report.json]
 
 Embeddings are sent as float16 (the production format); the D = 512, N = 8,192 binary
 configuration is also run with float32 embeddings (the CPU graph's own dtype: no conversion).
@@ -17,6 +20,7 @@ The D = 512 artifact is a random-init export cached in .bench/ (needs the export
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -46,8 +50,8 @@ SIZES = (512, 2048, 8192)
 DIMS = (256, 512)
 FORMATS = ("binary", "json")
 CONCURRENCY = (1, 8)
-STAGES = ("receive", "queue", "decode", "model", "allocate", "telemetry", "encode", "total")
-PROCESSING = ("decode", "allocate", "telemetry", "encode")
+STAGES = ("admit", "receive", "queue", "decode", "model", "allocate", "telemetry", "encode", "total")
+PROCESSING = ("admit", "decode", "allocate", "telemetry", "encode")
 VARIANTS = 4  # distinct snapshots per configuration, cycled
 TARGET_PROCESSING_MS, TARGET_RECEIVE_RATIO = 1.0, 1.1
 
@@ -114,18 +118,32 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
-def drive(url: str, fmt: str, snaps: list, n: int, concurrency: int, requests: int) -> dict[str, Any]:
-    """Closed loop: `concurrency` threads, each with its own client, until `requests` are sent."""
+def drive(
+    url: str, fmt: str, snaps: list, n: int, concurrency: int, requests: int, min_seconds: float, bare_url: str
+) -> dict[str, Any]:
+    """Closed loop: `concurrency` threads, each with its own client, until `requests` are sent and
+    `min_seconds` have passed. At concurrency 1 each request is paired with the same bytes sent
+    to the bare endpoint just before it (its receive time is reported beside the service's)."""
     histogram = HdrHistogram(1, 600_000_000, 3)  # microseconds, 3 significant digits
     stages: dict[str, list[float]] = {stage: [] for stage in (*STAGES, "processing")}
+    bare: list[float] = []
+    bare_wall_s: list[float] = []  # wall time spent on the paired bare requests, not the service's
     errors: list[str] = []
     lock = threading.Lock()
-    counter = iter(range(requests))
+    counter = itertools.count()
+    bodies = bare_bodies(fmt, snaps, n) if concurrency == 1 else []
+    until = time.perf_counter() + min_seconds
 
     def worker() -> None:
-        with FocusClient(url, format=fmt, retries=0, timeout=600) as client:  # type: ignore[arg-type]
+        with FocusClient(url, format=fmt, retries=0, timeout=600) as client, httpx.Client(timeout=60) as http:  # type: ignore[arg-type]
             for k in counter:
+                if k >= requests and time.perf_counter() >= until:
+                    return
                 embeddings, lod, positions = snaps[k % len(snaps)]
+                if bodies:
+                    paired = time.perf_counter()
+                    bare.append(bare_post(http, bare_url, *bodies[k % len(bodies)]))
+                    bare_wall_s.append(time.perf_counter() - paired)
                 start = time.perf_counter()
                 try:
                     result = client.focus(embeddings, lod, positions, w_max=n)
@@ -146,10 +164,11 @@ def drive(url: str, fmt: str, snaps: list, n: int, concurrency: int, requests: i
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - started - sum(bare_wall_s)
     done = histogram.get_total_count()
     return {
         "requests": done,
+        "bare_receive_ms": percentiles(bare),
         "errors": len(errors),
         "error_samples": errors[:3],
         "throughput_rps": round(done / wall, 3),
@@ -177,17 +196,35 @@ def raw_session_run(path: Path, precision: str, provider: str, snaps: list, runs
     return percentiles(times)
 
 
-def bare_receive(url: str, fmt: str, snaps: list, n: int, requests: int) -> dict[str, Any]:
-    """The same request bytes sent to the bare endpoint: its server-side receive time."""
+def bare_bodies(fmt: str, snaps: list, n: int) -> list[tuple[bytes, dict[str, str]]]:
+    """The exact bytes (and headers) the client sends for each snapshot."""
     protocol = _Protocol(fmt, 0, 0, 0)  # type: ignore[arg-type]
-    bodies = [protocol.build(e, lod, pos, {"options": {"w_max": n}}, None) for e, lod, pos in snaps]
-    times = []
-    with httpx.Client(base_url=url, timeout=60) as http:
-        for k in range(requests):
-            content, headers = bodies[k % len(bodies)]
-            response = http.post("/bare", content=content, headers=headers)
-            times.append(float(response.headers["server-timing"].split("dur=")[1]))
-    return {"body_bytes": len(bodies[0][0]), "receive_ms": percentiles(times)}
+    return [protocol.build(e, lod, pos, {"options": {"w_max": n}}, None) for e, lod, pos in snaps]
+
+
+def bare_post(http: httpx.Client, bare_url: str, content: bytes, headers: dict[str, str]) -> float:
+    """One body to the bare endpoint; its server-side receive time (ms)."""
+    response = http.post(bare_url + "/bare", content=content, headers=headers)
+    return float(response.headers["server-timing"].split("dur=")[1])
+
+
+def bare_receive(bare_url: str, fmt: str, snaps: list, n: int, concurrency: int, requests: int) -> dict[str, float]:
+    """The bare endpoint's receive time at `concurrency` (closed loop, like `drive`)."""
+    bodies = bare_bodies(fmt, snaps, n)
+    times: list[float] = []
+    counter = iter(range(requests))
+
+    def worker() -> None:
+        with httpx.Client(timeout=60) as http:
+            for k in counter:
+                times.append(bare_post(http, bare_url, *bodies[k % len(bodies)]))
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return percentiles(times)
 
 
 def requests_for(n: int, fmt: str, quick: bool) -> int:
@@ -198,43 +235,52 @@ def requests_for(n: int, fmt: str, quick: bool) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a quarter of the requests per configuration")
+    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="WC lengths N")
+    parser.add_argument("--dims", type=int, nargs="+", default=DIMS, help="embedding widths D (256: the bundled model)")
+    parser.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=CONCURRENCY)
+    parser.add_argument("--min-seconds", type=float, default=0.0, help="keep each configuration going this long")
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args()
     results: list[dict[str, Any]] = []
     bare_url = f"http://127.0.0.1:{(bare_port := free_port())}"
     bare = ["-m", "uvicorn", "benchmarks.bare_server:app", "--port", str(bare_port), "--log-level", "warning"]
     with server(bare, bare_url, "/"):
-        for d in DIMS:
+        for d in args.dims:
             path = model_dir(d)
             url = f"http://127.0.0.1:{(port := free_port())}"
             service = [
                 "-m", "service", "--port", str(port), "--model-dir", str(path), "--queue-size", "32",
-                "--warmup-sizes", json.dumps(list(SIZES)), "--log-level", "warning",
+                "--warmup-sizes", json.dumps(list(args.sizes)), "--log-level", "warning",
             ]  # fmt: skip
             with server(service, url, "/readyz"):
                 served = httpx.get(url + "/v1/model").json()
-                for n in SIZES:
+                for n in args.sizes:
                     snaps = snapshots(n, d, seed=n + d)
                     runs = requests_for(n, "binary", args.quick)
                     raw = raw_session_run(path, served["precision"], served["provider"], snaps, runs)
-                    for fmt in FORMATS:
-                        baseline = bare_receive(bare_url, fmt, snaps, n, requests_for(n, fmt, args.quick))
-                        for concurrency in CONCURRENCY:
-                            run = drive(url, fmt, snaps, n, concurrency, requests_for(n, fmt, args.quick))
+                    for fmt in args.formats:
+                        for concurrency in args.concurrency:
+                            count = requests_for(n, fmt, args.quick)
+                            run = drive(url, fmt, snaps, n, concurrency, count, args.min_seconds, bare_url)
+                            if concurrency > 1:
+                                run["bare_receive_ms"] = bare_receive(bare_url, fmt, snaps, n, concurrency, count)
                             receive = run["server_ms"]["receive"].get("p50", float("nan"))
                             results.append(
                                 {"d": d, "n": n, "format": fmt, "concurrency": concurrency, "payload": "float16", **run,
-                                 "body_bytes": baseline["body_bytes"], "session_run_ms": raw,
-                                 "bare_receive_ms": baseline["receive_ms"],
-                                 "receive_ratio_p50": round(receive / baseline["receive_ms"]["p50"], 3),
+                                 "body_bytes": len(bare_bodies(fmt, snaps[:1], n)[0][0]), "session_run_ms": raw,
+                                 "receive_ratio_p50": round(receive / run["bare_receive_ms"]["p50"], 3),
                                  "model_over_session_run_p50": round(run["server_ms"]["model"]["p50"] / raw["p50"], 3)}
                             )  # fmt: skip
                             print(json.dumps({k: results[-1][k] for k in ("d", "n", "format", "concurrency")}
-                                             | {"processing_p50": run["server_ms"]["processing"].get("p50")}),
+                                             | {"processing_p50": run["server_ms"]["processing"].get("p50"),
+                                                "receive_ratio_p50": results[-1]["receive_ratio_p50"]}),
                                   file=sys.stderr)  # fmt: skip
-                if d == 512:  # the target configuration once more, embeddings sent in the CPU graph's dtype
+                if d == 512 and 8192 in args.sizes and "binary" in args.formats:
+                    # The target configuration once more, embeddings sent in the CPU graph's dtype.
                     snaps = snapshots(8192, d, seed=8192 + d, dtype=np.float32)
-                    run = drive(url, "binary", snaps, 8192, 1, requests_for(8192, "binary", args.quick))
+                    count = requests_for(8192, "binary", args.quick)
+                    run = drive(url, "binary", snaps, 8192, 1, count, args.min_seconds, bare_url)
                     results.append(
                         {"d": d, "n": 8192, "format": "binary", "concurrency": 1, "payload": "float32", **run}
                     )
@@ -249,16 +295,28 @@ def main() -> None:
             "receive_ratio_p50_max": TARGET_RECEIVE_RATIO,
             "errors_at_concurrency_8": 0,
         },
-        "targets_met": {
-            "processing": all(r["server_ms"]["processing"]["p50"] <= TARGET_PROCESSING_MS for r in key),
-            "receive": all(r["receive_ratio_p50"] <= TARGET_RECEIVE_RATIO for r in results if "receive_ratio_p50" in r),
-            "errors": all(r["errors"] == 0 for r in results if r["concurrency"] == 8),
+        "targets_met": {  # null: not measured in this run
+            "processing": _all_or_none(r["server_ms"]["processing"]["p50"] <= TARGET_PROCESSING_MS for r in key),
+            **{
+                f"receive_{fmt}": _all_or_none(
+                    r["receive_ratio_p50"] <= TARGET_RECEIVE_RATIO
+                    for r in results
+                    if r["format"] == fmt and "receive_ratio_p50" in r
+                )
+                for fmt in FORMATS
+            },
+            "errors": _all_or_none(r["errors"] == 0 for r in results if r["concurrency"] == 8),
         },
     }
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
     print(text)
+
+
+def _all_or_none(checks: Iterator[bool]) -> bool | None:
+    values = list(checks)
+    return all(values) if values else None
 
 
 if __name__ == "__main__":
