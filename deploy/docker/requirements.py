@@ -4,8 +4,9 @@
 
 Read from the two pyproject.toml files (the service's and ./clients'), so the images follow the
 project's dependency list without a copy of it. The local `lensnet-client` is left out: the image
-installs it from its wheel. The gpu variant swaps `onnxruntime` for `onnxruntime-gpu` (same version
-bound): both wheels install the same `onnxruntime` module, so they must never be installed together.
+installs it from its wheel. The gpu variant swaps `onnxruntime` for `onnxruntime-gpu[cuda,cudnn]`
+from 1.27 on (the first PyPI builds for CUDA 13, whose CUDA/cuDNN libraries come as wheels through
+those extras): both install the same `onnxruntime` module, so they must never be installed together.
 Only the standard library is used: this runs in the image's build stage.
 """
 
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROJECTS = (ROOT / "pyproject.toml", ROOT / "clients" / "pyproject.toml")
 LOCAL = {"lensnet-client", "lensnet-focus"}
 VARIANTS = ("cpu", "gpu")
+GPU_ONNXRUNTIME = "onnxruntime-gpu[cuda,cudnn]>=1.27"
 
 
 def _name(requirement: str) -> str:
@@ -40,7 +42,7 @@ def requirements(variant: str, projects: tuple[Path, ...] = PROJECTS) -> list[st
             if name in LOCAL:
                 continue
             if variant == "gpu" and name == "onnxruntime":
-                requirement = re.sub(r"^\s*onnxruntime", "onnxruntime-gpu", requirement)
+                requirement = GPU_ONNXRUNTIME
             found.setdefault(name, requirement.strip())
     return sorted(found.values(), key=str.lower)
 
