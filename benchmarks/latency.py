@@ -4,8 +4,9 @@ For N = 512, 2,048, 8,192 × D = 256 (the bundled model) and 512 × JSON and bin
 1 and 8 it reports client-observed p50/p90/p99/max (HdrHistogram, microsecond resolution), the
 server's stage breakdown (Server-Timing), throughput and errors; and, in the same run, the raw
 `session.run` time of the same graph on the same inputs and a bare uvicorn endpoint reading the
-same bytes, so that model and receive overheads are ratios. Processing = decode + allocate +
-telemetry + encode (everything the service adds besides receiving and the model). The bare
+same bytes, so that model and receive overheads are ratios. Processing = admit + decode +
+allocate + telemetry + encode (everything the service adds besides receiving, queueing and the
+model; the rest of the server's total is the response write). The bare
 endpoint is timed at the same concurrency: at 1, each service request is paired with a bare one
 sent just before it, so both see the same machine.
 

@@ -57,10 +57,9 @@ typedef struct {
     int64_t block, w_max, max_edits, protect_recent;
     int top, aggregation;
     double tau_expand, tau_collapse;
-    /* groups: start entry, level, block score, state */
+    /* groups: start entry, block score, state */
     int32_t n_groups;
     int64_t *start;
-    int8_t *level;
     double *score;
     uint8_t *collapsed, *expanded_in;
     int32_t *group_of; /* per entry: the group holding it, or -1 */
@@ -220,7 +219,6 @@ static void find_groups(Step *s, const int64_t *span) {
         }
         int32_t g = s->n_groups++;
         s->start[g] = i;
-        s->level[g] = (int8_t)l;
         s->score[g] = value;
         for (Py_ssize_t k = i; k <= end; k++)
             s->group_of[k] = g;
@@ -389,7 +387,6 @@ static int get_array(PyObject *obj, Py_buffer *view, const char *name, const cha
 static int run(Step *s, const int64_t *span) {
     Py_ssize_t n = s->n, groups = n / s->block + 1;
     s->start = malloc(sizeof(int64_t) * groups);
-    s->level = malloc(sizeof(int8_t) * groups);
     s->score = malloc(sizeof(double) * groups);
     s->collapsed = calloc(groups, 1);
     s->expanded_in = calloc(groups, 1);
@@ -397,7 +394,7 @@ static int run(Step *s, const int64_t *span) {
     s->group_of = malloc(sizeof(int32_t) * n);
     s->queue = malloc(sizeof(Candidate) * (n + groups));
     s->chosen = malloc(sizeof(Choice) * s->max_edits);
-    if (!(s->start && s->level && s->score && s->collapsed && s->expanded_in && s->pool && s->group_of && s->queue &&
+    if (!(s->start && s->score && s->collapsed && s->expanded_in && s->pool && s->group_of && s->queue &&
           s->chosen))
         return -1;
     if (clamp_scores(s) == 0) {
@@ -411,7 +408,6 @@ static int run(Step *s, const int64_t *span) {
 
 static void release(Step *s) {
     free(s->start);
-    free(s->level);
     free(s->score);
     free(s->collapsed);
     free(s->expanded_in);
@@ -491,7 +487,8 @@ static PyObject *allocate(PyObject *module, PyObject *args, PyObject *kwargs) {
     }
     Py_ssize_t n = views[0].shape[0];
     if (n < 1 || n > INT32_MAX / 2 || views[1].shape[0] != n || views[2].shape[0] != n || views[3].shape[0] != n) {
-        PyErr_SetString(PyExc_ValueError, "allocate: lod, positions, scores and clamped need one length, >= 1");
+        PyErr_Format(PyExc_ValueError, "allocate: lod, positions, scores and clamped need one length in 1..%d",
+                     INT32_MAX / 2);
         goto done;
     }
     const int64_t *lod = views[0].buf;

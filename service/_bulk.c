@@ -6,8 +6,9 @@
  *   instruction, so the conversion hides in the time the body takes to arrive.
  * - bucket counts of scores by LOD (telemetry: the score histogram of a whole WC in one pass).
  *
- * Conversions round to nearest even and keep NaN, inf and subnormals, like numpy's astype. Sources
- * may be unaligned (a chunk of a request body splits an array anywhere): every load is unaligned.
+ * Conversions round to nearest even and keep inf and subnormals, bit for bit like numpy's astype;
+ * NaN stays NaN (its payload bits may differ). Sources may be unaligned (a chunk of a request body
+ * splits an array anywhere): every load is unaligned; targets must be aligned to their items.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -153,26 +154,32 @@ typedef enum { HALF_TO_FLOAT, FLOAT_TO_HALF } Direction;
 
 static PyObject *convert(PyObject *args, Direction direction) {
     PyObject *source, *target;
-    if (!PyArg_ParseTuple(args, "OO", &source, &target))
+    Py_ssize_t start = 0;
+    if (!PyArg_ParseTuple(args, "OO|n", &source, &target, &start))
         return NULL;
     Py_buffer src, dst;
     Py_ssize_t in_size = direction == HALF_TO_FLOAT ? 2 : 4, out_size = 6 - in_size;
-    if (get_items(source, &src, "source", in_size, 0) < 0)
+    if (PyObject_GetBuffer(source, &src, PyBUF_C_CONTIGUOUS) < 0)
         return NULL;
     if (get_items(target, &dst, "target", out_size, 1) < 0) {
         PyBuffer_Release(&src);
         return NULL;
     }
-    Py_ssize_t n = src.len / in_size;
-    if (dst.len / out_size != n) {
-        PyErr_Format(PyExc_ValueError, "target: expected %zd items (one per source item), got %zd", n,
-                     dst.len / out_size);
+    Py_ssize_t n = src.len / in_size, room = dst.len / out_size;
+    if (src.len % in_size) {
+        PyErr_Format(PyExc_ValueError, "source: expected whole %zd-byte items, got %zd bytes", in_size, src.len);
+    } else if ((uintptr_t)dst.buf % (uintptr_t)out_size) {
+        PyErr_SetString(PyExc_ValueError, "target: expected a buffer aligned to its items");
+    } else if (start < 0 || start > room || n > room - start) {
+        PyErr_Format(PyExc_ValueError, "target: expected room for %zd items from item %zd, got %zd items", n, start,
+                     room);
     } else {
+        char *out = (char *)dst.buf + start * out_size;
         Py_BEGIN_ALLOW_THREADS;
         if (direction == HALF_TO_FLOAT)
-            half_to_float(src.buf, dst.buf, n, use_vector);
+            half_to_float(src.buf, (float *)out, n, use_vector);
         else
-            float_to_half(src.buf, dst.buf, n, use_vector);
+            float_to_half(src.buf, (uint16_t *)out, n, use_vector);
         Py_END_ALLOW_THREADS;
     }
     PyBuffer_Release(&src);
@@ -214,7 +221,7 @@ static PyObject *py_bucket_counts(PyObject *module, PyObject *args) {
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) { /* bounds first, so the pass below cannot write outside counts */
-        if (groups[i] < 0 || (groups[i] + 1) * width > slots) {
+        if (groups[i] < 0 || groups[i] >= slots / width) {
             PyErr_Format(PyExc_ValueError, "groups[%zd] = %lld: outside the %zd rows of counts", i,
                          (long long)groups[i], slots / width);
             goto done;
@@ -254,9 +261,11 @@ static PyObject *py_set_vector(PyObject *module, PyObject *arg) {
 
 static PyMethodDef methods[] = {
     {"half_to_float", py_half_to_float, METH_VARARGS,
-     "half_to_float(source, target): float16 items of `source` into the float32 buffer `target`."},
+     "half_to_float(source, target, start=0): the float16 values in the bytes of `source` (any contiguous\n"
+     "buffer) into items start, start + 1, ... of the float32 buffer `target`."},
     {"float_to_half", py_float_to_half, METH_VARARGS,
-     "float_to_half(source, target): float32 items of `source` into the float16 buffer `target`."},
+     "float_to_half(source, target, start=0): the float32 values in the bytes of `source` (any contiguous\n"
+     "buffer) into items start, start + 1, ... of the float16 buffer `target`."},
     {"bucket_counts", py_bucket_counts, METH_VARARGS,
      "bucket_counts(values, groups, edges, counts): for float32 `values` with int64 `groups`, add 1 to\n"
      "counts[groups[i], j] (int64, len(edges) + 1 columns) for the first of the sorted float64 `edges`\n"

@@ -1,6 +1,6 @@
 """The legality-clamped block allocator: per-entry scores → a few legal, budgeted edits.
 
-Pure and deterministic (numpy only). One focus step:
+Pure and deterministic. One focus step:
 
 1. **Validate** the layout (`check_layout`, done by the caller: `lensnet_client.layout`'s
    rules), the scores (length, finite, in [-1, 1]) and the edit history.
@@ -144,8 +144,9 @@ class Allocation:
 
 
 def check_layout(lod: np.ndarray, positions: np.ndarray, block_size: int, max_lod: int) -> Layout:
-    """`validate_layout` with the check in C (one pass, no temporaries). `lensnet_client.layout`
-    stays the single statement of the rules: on a violation, `validate_layout` finds and words it."""
+    """`validate_layout` with the check in C (one pass over int64 copies of the arrays, when they
+    are not int64 already). `lensnet_client.layout` stays the single statement of the rules: on a
+    violation, `validate_layout` finds and words it."""
     integers = lod.dtype.kind in "iu" and positions.dtype.kind in "iu"
     if integers and lod.ndim == positions.ndim == 1 and lod.size == positions.size >= 1:
         lod64 = np.ascontiguousarray(lod, dtype=np.int64)

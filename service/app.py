@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
 from . import codec, openapi, problems
@@ -92,6 +93,11 @@ class Service:
             if problem.slug in REFUSALS:
                 self.metrics.refused.labels(reason=REFUSALS[problem.slug]).inc()
             raise
+        except ClientDisconnect:  # gone mid-upload: nobody to answer (499 in the request metrics)
+            log.info("client disconnected before its request body was read")
+            raise problems.Problem(
+                499, "client-closed", "Client closed request", "the client disconnected before sending the whole body"
+            ) from None
         except Exception as exc:  # a bug, not bad input: log it, answer 500, keep serving
             log.exception("unhandled error on /v1/%s", endpoint)
             raise problems.Problem(
@@ -158,12 +164,17 @@ async def read_body(request: Request, media: str, pipeline: Pipeline, settings: 
         raise problems.too_large("body", f"{limit} bytes", f"{declared} bytes (Content-Length)")
     config = pipeline.config
     body = codec.reader(media, config.embed_dim, settings.max_entries, pipeline.scorer.input_dtype, length)
-    size = 0
-    async for chunk in request.stream():
+    size, more = 0, True
+    while more:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk, more = message.get("body", b""), message.get("more_body", False)
         size += len(chunk)
         if size > limit:
             raise problems.too_large("body", f"{limit} bytes", f"more than {limit} bytes")
-        body.feed(chunk)
+        body.feed(chunk, more)
+    body.close()  # an incomplete frame is refused before it waits for a slot
     return body
 
 

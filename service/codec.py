@@ -30,6 +30,8 @@ MEDIA_TYPES = (JSON, FRAME)
 EMBEDDING_DTYPES = ("float16", "float32")
 INDEX_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32")
 ARRAY_FIELDS = ("embeddings", "lod", "positions")
+MAX_HEADER_BYTES = 1 << 20  # a frame's JSON header: options and up to 1,024 history entries fit in ~100 kB
+STREAM_MIN_BYTES = 1 << 20  # smaller frames are placed after they arrived (FrameReader)
 ALLOWED_DTYPES = {"embeddings": EMBEDDING_DTYPES, "lod": INDEX_DTYPES, "positions": INDEX_DTYPES}
 _CONVERT = {("float16", "float32"): _bulk.half_to_float, ("float32", "float16"): _bulk.float_to_half}
 
@@ -52,10 +54,14 @@ class DecodedRequest:
 
 
 class BodyReader(Protocol):
-    """A request body, fed chunk by chunk as it arrives (on the event loop: cheap per chunk),
-    then decoded by `finish` (in the inference thread: where the remaining work happens)."""
+    """A request body, fed chunk by chunk as it arrives and closed at its end (on the event loop:
+    cheap per chunk), then decoded by `finish` (in the inference thread, where the remaining work
+    happens). `more`: whether more of the body is still to come."""
 
-    def feed(self, chunk: bytes) -> None: ...
+    def feed(self, chunk: bytes, more: bool) -> None: ...
+
+    def close(self) -> None:
+        """The body ended: refuse (Problem) what is already known to be incomplete."""
 
     def finish(self) -> DecodedRequest: ...
 
@@ -106,15 +112,18 @@ class JsonReader:
         self.embed_dim, self.max_entries, self.dtype = embed_dim, max_entries, dtype
         self.chunks: list[bytes] = []
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes, more: bool) -> None:
         self.chunks.append(chunk)
+
+    def close(self) -> None:
+        pass  # JSON is only checked when parsed
 
     def finish(self) -> DecodedRequest:
         """Raises `Problem`: 400 unparseable, 413 too many entries, 422 wrong arrays."""
         try:
             fields = json.loads(b"".join(self.chunks))
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge int literals, deep nesting
-            raise problems.malformed("body", f"body: not valid JSON ({exc})") from exc
+            raise problems.malformed("body", "a JSON object", f"invalid JSON ({exc})") from exc
         if not isinstance(fields, dict):
             raise problems.invalid("body", "a JSON object", type(fields).__name__)
         style: ArrayStyle = "base64" if isinstance(fields.get("embeddings"), dict) else "list"
@@ -129,8 +138,11 @@ class JsonReader:
 class FrameReader:
     """A frame decoded as it arrives: the header as soon as it is complete (bad arrays are refused
     before the rest of the body is read), then each array's bytes straight into its final buffer,
-    the embeddings converted to the graph's dtype on the way. After the last byte only a
-    completeness check is left: no whole-body copy, no conversion pass."""
+    the embeddings converted to the graph's dtype on the way, while more of the body is still to
+    come (the work hides in the transfer). Bytes in hand when the body ends, and all of a body
+    under `STREAM_MIN_BYTES` (it arrives faster than it decodes: nothing to hide behind), are
+    placed by `finish`, in the inference thread rather than on the event loop. No whole-body copy,
+    no separate conversion pass."""
 
     def __init__(self, embed_dim: int, max_entries: int, dtype: np.dtype, declared_length: int | None) -> None:
         self.embed_dim, self.max_entries, self.dtype = embed_dim, max_entries, dtype
@@ -138,32 +150,69 @@ class FrameReader:
         self.head = bytearray()  # prefix, header and padding, until the payload starts
         self.length: int | None = None  # of the JSON header
         self.start = 0  # payload offset in the body, once `length` is known
-        self.received = 0  # payload bytes so far
+        self.received = 0  # payload bytes placed so far
+        self.held: list[memoryview] = []  # payload bytes for `finish` to place, in order
+        self.held_bytes = 0
+        self.stream = declared_length is None or declared_length >= STREAM_MIN_BYTES
         self.fields: dict[str, Any] = {}
         self.specs: dict[str, frame.ArraySpec] = {}
         self.sinks: dict[str, _Sink] = {}
+        self.regions: list[tuple[int, int, _Sink]] = []  # (start, end, sink) in the payload, by start
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes, more: bool) -> None:
         data = memoryview(chunk)
+        if not self.stream:
+            self.held.append(data)
+            return
         if not self.sinks:
             data = self._read_head(data)
-        if data:
-            first = self.received
-            for name, spec in self.specs.items():
-                lo, hi = max(first, spec.offset), min(first + len(data), spec.offset + spec.nbytes)
-                if lo < hi:
-                    self.sinks[name].write(data[lo - first : hi - first])
-            self.received += len(data)
+        if more and not self.held:
+            self._place(data)
+        elif data:
+            self.held.append(data)
+            self.held_bytes += len(data)
+
+    def close(self) -> None:
+        if self.stream:
+            self._check_complete()
 
     def finish(self) -> DecodedRequest:
-        if not self.sinks:
-            self._truncated_head()
-        for name, spec in self.specs.items():
-            if self.received < spec.offset + spec.nbytes:
-                raise _malformed(frame.beyond(name, spec))
+        if not self.stream:  # the whole body is in hand: decode it here, off the event loop
+            held, self.held = self.held, []
+            for data in held:
+                if not self.sinks:
+                    data = self._read_head(data)
+                if data:
+                    self.held.append(data)
+                    self.held_bytes += len(data)
+        self._check_complete()
+        for data in self.held:
+            self._place(data)
         embeddings, lod, positions = (self.sinks[name].array for name in ARRAY_FIELDS)
         sent = self.specs["embeddings"].dtype.name
         return DecodedRequest(Snapshot(embeddings, lod, positions, sent), self.fields, "frame")
+
+    def _check_complete(self) -> None:
+        if not self.sinks:
+            self._truncated_head()
+        payload = self.received + self.held_bytes
+        for name, spec in self.specs.items():
+            if payload < spec.offset + spec.nbytes:
+                raise _malformed(frame.beyond(name, spec, payload))
+
+    def _place(self, data: memoryview) -> None:
+        """Payload bytes, in order, to the arrays they belong to (regions by start; those already
+        complete are skipped for good)."""
+        first, last = self.received, self.received + len(data)
+        while self.regions and self.regions[0][1] <= first:
+            self.regions.pop(0)
+        for start, end, sink in self.regions:
+            if start >= last:
+                break
+            lo, hi = max(first, start), min(last, end)
+            if lo < hi:
+                sink.write(data[lo - first : hi - first])
+        self.received = last
 
     def _read_head(self, data: memoryview) -> memoryview:
         """Take header bytes from `data`; once the header is complete, plan the arrays. Returns the rest."""
@@ -179,6 +228,8 @@ class FrameReader:
                     self.length = frame.header_length(self.head)
                 except frame.FrameError as exc:
                     raise _malformed(exc) from exc
+                if self.length > MAX_HEADER_BYTES:  # it is parsed on the event loop
+                    raise problems.too_large("frame.header", f"{MAX_HEADER_BYTES} bytes", f"{self.length} bytes")
                 self.start = frame.payload_start(self.length)
                 if self.declared_length is not None and self.start > self.declared_length:
                     self._truncated_head()
@@ -187,12 +238,10 @@ class FrameReader:
         return data
 
     def _truncated_head(self) -> None:
-        got = self.declared_length if self.declared_length is not None else len(self.head)
+        got = f"a body of {self.declared_length if self.declared_length is not None else len(self.head)} bytes"
         if self.length is None:
-            detail = f"frame: expected at least 8 bytes, got {got}"
-        else:
-            detail = f"frame: header length {self.length} runs past the body ({got} bytes)"
-        raise problems.malformed("frame", detail)
+            raise problems.malformed("frame", "at least 8 bytes", got)
+        raise problems.malformed("frame", f"a {self.length}-byte header inside the body", got)
 
     def _plan(self) -> None:
         """Check the header's arrays (what each may hold, the shapes, D, N) and allocate their buffers."""
@@ -212,11 +261,16 @@ class FrameReader:
                 raise _malformed(exc) from exc
         _check_arrays({name: (spec.dtype, spec.shape) for name, spec in self.specs.items()}, self.embed_dim,
                       self.max_entries)  # fmt: skip
+        if self.declared_length is not None:  # before allocating for a header that lies
+            payload = self.declared_length - self.start
+            for name, spec in self.specs.items():
+                if spec.offset + spec.nbytes > payload:
+                    raise _malformed(frame.beyond(name, spec, payload))
         for name, spec in self.specs.items():
-            if self.declared_length is not None and self.start + spec.offset + spec.nbytes > self.declared_length:
-                raise _malformed(frame.beyond(name, spec))  # before allocating for a header that lies
             target = self.dtype if name == "embeddings" else spec.dtype
             self.sinks[name] = _Sink(spec, np.empty(spec.shape, dtype=target))
+        spans = ((spec.offset, spec.offset + spec.nbytes, self.sinks[name]) for name, spec in self.specs.items())
+        self.regions = sorted(spans, key=lambda region: region[:2])
 
 
 class _Sink:
@@ -224,35 +278,31 @@ class _Sink:
     element when the buffer's dtype differs (an element split across chunks waits for the rest)."""
 
     def __init__(self, spec: frame.ArraySpec, array: np.ndarray) -> None:
-        self.array, self.source = array, spec.dtype
+        self.array, self.size = array, spec.dtype.itemsize
         self.kernel = _CONVERT.get((spec.dtype.name, array.dtype.name))
-        self.out = memoryview(array.reshape(-1)).cast("B") if self.kernel is None else array.reshape(-1)
-        self.done = 0  # bytes (copy) or elements (convert) written
+        self.bytes = memoryview(array.reshape(-1)).cast("B")
+        self.done = 0  # bytes (copy) or items (convert) written
         self.partial = bytearray()
 
     def write(self, data: memoryview) -> None:
         if self.kernel is None:
-            self.out[self.done : self.done + len(data)] = data
+            self.bytes[self.done : self.done + len(data)] = data
             self.done += len(data)
             return
-        size = self.source.itemsize
         if self.partial:
-            take = min(size - len(self.partial), len(data))
+            take = min(self.size - len(self.partial), len(data))
             self.partial += data[:take]
             data = data[take:]
-            if len(self.partial) < size:
+            if len(self.partial) < self.size:
                 return
-            self._convert(memoryview(bytes(self.partial)))
+            self.kernel(self.partial, self.array, self.done)
+            self.done += 1
             self.partial.clear()
-        whole = len(data) - len(data) % size
+        whole = len(data) - len(data) % self.size
         if whole:
-            self._convert(data[:whole])
+            self.kernel(data[:whole], self.array, self.done)
+            self.done += whole // self.size
         self.partial += data[whole:]
-
-    def _convert(self, data: memoryview) -> None:
-        count = len(data) // self.source.itemsize
-        self.kernel(np.frombuffer(data, dtype=self.source), self.out[self.done : self.done + count])
-        self.done += count
 
 
 def convert(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -265,7 +315,7 @@ def convert(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _malformed(error: frame.FrameError) -> problems.Problem:
-    return problems.malformed(error.field, str(error))
+    return problems.malformed(error.field, error.expected, error.got)
 
 
 def _json_array(value: Any, name: str) -> np.ndarray:

@@ -127,8 +127,8 @@ class Pipeline:
         if non_finite.any():  # the graph checks its input: no extra pass over N x D on the hot path
             row = int(np.argmax(non_finite))
             got = "NaN or inf"
-            if snapshot.sent_dtype != snapshot.embeddings.dtype.name:  # converted: out of range turns into inf
-                got += f" (or a value beyond {snapshot.embeddings.dtype.name}'s range)"
+            if (snapshot.sent_dtype, snapshot.embeddings.dtype.name) == ("float32", "float16"):
+                got += " (or a value beyond float16's range, ±65504)"  # the conversion turned it into inf
             raise problems.invalid(f"embeddings[{row}]", "finite values", got, index=row)
         if not np.isfinite(scores).all():
             self.metrics.model_errors.inc()
@@ -157,7 +157,7 @@ class Pipeline:
 
     def focus(self, call: Call) -> bytes:
         stage = _Stages(call.timings)
-        request, fields, layout = self._decode(call.body, FocusFields)
+        request, fields, layout = self._decode(call.reader, FocusFields)
         options, cooldown = self._allocator_inputs(fields)
         stage.done("decode")
         scores = self._score(request.snapshot, layout, call.deadline)
@@ -175,7 +175,7 @@ class Pipeline:
 
     def score(self, call: Call) -> bytes:
         stage = _Stages(call.timings)
-        request, _, layout = self._decode(call.body, ScoreFields)
+        request, _, layout = self._decode(call.reader, ScoreFields)
         stage.done("decode")
         scores = self._score(request.snapshot, layout, call.deadline)
         stage.done("model")
@@ -190,11 +190,11 @@ class Pipeline:
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One endpoint call: the body (read, and for frames already placed in its arrays), the
-    answer's media type, an optional deadline (perf_counter time), and the stage timings the
-    pipeline fills in (seconds)."""
+    """One endpoint call: the request body's reader (the body is read; a frame's arrays are
+    already in place), the answer's media type, an optional deadline (perf_counter time), and the
+    stage timings the pipeline fills in (seconds)."""
 
-    body: codec.BodyReader
+    reader: codec.BodyReader
     respond_as: str
     deadline: float | None
     timings: dict[str, float]

@@ -44,9 +44,12 @@ class Problem(Exception):
         return json.dumps({**document, **self.extensions}).encode()
 
 
-def malformed(field: str, detail: str) -> Problem:
+def malformed(field: str, expected: str, got: str) -> Problem:
     """The body cannot be parsed (broken JSON or frame)."""
-    return Problem(400, "malformed-body", "Malformed request body", detail, field=field)
+    return Problem(
+        400, "malformed-body", "Malformed request body", f"{field}: expected {expected}, got {got}",
+        field=field, expected=expected, got=got,
+    )  # fmt: skip
 
 
 def invalid(field: str, expected: str, got: str, detail: str | None = None, **extensions: Any) -> Problem:

@@ -134,6 +134,15 @@ def test_protected_recent_tokens_never_collapse() -> None:
     assert result.edits == () and result.counters.rejected["protected"] == 2 and not result.budget_met
 
 
+def test_budget_and_protection_beyond_any_wc_are_accepted() -> None:
+    """Values past int64 (the C core's range) mean the same as "larger than any WC"."""
+    lods, scores = (0,) * 8, [-0.9] * 8
+    unbounded = run(lods, scores, w_max=10**30, protect_recent=10**30)
+    assert unbounded.edits == () and unbounded.counters.rejected["protected"] == 2 and unbounded.budget_met
+    voluntary = run(lods, scores, w_max=10**30)
+    assert [e.cause for e in voluntary.edits] == ["threshold", "threshold"]
+
+
 def test_partial_blocks_cannot_collapse() -> None:
     newest = run((0,) * 7, [-0.9] * 7)  # tokens 0..6: 4..6 are a partial newest block
     assert newest.counters.candidates_collapse == 1 and [e.index for e in newest.edits] == [0]

@@ -48,13 +48,13 @@ GOOD = {"dtype": "float32", "shape": [2], "offset": 0, "nbytes": 8}
     [
         (b"NOPE" + raw_frame({"x": GOOD})[4:], "expected magic"),
         (b"LNF1\x00", "at least 8 bytes"),
-        (b"LNF1" + (10**6).to_bytes(4, "little") + b"{}", "runs past the body"),
-        (b"LNF1" + (3).to_bytes(4, "little") + b"{x}", "not valid JSON"),
+        (b"LNF1" + (10**6).to_bytes(4, "little") + b"{}", "header inside the body, got a body of 10 bytes"),
+        (b"LNF1" + (3).to_bytes(4, "little") + b"{x}", "expected a JSON header, got invalid JSON"),
         (raw_frame({"x": GOOD | {"nbytes": 9}}), "x.nbytes: expected 8"),
         (raw_frame({"x": GOOD | {"offset": -1}}), "x.offset: expected a non-negative integer"),
         (raw_frame({"x": GOOD | {"shape": ["2"]}}), "x.shape"),
         (raw_frame({"x": GOOD | {"dtype": "complex64"}}), "x.dtype"),
-        (raw_frame({"x": GOOD | {"offset": 60}}), "run past the payload end"),
+        (raw_frame({"x": GOOD | {"offset": 60}}), "x: expected its bytes 60…68 inside the payload"),
         (raw_frame({"x": [1, 2]}), "expected an array descriptor"),
     ],
 )

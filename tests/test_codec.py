@@ -33,7 +33,8 @@ def feed(data: bytes, cuts: list[int], target: np.dtype = F32, declared: int | N
     reader = codec.reader(codec.FRAME, D, 1000, target, len(data) if declared == -1 else declared)
     edges = [0, *sorted(cut % (len(data) + 1) for cut in cuts), len(data)]
     for lo, hi in itertools.pairwise(edges):
-        reader.feed(data[lo:hi])
+        reader.feed(data[lo:hi], more=hi < len(data))
+    reader.close()
     return reader.finish()
 
 
@@ -65,6 +66,32 @@ def test_byte_by_byte_splits_every_element() -> None:
     assert np.array_equal(feed(data, list(range(len(data)))).snapshot.embeddings, embeddings.astype(np.float32))
 
 
+def test_bytes_still_arriving_are_placed_at_once_the_last_ones_by_finish() -> None:
+    data, embeddings = body(40, F16)
+    cut = end_of(data, "lod")
+    reader = codec.reader(codec.FRAME, D, 64, F32, None)  # no Content-Length: streamed
+    reader.feed(data[:cut], more=True)
+    placed = reader.sinks["embeddings"].array.copy()  # embeddings and lod are in before the end
+    assert np.array_equal(placed, embeddings.astype(np.float32))
+    reader.feed(data[cut:], more=False)
+    reader.close()
+    assert reader.sinks["positions"].done == 0  # the last chunk waits for the inference thread
+    assert np.array_equal(reader.finish().snapshot.positions, np.arange(40))
+
+
+def test_a_small_body_is_decoded_by_finish_only() -> None:
+    """Under STREAM_MIN_BYTES a body arrives faster than it decodes: nothing to hide the work
+    behind, so all of it happens in `finish` (the inference thread), errors included."""
+    data, embeddings = body(40, F16)
+    assert len(data) < codec.STREAM_MIN_BYTES
+    reader = codec.reader(codec.FRAME, D, 64, F32, len(data))
+    reader.feed(data[:-100], more=True)
+    reader.feed(data[-100:], more=False)
+    reader.close()
+    assert not reader.sinks  # nothing parsed on the event loop
+    assert np.array_equal(reader.finish().snapshot.embeddings, embeddings.astype(np.float32))
+
+
 def end_of(data: bytes, name: str) -> int:
     """Where array `name`'s bytes end in a frame."""
     length = frame.header_length(data)
@@ -78,7 +105,8 @@ def problem_of(data: bytes, chunks: int = 1, declared: int | None = -1) -> probl
     step = -(-len(data) // chunks) or 1
     with pytest.raises(problems.Problem) as info:
         for at in range(0, max(len(data), 1), step):
-            reader.feed(data[at : at + step])
+            reader.feed(data[at : at + step], more=at + step < len(data))
+        reader.close()
         reader.finish()
     return info.value
 
@@ -86,10 +114,10 @@ def problem_of(data: bytes, chunks: int = 1, declared: int | None = -1) -> probl
 def test_a_bad_header_is_refused_before_the_payload_arrives() -> None:
     wrong_d = frame.pack({}, {"embeddings": np.zeros((4, D + 1), np.float16), "lod": np.zeros(4, np.int64),
                               "positions": np.arange(4)})  # fmt: skip
-    reader = codec.reader(codec.FRAME, D, 64, F32, len(wrong_d))
+    reader = codec.reader(codec.FRAME, D, 64, F32, None)  # streamed (no Content-Length)
     header_end = frame.payload_start(frame.header_length(wrong_d))
     with pytest.raises(problems.Problem) as info:
-        reader.feed(wrong_d[:header_end])  # the header alone is enough
+        reader.feed(wrong_d[:header_end], more=True)  # the header alone is enough
     assert (info.value.status, info.value.extensions["field"]) == (422, "embeddings.shape")
 
 
@@ -112,15 +140,30 @@ def test_malformed_frames_name_the_part(mutate, status: int, field: str) -> None
 
 
 def test_a_header_that_claims_more_than_the_body_is_refused_before_allocating() -> None:
-    data, _ = body(6)
+    n = codec.STREAM_MIN_BYTES // (2 * D) + 1  # a streamed body
+    data = frame.pack({}, {"embeddings": np.ones((n, D), np.float16), "lod": np.zeros(n, np.int64),
+                           "positions": np.arange(n)})  # fmt: skip
     # Content-Length says the body is shorter than the arrays the header describes.
     short = end_of(data, "positions") - 1
-    reader = codec.reader(codec.FRAME, D, 64, F32, short)
+    reader = codec.reader(codec.FRAME, D, n, F32, short)
     with pytest.raises(problems.Problem) as info:
-        reader.feed(data[: frame.payload_start(frame.header_length(data))])  # the header alone is enough
-    assert info.value.status == 400 and "run past the payload end" in info.value.detail
-    # Without Content-Length the same body is caught at the end.
-    assert problem_of(data[:short], chunks=3, declared=None).status == 400
+        reader.feed(data[: frame.payload_start(frame.header_length(data))], more=True)  # the header is enough
+    assert info.value.status == 400 and info.value.extensions["field"] == "positions"
+    assert "inside the payload" in info.value.extensions["expected"] and not reader.sinks
+    # Without Content-Length the same body is caught at the end, before it waits for a slot.
+    reader = codec.reader(codec.FRAME, D, n, F32, None)
+    reader.feed(data[:short], more=False)
+    with pytest.raises(problems.Problem) as info:
+        reader.close()
+    assert info.value.status == 400
+
+
+def test_a_header_too_large_to_parse_on_the_event_loop_is_413() -> None:
+    huge = b"LNF1" + (codec.MAX_HEADER_BYTES + 1).to_bytes(4, "little")
+    reader = codec.reader(codec.FRAME, D, 64, F32, None)
+    with pytest.raises(problems.Problem) as info:
+        reader.feed(huge, more=True)  # refused from the prefix alone, before any of the header arrives
+    assert (info.value.status, info.value.extensions["field"]) == (413, "frame.header")
 
 
 def test_too_many_entries_is_413_and_unknown_arrays_422() -> None:
@@ -137,8 +180,8 @@ def test_json_arrays_come_out_in_the_graph_dtype() -> None:
     embeddings = rng.standard_normal((3, D)).astype(np.float32)
     text = json.dumps({"embeddings": embeddings.tolist(), "lod": [0, 0, 0], "positions": [0, 1, 2], "x": 1})
     reader = codec.reader(codec.JSON, D, 64, F16, None)
-    reader.feed(text.encode()[:10])
-    reader.feed(text.encode()[10:])
+    reader.feed(text.encode()[:10], more=True)
+    reader.feed(text.encode()[10:], more=False)
     request = reader.finish()
     assert request.fields == {"x": 1} and request.style == "list"
     assert request.snapshot.sent_dtype == "float32"
@@ -184,9 +227,13 @@ def test_conversions_match_numpy_bit_for_bit(vector: bool) -> None:
 
 def test_kernels_refuse_buffers_they_were_not_built_for() -> None:
     with pytest.raises(TypeError):
-        _bulk.half_to_float(np.zeros(4, np.float32), np.zeros(4, np.float32))
-    with pytest.raises(ValueError, match="one per source item"):
-        _bulk.half_to_float(np.zeros(4, np.float16), np.zeros(3, np.float32))
+        _bulk.half_to_float(np.zeros(4, np.float16), np.zeros(4, np.float16))  # target items: 2 bytes, not 4
+    with pytest.raises(ValueError, match="whole 2-byte items"):
+        _bulk.half_to_float(b"\x00" * 7, np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="room for 4 items from item 1"):
+        _bulk.half_to_float(np.zeros(4, np.float16), np.zeros(4, np.float32), 1)
+    with pytest.raises(ValueError, match="aligned"):
+        _bulk.half_to_float(b"\x00" * 2, np.frombuffer(bytearray(9), np.float32, 2, offset=1))
     with pytest.raises(ValueError, match="outside"):
         _bulk.bucket_counts(np.zeros(2, np.float32), np.array([0, 5]), np.array([0.0]), np.zeros(4, np.int64))
     lod, pos = np.zeros(4, np.int64), np.arange(4)

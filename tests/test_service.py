@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -202,8 +203,12 @@ def _bad_requests() -> list[tuple[str, bytes, dict[str, str], int, str, str | No
         ("body too large", b"x" * (5 << 20), f, 413, "too-large", "body"),
         ("unhashable dtype", raw_frame({"arrays": {"embeddings": {**huge, "dtype": ["float16"]}}}), f, 422,
          "invalid-field", "embeddings.dtype"),
-        ("overflowing shape", raw_frame({"arrays": {"embeddings": huge}}), f, 400, "malformed-body", "embeddings"),
-        ("too many dimensions", raw_frame({"arrays": {"embeddings": deep}}), f, 400, "malformed-body", "embeddings"),
+        ("overflowing shape", raw_frame({"arrays": {"embeddings": huge}}), f, 400, "malformed-body",
+         "embeddings.nbytes"),
+        ("too many dimensions", raw_frame({"arrays": {"embeddings": deep}}), f, 400, "malformed-body",
+         "embeddings.shape"),
+        ("huge frame header", b"LNF1" + (2 << 20).to_bytes(4, "little") + b" " * 64, f, 413, "too-large",
+         "frame.header"),
         ("extra array", frame.pack(ok, {"embeddings": e, "lod": lod, "positions": pos, "mask": lod}), f, 422,
          "invalid-field", "mask"),
         ("huge int literal", b'{"embeddings": ' + b"9" * 5000 + b"}", j, 400, "malformed-body", "body"),
@@ -234,8 +239,7 @@ def test_bad_input_gets_a_precise_problem_and_the_service_keeps_serving(
     assert problem["type"] == f"urn:lensnet:problem:{kind}" and problem["status"] == status
     assert problem["title"] and problem["detail"] and "Traceback" not in response.text
     assert problem.get("field") == field
-    if status == 422:
-        assert problem.get("expected") and problem.get("got") is not None
+    assert problem.get("expected") and problem.get("got") is not None  # every refusal says what to fix
     good = live.http.post(
         "/v1/focus", content=frame_body(*snapshot(64, seed=6), options={"w_max": 64}), headers={"content-type": FRAME}
     )
@@ -245,7 +249,27 @@ def test_bad_input_gets_a_precise_problem_and_the_service_keeps_serving(
 def test_unknown_routes_and_methods_are_problems(live: LiveService) -> None:
     missing = live.http.get("/v2/focus")
     assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
-    assert live.http.get("/v1/focus").status_code == 405
+    wrong_method = live.http.get("/v1/focus")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.headers["content-type"] == "application/problem+json"
+
+
+def test_a_client_gone_mid_upload_is_not_an_error(live: LiveService) -> None:
+    """Content-Length promises more than arrives before the client hangs up: no 500, no
+    traceback in the log, counted as 499, and the service keeps serving."""
+    body = frame_body(*snapshot(64, seed=10), options={"w_max": 64})
+    with socket.create_connection(("127.0.0.1", live.port)) as connection:
+        head = f"POST /v1/focus HTTP/1.1\r\nHost: x\r\nContent-Type: {FRAME}\r\nContent-Length: {len(body) * 4}\r\n\r\n"
+        connection.sendall(head.encode() + body)
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    key = 'lensnet_request_duration_seconds_count{endpoint="/v1/focus",status="499"}'
+    while live.metrics().get(key, 0) < 1:
+        assert time.monotonic() < deadline, "the disconnect was never recorded"
+        time.sleep(0.05)
+    assert "Traceback" not in live.log() and "unhandled error" not in live.log()
+    good = live.http.post("/v1/focus", content=body, headers={"content-type": FRAME})
+    assert good.status_code == 200
 
 
 def test_metrics_count_exactly_what_was_served() -> None:

@@ -43,11 +43,12 @@ def is_shape(shape: Any) -> bool:
 
 
 class FrameError(ValueError):
-    """A body is not a well-formed frame; `field` names the offending part."""
+    """A body is not a well-formed frame: `field` names the offending part, `expected` what it
+    should be, `got` what it is."""
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
+    def __init__(self, field: str, expected: str, got: str) -> None:
+        super().__init__(f"{field}: expected {expected}, got {got}")
+        self.field, self.expected, self.got = field, expected, got
 
 
 def _align(n: int) -> int:
@@ -61,7 +62,7 @@ def pack(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
     for name, array in arrays.items():
         array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         if array.dtype.name not in DTYPES:
-            raise FrameError(name, f"{name}: dtype {array.dtype} cannot be framed")
+            raise FrameError(name, f"a dtype in {sorted(DTYPES)}", f"dtype {array.dtype}")
         contiguous[name] = array
         descriptors[name] = {
             "dtype": array.dtype.name,
@@ -94,7 +95,7 @@ def header_length(prefix: bytes | bytearray | memoryview) -> int:
     """H, from the frame's first 8 bytes (magic and header length); `FrameError` on bad magic."""
     magic, length = _PREFIX.unpack_from(prefix)
     if magic != MAGIC:
-        raise FrameError("frame", f"frame: expected magic {MAGIC!r}, got {bytes(magic)!r}")
+        raise FrameError("frame", f"magic {MAGIC!r}", repr(bytes(magic)))
     return int(length)
 
 
@@ -108,52 +109,54 @@ def parse_header(raw: bytes | bytearray | memoryview) -> tuple[dict[str, Any], d
     try:
         header = json.loads(bytes(raw))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge int literals, deep nesting
-        raise FrameError("frame", f"frame: header is not valid JSON ({exc})") from exc
+        raise FrameError("frame", "a JSON header", f"invalid JSON ({exc})") from exc
     if not isinstance(header, dict) or not isinstance(header.get("arrays", {}), dict):
-        raise FrameError("frame", "frame: header must be a JSON object whose 'arrays' is an object")
+        kind = type(header).__name__ if not isinstance(header, dict) else type(header["arrays"]).__name__
+        got = kind if not isinstance(header, dict) else f"'arrays' of type {kind}"
+        raise FrameError("frame", "a JSON object header whose 'arrays' is an object", got)
     return header, header.pop("arrays", {})
 
 
 def array_spec(name: str, spec: Any) -> ArraySpec:
     """A checked descriptor: a known dtype, a sane shape, and `nbytes` matching them."""
     if not isinstance(spec, dict):
-        raise FrameError(name, f"{name}: expected an array descriptor object, got {type(spec).__name__}")
+        raise FrameError(name, "an array descriptor object", type(spec).__name__)
     dtype, shape, offset, nbytes = (spec.get(k) for k in ("dtype", "shape", "offset", "nbytes"))
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise FrameError(name, f"{name}.dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        raise FrameError(f"{name}.dtype", f"one of {sorted(DTYPES)}", repr(dtype))
     if not is_shape(shape):
-        raise FrameError(
-            name, f"{name}.shape: expected a list of at most {MAX_DIMS} non-negative integers, got {shape!r}"
-        )
+        raise FrameError(f"{name}.shape", f"a list of at most {MAX_DIMS} non-negative integers", repr(shape))
     for key, value in (("offset", offset), ("nbytes", nbytes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise FrameError(name, f"{name}.{key}: expected a non-negative integer, got {value!r}")
+            raise FrameError(f"{name}.{key}", "a non-negative integer", repr(value))
     item = np.dtype(dtype).newbyteorder("<")
     count = math.prod(shape)  # Python ints: no overflow, however large the claimed shape
     if nbytes != count * item.itemsize:
-        raise FrameError(name, f"{name}.nbytes: expected {count * item.itemsize} for {dtype} {shape}, got {nbytes}")
+        raise FrameError(f"{name}.nbytes", f"{count * item.itemsize} ({dtype} {shape})", str(nbytes))
     return ArraySpec(item, tuple(shape), offset, nbytes)
 
 
-def beyond(name: str, spec: ArraySpec) -> FrameError:
-    """The error for an array whose bytes run past the end of the body."""
-    return FrameError(name, f"{name}: bytes {spec.offset}…{spec.offset + spec.nbytes} run past the payload end")
+def beyond(name: str, spec: ArraySpec, payload: int) -> FrameError:
+    """The error for an array whose bytes run past the end of a `payload`-byte payload."""
+    return FrameError(
+        name, f"its bytes {spec.offset}…{spec.offset + spec.nbytes} inside the payload", f"{payload} payload bytes"
+    )
 
 
 def unpack(body: bytes | bytearray | memoryview) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The header (without "arrays") and zero-copy array views; `FrameError` on any defect."""
     if len(body) < _PREFIX.size:
-        raise FrameError("frame", f"frame: expected at least {_PREFIX.size} bytes, got {len(body)}")
+        raise FrameError("frame", f"at least {_PREFIX.size} bytes", f"{len(body)} bytes")
     length = header_length(body)
     if _PREFIX.size + length > len(body):
-        raise FrameError("frame", f"frame: header length {length} runs past the body ({len(body)} bytes)")
+        raise FrameError("frame", f"a {length}-byte header inside the body", f"a body of {len(body)} bytes")
     header, descriptors = parse_header(memoryview(body)[_PREFIX.size : _PREFIX.size + length])
     start = payload_start(length)
     arrays = {}
     for name, raw in descriptors.items():
         spec = array_spec(name, raw)
         if start + spec.offset + spec.nbytes > len(body):
-            raise beyond(name, spec)
+            raise beyond(name, spec, max(0, len(body) - start))
         count = spec.nbytes // spec.dtype.itemsize
         view = np.frombuffer(body, dtype=spec.dtype, count=count, offset=start + spec.offset)
         arrays[name] = view.reshape(spec.shape)
