@@ -163,7 +163,9 @@ async def read_body(request: Request, media: str, pipeline: Pipeline, settings: 
     if length is not None and length > limit:
         raise problems.too_large("body", f"{limit} bytes", f"{declared} bytes (Content-Length)")
     config = pipeline.config
-    body = codec.reader(media, config.embed_dim, settings.max_entries, pipeline.scorer.input_dtype, length)
+    body = codec.reader(
+        media, config.embed_dim, settings.max_entries, pipeline.scorer.input_dtype, length, settings.stream_min_bytes
+    )
     size, more = 0, True
     while more:
         message = await request.receive()

@@ -31,7 +31,6 @@ EMBEDDING_DTYPES = ("float16", "float32")
 INDEX_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32")
 ARRAY_FIELDS = ("embeddings", "lod", "positions")
 MAX_HEADER_BYTES = 1 << 20  # a frame's JSON header: options and up to 1,024 history entries fit in ~100 kB
-STREAM_MIN_BYTES = 1 << 20  # smaller frames are placed after they arrived (FrameReader)
 ALLOWED_DTYPES = {"embeddings": EMBEDDING_DTYPES, "lod": INDEX_DTYPES, "positions": INDEX_DTYPES}
 _CONVERT = {("float16", "float32"): _bulk.half_to_float, ("float32", "float16"): _bulk.float_to_half}
 
@@ -67,11 +66,13 @@ class BodyReader(Protocol):
 
 
 def reader(
-    media_type: str, embed_dim: int, max_entries: int, dtype: np.dtype, declared_length: int | None
-) -> BodyReader:
+    media_type: str, embed_dim: int, max_entries: int, dtype: np.dtype, declared_length: int | None,
+    stream_min_bytes: int = 4 << 20,
+) -> BodyReader:  # fmt: skip
     """The reader for a body of `media_type` whose embeddings the graph wants as `dtype`."""
     if media_type == FRAME:
-        return FrameReader(embed_dim, max_entries, dtype, declared_length)
+        stream = declared_length is None or declared_length >= stream_min_bytes
+        return FrameReader(embed_dim, max_entries, dtype, declared_length, stream)
     return JsonReader(embed_dim, max_entries, dtype)
 
 
@@ -140,11 +141,13 @@ class FrameReader:
     before the rest of the body is read), then each array's bytes straight into its final buffer,
     the embeddings converted to the graph's dtype on the way, while more of the body is still to
     come (the work hides in the transfer). Bytes in hand when the body ends, and all of a body
-    under `STREAM_MIN_BYTES` (it arrives faster than it decodes: nothing to hide behind), are
-    placed by `finish`, in the inference thread rather than on the event loop. No whole-body copy,
-    no separate conversion pass."""
+    not `stream`ed (a small one arrives faster than it decodes: nothing to hide the work behind),
+    are placed by `finish`, in the inference thread rather than on the event loop. No whole-body
+    copy, no separate conversion pass."""
 
-    def __init__(self, embed_dim: int, max_entries: int, dtype: np.dtype, declared_length: int | None) -> None:
+    def __init__(
+        self, embed_dim: int, max_entries: int, dtype: np.dtype, declared_length: int | None, stream: bool = True
+    ) -> None:
         self.embed_dim, self.max_entries, self.dtype = embed_dim, max_entries, dtype
         self.declared_length = declared_length
         self.head = bytearray()  # prefix, header and padding, until the payload starts
@@ -153,7 +156,7 @@ class FrameReader:
         self.received = 0  # payload bytes placed so far
         self.held: list[memoryview] = []  # payload bytes for `finish` to place, in order
         self.held_bytes = 0
-        self.stream = declared_length is None or declared_length >= STREAM_MIN_BYTES
+        self.stream = stream
         self.fields: dict[str, Any] = {}
         self.specs: dict[str, frame.ArraySpec] = {}
         self.sinks: dict[str, _Sink] = {}

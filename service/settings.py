@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     queue_size: int = Field(16, ge=0, le=4096, description="requests allowed to wait for a slot; beyond it: 429")
     max_body_bytes: int = Field(64 << 20, ge=1024, description="largest accepted request body; beyond it: 413")
     max_entries: int = Field(32768, ge=1, description="largest accepted WC length N; beyond it: 413")
+    stream_min_bytes: int = Field(
+        4 << 20, ge=0, description="frames at least this large are decoded while they arrive (smaller: after)"
+    )
     latency_budget_ms: float = Field(3.0, gt=0, description="server-side budget; slower requests are counted")
     default_timeout_ms: float | None = Field(
         None, gt=0, description="deadline for requests without an X-Request-Timeout-Ms header (none: no deadline)"

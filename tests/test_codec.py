@@ -29,8 +29,10 @@ def body(n: int = 5, dtype: np.dtype = F16, lod_dtype: str = "int64", **fields: 
     return frame.pack(fields, {"embeddings": embeddings, "lod": lod, "positions": positions}), embeddings
 
 
-def feed(data: bytes, cuts: list[int], target: np.dtype = F32, declared: int | None = -1) -> codec.DecodedRequest:
-    reader = codec.reader(codec.FRAME, D, 1000, target, len(data) if declared == -1 else declared)
+def feed(
+    data: bytes, cuts: list[int], target: np.dtype = F32, declared: int | None = -1, stream_min: int = 4 << 20
+) -> codec.DecodedRequest:
+    reader = codec.reader(codec.FRAME, D, 1000, target, len(data) if declared == -1 else declared, stream_min)
     edges = [0, *sorted(cut % (len(data) + 1) for cut in cuts), len(data)]
     for lo, hi in itertools.pairwise(edges):
         reader.feed(data[lo:hi], more=hi < len(data))
@@ -45,12 +47,14 @@ def feed(data: bytes, cuts: list[int], target: np.dtype = F32, declared: int | N
     st.sampled_from([F16, F32]),
     st.lists(st.integers(0, 10**6), max_size=40),
     st.booleans(),
+    st.sampled_from([0, 4 << 20]),
 )
 def test_any_chunking_decodes_like_unpack_and_one_conversion(
-    n: int, sent: np.dtype, target: np.dtype, cuts: list[int], declared: bool
+    n: int, sent: np.dtype, target: np.dtype, cuts: list[int], declared: bool, stream_min: int
 ) -> None:
+    """Streamed (decoded chunk by chunk) or not (decoded whole by finish), the same arrays."""
     data, embeddings = body(n, sent, lod_dtype="uint8")
-    request = feed(data, cuts, target, declared=-1 if declared else None)
+    request = feed(data, cuts, target, declared=-1 if declared else None, stream_min=stream_min)
     fields, arrays = frame.unpack(data)
     assert request.fields == fields and request.style == "frame"
     snapshot = request.snapshot
@@ -80,11 +84,10 @@ def test_bytes_still_arriving_are_placed_at_once_the_last_ones_by_finish() -> No
 
 
 def test_a_small_body_is_decoded_by_finish_only() -> None:
-    """Under STREAM_MIN_BYTES a body arrives faster than it decodes: nothing to hide the work
+    """Under stream_min_bytes a body arrives faster than it decodes: nothing to hide the work
     behind, so all of it happens in `finish` (the inference thread), errors included."""
     data, embeddings = body(40, F16)
-    assert len(data) < codec.STREAM_MIN_BYTES
-    reader = codec.reader(codec.FRAME, D, 64, F32, len(data))
+    reader = codec.reader(codec.FRAME, D, 64, F32, len(data), stream_min_bytes=len(data) + 1)
     reader.feed(data[:-100], more=True)
     reader.feed(data[-100:], more=False)
     reader.close()
@@ -99,9 +102,9 @@ def end_of(data: bytes, name: str) -> int:
     return frame.payload_start(length) + spec.offset + spec.nbytes
 
 
-def problem_of(data: bytes, chunks: int = 1, declared: int | None = -1) -> problems.Problem:
+def problem_of(data: bytes, chunks: int = 1, declared: int | None = -1, stream_min: int = 4 << 20) -> problems.Problem:
     """The Problem a body raises; `chunks`: how many equal pieces it is fed in."""
-    reader = codec.reader(codec.FRAME, D, 64, F32, len(data) if declared == -1 else declared)
+    reader = codec.reader(codec.FRAME, D, 64, F32, len(data) if declared == -1 else declared, stream_min)
     step = -(-len(data) // chunks) or 1
     with pytest.raises(problems.Problem) as info:
         for at in range(0, max(len(data), 1), step):
@@ -134,18 +137,18 @@ def test_a_bad_header_is_refused_before_the_payload_arrives() -> None:
 )
 def test_malformed_frames_name_the_part(mutate, status: int, field: str) -> None:
     data, _ = body(6)
-    for chunks in (1, 7):
-        problem = problem_of(mutate(data), chunks)
+    for chunks, stream_min in itertools.product((1, 7), (0, 4 << 20)):  # streamed, and decoded whole
+        problem = problem_of(mutate(data), chunks, stream_min=stream_min)
         assert (problem.status, problem.extensions["field"]) == (status, field)
 
 
 def test_a_header_that_claims_more_than_the_body_is_refused_before_allocating() -> None:
-    n = codec.STREAM_MIN_BYTES // (2 * D) + 1  # a streamed body
+    n = 2000
     data = frame.pack({}, {"embeddings": np.ones((n, D), np.float16), "lod": np.zeros(n, np.int64),
                            "positions": np.arange(n)})  # fmt: skip
     # Content-Length says the body is shorter than the arrays the header describes.
     short = end_of(data, "positions") - 1
-    reader = codec.reader(codec.FRAME, D, n, F32, short)
+    reader = codec.reader(codec.FRAME, D, n, F32, short, stream_min_bytes=0)  # streamed
     with pytest.raises(problems.Problem) as info:
         reader.feed(data[: frame.payload_start(frame.header_length(data))], more=True)  # the header is enough
     assert info.value.status == 400 and info.value.extensions["field"] == "positions"
