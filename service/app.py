@@ -65,7 +65,7 @@ class Service:
             scorer = Scorer(
                 self.settings.model_dir, self.manifest, self.settings.precision, self.settings.intra_op_threads
             )
-            scorer.warmup(self.settings.warmup_sizes)
+            Pipeline(scorer, self.manifest, None, self.settings.max_entries).warmup(self.settings.warmup_sizes)
         except Exception:
             self.load_error = "the model failed to load; see the service log"
             log.exception("model failed to load")

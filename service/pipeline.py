@@ -10,6 +10,7 @@ recorded as returned.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lensnet_client.layout import Layout, SnapshotError
+from lensnet_client import frame
+from lensnet_client.layout import Layout, SnapshotError, synthetic_layout
 
 from . import codec, problems
 from .allocator import (
@@ -91,7 +93,9 @@ def _fields(model: type[Fields], fields: dict[str, Any]) -> Fields:
 
 
 class Pipeline:
-    def __init__(self, scorer: Scorer, manifest: Manifest, metrics: Metrics, max_entries: int) -> None:
+    """The endpoints over one model. `metrics` None records nothing (the warm-up's pipeline)."""
+
+    def __init__(self, scorer: Scorer, manifest: Manifest, metrics: Metrics | None, max_entries: int) -> None:
         self.scorer, self.manifest, self.metrics, self.max_entries = scorer, manifest, metrics, max_entries
         self.config = manifest.config
         self.model = {
@@ -117,7 +121,8 @@ class Pipeline:
         try:
             scores, non_finite = self.scorer.score(snapshot.embeddings, layout.lod, layout.positions)
         except Exception as exc:  # ONNX Runtime failed (out of memory, device error …)
-            self.metrics.model_errors.inc()
+            if self.metrics:
+                self.metrics.model_errors.inc()
             log.exception("inference failed")
             raise problems.Problem(500, "model-error", "Model error", "inference failed; see the service log") from exc
         if deadline is not None and time.perf_counter() > deadline:  # before any telemetry: nothing returned
@@ -131,7 +136,8 @@ class Pipeline:
                 got += " (or a value beyond float16's range, ±65504)"  # the conversion turned it into inf
             raise problems.invalid(f"embeddings[{row}]", "finite values", got, index=row)
         if not np.isfinite(scores).all():
-            self.metrics.model_errors.inc()
+            if self.metrics:
+                self.metrics.model_errors.inc()
             raise problems.Problem(500, "model-error", "Model error", "the model produced non-finite scores")
         return scores
 
@@ -153,6 +159,27 @@ class Pipeline:
         except SnapshotError as exc:
             raise _snapshot_problem(exc) from exc
 
+    def warmup(self, sizes: list[int]) -> None:
+        """A focus request per size, end to end (a frame decoded as it streams in, a history, the
+        model, the allocator, encoding) and a one-entry JSON one, so the first real requests pay
+        for no allocation, tuning or first-call imports (np.unique's alone costs 8 ms)."""
+        rng = np.random.default_rng(0)
+        cfg = self.config
+        history = [{"action": "collapse", "lod": 1, "position": 0, "age": 1}]
+        tiny = json.dumps({"options": {"w_max": 1}, "history": history, "embeddings": [[0.0] * cfg.embed_dim],
+                           "lod": [0], "positions": [0]}).encode()  # fmt: skip
+        bodies = [(codec.JSON, tiny)]
+        for n in sizes:
+            lod, positions = synthetic_layout(n, cfg.block_size, cfg.max_lod, rng)
+            embeddings = rng.standard_normal((n, cfg.embed_dim)).astype(np.float16)
+            arrays = {"embeddings": embeddings, "lod": lod, "positions": positions}
+            bodies.append((codec.FRAME, frame.pack({"options": {"w_max": n}, "history": history}, arrays)))
+        for media, body in bodies:
+            reader = codec.reader(media, cfg.embed_dim, self.max_entries, self.scorer.input_dtype, len(body), 0)
+            reader.feed(body, more=False)
+            reader.close()
+            self.focus(Call(reader, media, None, {}))
+
     # -- endpoints --------------------------------------------------------------------------
 
     def focus(self, call: Call) -> bytes:
@@ -164,8 +191,9 @@ class Pipeline:
         stage.done("model")
         allocation = allocate(layout, scores, options, cooldown)
         stage.done("allocate")
-        self.metrics.observe_scores(scores, layout.lod)
-        self.metrics.observe_allocation(allocation)
+        if self.metrics:
+            self.metrics.observe_scores(scores, layout.lod)
+            self.metrics.observe_allocation(allocation)
         stage.done("telemetry")
         document = self._document(call.timings) | _allocation_document(allocation)
         arrays = {"scores": scores} if fields.return_scores else {}
@@ -179,7 +207,8 @@ class Pipeline:
         stage.done("decode")
         scores = self._score(request.snapshot, layout, call.deadline)
         stage.done("model")
-        self.metrics.observe_scores(scores, layout.lod)
+        if self.metrics:
+            self.metrics.observe_scores(scores, layout.lod)
         stage.done("telemetry")
         content = codec.encode_response(
             self._document(call.timings), {"scores": scores}, call.respond_as, request.style

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lensnet_client.layout import synthetic_layout
 from service.artifact import GRAPH_DTYPES, Manifest, Precision
 
 log = logging.getLogger("lensnet.runtime")
@@ -56,12 +55,3 @@ class Scorer:
         feed = {"embeddings": embeddings[None], "lod": lod[None], "positions": positions[None]}
         scores, non_finite = self.session.run(["scores", "non_finite"], feed)
         return scores[0], non_finite[0]
-
-    def warmup(self, sizes: list[int]) -> None:
-        """Run each size once so the first real requests do not pay for allocation and tuning."""
-        rng = np.random.default_rng(0)
-        cfg = self.config
-        for n in sizes:
-            lod, positions = synthetic_layout(n, cfg.block_size, cfg.max_lod, rng)
-            x = rng.standard_normal((n, cfg.embed_dim)).astype(self.input_dtype)
-            self.score(x, lod, positions)
