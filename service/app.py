@@ -114,8 +114,9 @@ class Service:
         respond_as = codec.response_media_type(request.headers.get("accept"), media)
         deadline = self._deadline(request, arrival)
         self.admission.check_capacity()  # refuse before buffering a body we would refuse anyway
+        body = body_reader(request, media, pipeline, self.settings)
         reading = time.perf_counter()
-        body = await read_body(request, media, pipeline, self.settings)
+        await read_body(request, body, self.settings.max_body_bytes)
         received = time.perf_counter()
         timings = {"admit": reading - arrival, "receive": received - reading}
         run = pipeline.focus if endpoint == "focus" else pipeline.score
@@ -154,18 +155,22 @@ class Service:
         return None if timeout_ms is None else arrival + timeout_ms / 1e3
 
 
-async def read_body(request: Request, media: str, pipeline: Pipeline, settings: Settings) -> codec.BodyReader:
-    """The body, fed to its reader as it arrives (a frame is decoded on the way); 413 as soon as
-    it is known to exceed the size limit."""
+def body_reader(request: Request, media: str, pipeline: Pipeline, settings: Settings) -> codec.BodyReader:
+    """The reader for this request's body; 413 at once when Content-Length exceeds the limit."""
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
     length = int(declared) if declared is not None and declared.isdigit() else None
     if length is not None and length > limit:
         raise problems.too_large("body", f"{limit} bytes", f"{declared} bytes (Content-Length)")
     config = pipeline.config
-    body = codec.reader(
+    return codec.reader(
         media, config.embed_dim, settings.max_entries, pipeline.scorer.input_dtype, length, settings.stream_min_bytes
     )
+
+
+async def read_body(request: Request, body: codec.BodyReader, limit: int) -> None:
+    """Feed the body to its reader as it arrives (a large frame is decoded on the way); 413 as
+    soon as it exceeds `limit` bytes."""
     size, more = 0, True
     while more:
         message = await request.receive()
@@ -177,7 +182,6 @@ async def read_body(request: Request, media: str, pipeline: Pipeline, settings: 
             raise problems.too_large("body", f"{limit} bytes", f"more than {limit} bytes")
         body.feed(chunk, more)
     body.close()  # an incomplete frame is refused before it waits for a slot
-    return body
 
 
 class FocusApp:
