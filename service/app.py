@@ -62,9 +62,8 @@ class Service:
     def load(self) -> None:
         """Build the ONNX Runtime session and warm it up (in a thread; /readyz waits for it)."""
         try:
-            scorer = Scorer(
-                self.settings.model_dir, self.manifest, self.settings.precision, self.settings.intra_op_threads
-            )
+            s = self.settings
+            scorer = Scorer(s.model_dir, self.manifest, s.precision, s.intra_op_threads, s.intra_op_spinning)
             Pipeline(scorer, self.manifest, None, self.settings.max_entries).warmup(self.settings.warmup_sizes)
         except Exception:
             self.load_error = "the model failed to load; see the service log"

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
         None, gt=0, description="deadline for requests without an X-Request-Timeout-Ms header (none: no deadline)"
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = one per core)")
+    intra_op_spinning: bool = Field(
+        False, description="let ONNX Runtime's idle intra-op threads spin (off: they leave the cores to the server)"
+    )
     warmup_sizes: list[int] = Field([64, 512, 2048], description="WC lengths run once before /readyz turns ready")
     shutdown_grace_s: float = Field(20.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

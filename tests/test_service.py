@@ -405,3 +405,14 @@ def test_invalid_settings_exit_2() -> None:
         [sys.executable, "-m", "service", "--precision", "fp8"], capture_output=True, text=True, cwd=REPO, timeout=60
     )
     assert result.returncode == 2 and "precision" in result.stderr
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_intra_op_spinning_is_what_the_settings_say(spinning: bool) -> None:
+    from service.artifact import load_manifest
+    from service.runtime import Scorer
+
+    scorer = Scorer(BUNDLED, load_manifest(BUNDLED), "fp32", intra_op_threads=2, spinning=spinning)
+    options = scorer.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
+    assert options.intra_op_num_threads == 2
