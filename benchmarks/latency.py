@@ -119,12 +119,17 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+Bodies = list[tuple[bytes, dict[str, str]]]
+
+
 def drive(
-    url: str, fmt: str, snaps: list, n: int, concurrency: int, requests: int, min_seconds: float, bare_url: str
-) -> dict[str, Any]:
+    url: str, fmt: str, snaps: list, n: int, concurrency: int, requests: int, min_seconds: float, bare_url: str,
+    bodies: Bodies,
+) -> dict[str, Any]:  # fmt: skip
     """Closed loop: `concurrency` threads, each with its own client, until `requests` are sent and
-    `min_seconds` have passed. At concurrency 1 each request is paired with the same bytes sent
-    to the bare endpoint just before it (its receive time is reported beside the service's)."""
+    `min_seconds` have passed. At concurrency 1 each request is paired with the same bytes
+    (`bodies`, as the client builds them) sent to the bare endpoint just before it (its receive
+    time is reported beside the service's)."""
     histogram = HdrHistogram(1, 600_000_000, 3)  # microseconds, 3 significant digits
     stages: dict[str, list[float]] = {stage: [] for stage in (*STAGES, "processing")}
     bare: list[float] = []
@@ -132,7 +137,7 @@ def drive(
     errors: list[str] = []
     lock = threading.Lock()
     counter = itertools.count()
-    bodies = bare_bodies(fmt, snaps, n) if concurrency == 1 else []
+    paired = concurrency == 1
     until = time.perf_counter() + min_seconds
 
     def worker() -> None:
@@ -141,10 +146,10 @@ def drive(
                 if k >= requests and time.perf_counter() >= until:
                     return
                 embeddings, lod, positions = snaps[k % len(snaps)]
-                if bodies:
-                    paired = time.perf_counter()
+                if paired:
+                    sent = time.perf_counter()
                     bare.append(bare_post(http, bare_url, *bodies[k % len(bodies)]))
-                    bare_wall_s.append(time.perf_counter() - paired)
+                    bare_wall_s.append(time.perf_counter() - sent)
                 start = time.perf_counter()
                 try:
                     result = client.focus(embeddings, lod, positions, w_max=n)
@@ -197,7 +202,7 @@ def raw_session_run(path: Path, precision: str, provider: str, snaps: list, runs
     return percentiles(times)
 
 
-def bare_bodies(fmt: str, snaps: list, n: int) -> list[tuple[bytes, dict[str, str]]]:
+def bare_bodies(fmt: str, snaps: list, n: int) -> Bodies:
     """The exact bytes (and headers) the client sends for each snapshot."""
     protocol = _Protocol(fmt, 0, 0, 0)  # type: ignore[arg-type]
     return [protocol.build(e, lod, pos, {"options": {"w_max": n}}, None) for e, lod, pos in snaps]
@@ -209,9 +214,8 @@ def bare_post(http: httpx.Client, bare_url: str, content: bytes, headers: dict[s
     return float(response.headers["server-timing"].split("dur=")[1])
 
 
-def bare_receive(bare_url: str, fmt: str, snaps: list, n: int, concurrency: int, requests: int) -> dict[str, float]:
+def bare_receive(bare_url: str, bodies: Bodies, concurrency: int, requests: int) -> dict[str, float]:
     """The bare endpoint's receive time at `concurrency` (closed loop, like `drive`)."""
-    bodies = bare_bodies(fmt, snaps, n)
     times: list[float] = []
     counter = iter(range(requests))
 
@@ -261,15 +265,16 @@ def main() -> None:
                     runs = requests_for(n, "binary", args.quick)
                     raw = raw_session_run(path, served["precision"], served["provider"], snaps, runs)
                     for fmt in args.formats:
+                        bodies = bare_bodies(fmt, snaps, n)
                         for concurrency in args.concurrency:
                             count = requests_for(n, fmt, args.quick)
-                            run = drive(url, fmt, snaps, n, concurrency, count, args.min_seconds, bare_url)
+                            run = drive(url, fmt, snaps, n, concurrency, count, args.min_seconds, bare_url, bodies)
                             if concurrency > 1:
-                                run["bare_receive_ms"] = bare_receive(bare_url, fmt, snaps, n, concurrency, count)
+                                run["bare_receive_ms"] = bare_receive(bare_url, bodies, concurrency, count)
                             receive = run["server_ms"]["receive"].get("p50", float("nan"))
                             results.append(
                                 {"d": d, "n": n, "format": fmt, "concurrency": concurrency, "payload": "float16", **run,
-                                 "body_bytes": len(bare_bodies(fmt, snaps[:1], n)[0][0]), "session_run_ms": raw,
+                                 "body_bytes": len(bodies[0][0]), "session_run_ms": raw,
                                  "receive_ratio_p50": round(receive / run["bare_receive_ms"]["p50"], 3),
                                  "model_over_session_run_p50": round(run["server_ms"]["model"]["p50"] / raw["p50"], 3)}
                             )  # fmt: skip
@@ -281,7 +286,8 @@ def main() -> None:
                     # The target configuration once more, embeddings sent in the CPU graph's dtype.
                     snaps = snapshots(8192, d, seed=8192 + d, dtype=np.float32)
                     count = requests_for(8192, "binary", args.quick)
-                    run = drive(url, "binary", snaps, 8192, 1, count, args.min_seconds, bare_url)
+                    bodies = bare_bodies("binary", snaps, 8192)
+                    run = drive(url, "binary", snaps, 8192, 1, count, args.min_seconds, bare_url, bodies)
                     results.append(
                         {"d": d, "n": 8192, "format": "binary", "concurrency": 1, "payload": "float32", **run}
                     )

@@ -81,26 +81,26 @@ static uint16_t float_to_half_scalar(float f) {
     return sign | (uint16_t)half;
 }
 
-/* ---- vector paths ---- */
+/* ---- the conversion: F16C for whole groups of 8 where the CPU has it, the scalar code for the rest ---- */
+
+typedef enum { HALF_TO_FLOAT, FLOAT_TO_HALF } Direction;
+
+static int use_vector = 0; /* set at import: F16C present (and not disabled for tests) */
 
 #ifdef HAVE_X86
-__attribute__((target("avx,f16c"))) static void half_to_float_f16c(const unsigned char *src, float *dst,
-                                                                   Py_ssize_t n) {
+/* Items converted: the largest multiple of 8 <= n. */
+__attribute__((target("avx,f16c"))) static Py_ssize_t convert_f16c(const unsigned char *src, char *out, Py_ssize_t n,
+                                                                   Direction direction) {
     Py_ssize_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
-    for (; i < n; i++)
-        dst[i] = half_to_float_scalar(load_u16(src + 2 * i));
-}
-
-__attribute__((target("avx,f16c"))) static void float_to_half_f16c(const unsigned char *src, uint16_t *dst,
-                                                                   Py_ssize_t n) {
-    Py_ssize_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128((__m128i *)(dst + i),
-                         _mm256_cvtps_ph(_mm256_loadu_ps((const float *)(src + 4 * i)), _MM_FROUND_TO_NEAREST_INT));
-    for (; i < n; i++)
-        dst[i] = float_to_half_scalar(load_f32(src + 4 * i));
+    if (direction == HALF_TO_FLOAT) {
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps((float *)out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
+    } else {
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)((uint16_t *)out + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps((const float *)(src + 4 * i)), _MM_FROUND_TO_NEAREST_INT));
+    }
+    return i;
 }
 
 static int have_f16c(void) {
@@ -109,31 +109,20 @@ static int have_f16c(void) {
 }
 #endif
 
-static void half_to_float(const unsigned char *src, float *dst, Py_ssize_t n, int vector) {
+static void convert_items(const unsigned char *src, char *out, Py_ssize_t n, Direction direction) {
+    Py_ssize_t i = 0;
 #ifdef HAVE_X86
-    if (vector) {
-        half_to_float_f16c(src, dst, n);
-        return;
-    }
+    if (use_vector)
+        i = convert_f16c(src, out, n, direction);
 #endif
-    (void)vector;
-    for (Py_ssize_t i = 0; i < n; i++)
-        dst[i] = half_to_float_scalar(load_u16(src + 2 * i));
-}
-
-static void float_to_half(const unsigned char *src, uint16_t *dst, Py_ssize_t n, int vector) {
-#ifdef HAVE_X86
-    if (vector) {
-        float_to_half_f16c(src, dst, n);
-        return;
+    if (direction == HALF_TO_FLOAT) {
+        for (; i < n; i++)
+            ((float *)out)[i] = half_to_float_scalar(load_u16(src + 2 * i));
+    } else {
+        for (; i < n; i++)
+            ((uint16_t *)out)[i] = float_to_half_scalar(load_f32(src + 4 * i));
     }
-#endif
-    (void)vector;
-    for (Py_ssize_t i = 0; i < n; i++)
-        dst[i] = float_to_half_scalar(load_f32(src + 4 * i));
 }
-
-static int use_vector = 0; /* set at import: F16C present (and not disabled for tests) */
 
 /* ---- Python binding ---- */
 
@@ -149,8 +138,6 @@ static int get_items(PyObject *obj, Py_buffer *view, const char *name, Py_ssize_
     }
     return 0;
 }
-
-typedef enum { HALF_TO_FLOAT, FLOAT_TO_HALF } Direction;
 
 static PyObject *convert(PyObject *args, Direction direction) {
     PyObject *source, *target;
@@ -176,10 +163,7 @@ static PyObject *convert(PyObject *args, Direction direction) {
     } else {
         char *out = (char *)dst.buf + start * out_size;
         Py_BEGIN_ALLOW_THREADS;
-        if (direction == HALF_TO_FLOAT)
-            half_to_float(src.buf, (float *)out, n, use_vector);
-        else
-            float_to_half(src.buf, (uint16_t *)out, n, use_vector);
+        convert_items(src.buf, out, n, direction);
         Py_END_ALLOW_THREADS;
     }
     PyBuffer_Release(&src);

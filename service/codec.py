@@ -67,9 +67,10 @@ class BodyReader(Protocol):
 
 def reader(
     media_type: str, embed_dim: int, max_entries: int, dtype: np.dtype, declared_length: int | None,
-    stream_min_bytes: int = 4 << 20,
+    stream_min_bytes: int,
 ) -> BodyReader:  # fmt: skip
-    """The reader for a body of `media_type` whose embeddings the graph wants as `dtype`."""
+    """The reader for a body of `media_type` whose embeddings the graph wants as `dtype`; a frame
+    of at least `stream_min_bytes` (or of unknown length) is decoded while it arrives."""
     if media_type == FRAME:
         stream = declared_length is None or declared_length >= stream_min_bytes
         return FrameReader(embed_dim, max_entries, dtype, declared_length, stream)
@@ -146,7 +147,7 @@ class FrameReader:
     copy, no separate conversion pass."""
 
     def __init__(
-        self, embed_dim: int, max_entries: int, dtype: np.dtype, declared_length: int | None, stream: bool = True
+        self, embed_dim: int, max_entries: int, dtype: np.dtype, declared_length: int | None, stream: bool
     ) -> None:
         self.embed_dim, self.max_entries, self.dtype = embed_dim, max_entries, dtype
         self.declared_length = declared_length
@@ -180,14 +181,10 @@ class FrameReader:
             self._check_complete()
 
     def finish(self) -> DecodedRequest:
-        if not self.stream:  # the whole body is in hand: decode it here, off the event loop
-            held, self.held = self.held, []
-            for data in held:
-                if not self.sinks:
-                    data = self._read_head(data)
-                if data:
-                    self.held.append(data)
-                    self.held_bytes += len(data)
+        if not self.stream:  # the whole body is in hand: read it here, off the event loop
+            chunks, self.held, self.stream = self.held, [], True
+            for chunk in chunks:
+                self.feed(chunk, more=False)
         self._check_complete()
         for data in self.held:
             self._place(data)
@@ -255,9 +252,8 @@ class FrameReader:
         if unknown := sorted(set(descriptors) - set(ARRAY_FIELDS)):
             raise problems.invalid(unknown[0], f"only the arrays {list(ARRAY_FIELDS)}", f"an array {unknown[0]!r}")
         for name, raw in descriptors.items():
-            dtype = raw.get("dtype") if isinstance(raw, dict) else None
-            if isinstance(raw, dict) and dtype not in ALLOWED_DTYPES[name]:
-                raise problems.invalid(f"{name}.dtype", " | ".join(ALLOWED_DTYPES[name]), repr(dtype))
+            if isinstance(raw, dict) and raw.get("dtype") not in ALLOWED_DTYPES[name]:
+                raise problems.invalid(f"{name}.dtype", " | ".join(ALLOWED_DTYPES[name]), repr(raw.get("dtype")))
             try:
                 self.specs[name] = frame.array_spec(name, raw)
             except frame.FrameError as exc:

@@ -160,9 +160,9 @@ class Pipeline:
             raise _snapshot_problem(exc) from exc
 
     def warmup(self, sizes: list[int]) -> None:
-        """A focus request per size, end to end (a frame decoded as it streams in, a history, the
-        model, the allocator, encoding) and a one-entry JSON one, so the first real requests pay
-        for no allocation, tuning or first-call imports (np.unique's alone costs 8 ms)."""
+        """A focus request per size, end to end (a frame with a history, the model, the allocator,
+        encoding) and a one-entry JSON one, so the first real requests pay for no allocation,
+        tuning or first-call imports (np.unique's alone costs 8 ms)."""
         rng = np.random.default_rng(0)
         cfg = self.config
         history = [{"action": "collapse", "lod": 1, "position": 0, "age": 1}]

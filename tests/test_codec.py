@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +18,11 @@ from hypothesis import strategies as st
 
 from lensnet_client import frame
 from service import _allocator, _bulk, codec, problems
+from service.settings import Settings
 
 D = 16
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
+STREAM_MIN = Settings().stream_min_bytes  # the service's default
 
 
 def body(n: int = 5, dtype: np.dtype = F16, lod_dtype: str = "int64", **fields: object) -> tuple[bytes, np.ndarray]:
@@ -30,7 +34,7 @@ def body(n: int = 5, dtype: np.dtype = F16, lod_dtype: str = "int64", **fields: 
 
 
 def feed(
-    data: bytes, cuts: list[int], target: np.dtype = F32, declared: int | None = -1, stream_min: int = 4 << 20
+    data: bytes, cuts: list[int], target: np.dtype = F32, declared: int | None = -1, stream_min: int = STREAM_MIN
 ) -> codec.DecodedRequest:
     reader = codec.reader(codec.FRAME, D, 1000, target, len(data) if declared == -1 else declared, stream_min)
     edges = [0, *sorted(cut % (len(data) + 1) for cut in cuts), len(data)]
@@ -47,7 +51,7 @@ def feed(
     st.sampled_from([F16, F32]),
     st.lists(st.integers(0, 10**6), max_size=40),
     st.booleans(),
-    st.sampled_from([0, 4 << 20]),
+    st.sampled_from([0, STREAM_MIN]),
 )
 def test_any_chunking_decodes_like_unpack_and_one_conversion(
     n: int, sent: np.dtype, target: np.dtype, cuts: list[int], declared: bool, stream_min: int
@@ -73,7 +77,7 @@ def test_byte_by_byte_splits_every_element() -> None:
 def test_bytes_still_arriving_are_placed_at_once_the_last_ones_by_finish() -> None:
     data, embeddings = body(40, F16)
     cut = end_of(data, "lod")
-    reader = codec.reader(codec.FRAME, D, 64, F32, None)  # no Content-Length: streamed
+    reader = codec.reader(codec.FRAME, D, 64, F32, None, STREAM_MIN)  # no Content-Length: streamed
     reader.feed(data[:cut], more=True)
     placed = reader.sinks["embeddings"].array.copy()  # embeddings and lod are in before the end
     assert np.array_equal(placed, embeddings.astype(np.float32))
@@ -102,7 +106,9 @@ def end_of(data: bytes, name: str) -> int:
     return frame.payload_start(length) + spec.offset + spec.nbytes
 
 
-def problem_of(data: bytes, chunks: int = 1, declared: int | None = -1, stream_min: int = 4 << 20) -> problems.Problem:
+def problem_of(
+    data: bytes, chunks: int = 1, declared: int | None = -1, stream_min: int = STREAM_MIN
+) -> problems.Problem:
     """The Problem a body raises; `chunks`: how many equal pieces it is fed in."""
     reader = codec.reader(codec.FRAME, D, 64, F32, len(data) if declared == -1 else declared, stream_min)
     step = -(-len(data) // chunks) or 1
@@ -117,7 +123,7 @@ def problem_of(data: bytes, chunks: int = 1, declared: int | None = -1, stream_m
 def test_a_bad_header_is_refused_before_the_payload_arrives() -> None:
     wrong_d = frame.pack({}, {"embeddings": np.zeros((4, D + 1), np.float16), "lod": np.zeros(4, np.int64),
                               "positions": np.arange(4)})  # fmt: skip
-    reader = codec.reader(codec.FRAME, D, 64, F32, None)  # streamed (no Content-Length)
+    reader = codec.reader(codec.FRAME, D, 64, F32, None, STREAM_MIN)  # streamed (no Content-Length)
     header_end = frame.payload_start(frame.header_length(wrong_d))
     with pytest.raises(problems.Problem) as info:
         reader.feed(wrong_d[:header_end], more=True)  # the header alone is enough
@@ -137,7 +143,7 @@ def test_a_bad_header_is_refused_before_the_payload_arrives() -> None:
 )
 def test_malformed_frames_name_the_part(mutate, status: int, field: str) -> None:
     data, _ = body(6)
-    for chunks, stream_min in itertools.product((1, 7), (0, 4 << 20)):  # streamed, and decoded whole
+    for chunks, stream_min in itertools.product((1, 7), (0, STREAM_MIN)):  # streamed, and decoded whole
         problem = problem_of(mutate(data), chunks, stream_min=stream_min)
         assert (problem.status, problem.extensions["field"]) == (status, field)
 
@@ -154,7 +160,7 @@ def test_a_header_that_claims_more_than_the_body_is_refused_before_allocating() 
     assert info.value.status == 400 and info.value.extensions["field"] == "positions"
     assert "inside the payload" in info.value.extensions["expected"] and not reader.sinks
     # Without Content-Length the same body is caught at the end, before it waits for a slot.
-    reader = codec.reader(codec.FRAME, D, n, F32, None)
+    reader = codec.reader(codec.FRAME, D, n, F32, None, STREAM_MIN)
     reader.feed(data[:short], more=False)
     with pytest.raises(problems.Problem) as info:
         reader.close()
@@ -163,7 +169,7 @@ def test_a_header_that_claims_more_than_the_body_is_refused_before_allocating() 
 
 def test_a_header_too_large_to_parse_on_the_event_loop_is_413() -> None:
     huge = b"LNF1" + (codec.MAX_HEADER_BYTES + 1).to_bytes(4, "little")
-    reader = codec.reader(codec.FRAME, D, 64, F32, None)
+    reader = codec.reader(codec.FRAME, D, 64, F32, None, STREAM_MIN)
     with pytest.raises(problems.Problem) as info:
         reader.feed(huge, more=True)  # refused from the prefix alone, before any of the header arrives
     assert (info.value.status, info.value.extensions["field"]) == (413, "frame.header")
@@ -182,7 +188,7 @@ def test_json_arrays_come_out_in_the_graph_dtype() -> None:
     rng = np.random.default_rng(0)
     embeddings = rng.standard_normal((3, D)).astype(np.float32)
     text = json.dumps({"embeddings": embeddings.tolist(), "lod": [0, 0, 0], "positions": [0, 1, 2], "x": 1})
-    reader = codec.reader(codec.JSON, D, 64, F16, None)
+    reader = codec.reader(codec.JSON, D, 64, F16, None, STREAM_MIN)
     reader.feed(text.encode()[:10], more=True)
     reader.feed(text.encode()[10:], more=False)
     request = reader.finish()
@@ -191,11 +197,19 @@ def test_json_arrays_come_out_in_the_graph_dtype() -> None:
     assert np.array_equal(request.snapshot.embeddings, embeddings.astype(np.float16))
 
 
+def cpu_has_f16c() -> bool:
+    """What the kernel reports of this CPU (x86 Linux: the f16c and avx flags), independently of _bulk."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686"):
+        return False
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    return {"f16c", "avx"} <= set(flags.split(":", 1)[1].split())
+
+
 @pytest.mark.parametrize("vector", [True, False], ids=["f16c", "portable"])
 def test_conversions_match_numpy_bit_for_bit(vector: bool) -> None:
     used = _bulk.set_vector(vector)
     try:
-        assert used == (vector and used)  # the vector path only where the CPU has F16C
+        assert used == (vector and cpu_has_f16c())  # the vector path exactly where the CPU has F16C
         halves = np.arange(2**16, dtype=np.uint16).view(np.float16)
         out = np.empty(halves.size, np.float32)
         _bulk.half_to_float(halves, out)
