@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from lensnet_client.layout import synthetic_layout
-from service.allocator import AllocatorOptions, allocate, check_layout
+from service.core.allocator import AllocatorOptions, allocate, check_layout
 
 SIZES = (512, 2048, 8192)
 MAX_EDITS = (4, 64)

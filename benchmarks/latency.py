@@ -43,7 +43,7 @@ from hdrh.histogram import HdrHistogram
 
 from lensnet_client import FocusClient, FocusError, synthetic_layout
 from lensnet_client.client import _Protocol
-from service.artifact import ArtifactError, load_manifest
+from model_export.artifact import ArtifactError, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".bench"

@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lensnet_client import synthetic_layout
-from service.artifact import load_manifest
+from model_export.artifact import load_manifest
 
 from .latency import model_dir, percentiles
 

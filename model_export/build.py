@@ -16,7 +16,7 @@ import onnx
 import onnxruntime
 import torch
 
-from service.artifact import (
+from model_export.artifact import (
     GRAPH_FILES,
     MANIFEST_FORMAT,
     MANIFEST_NAME,

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.artifact import ModelInfo, Source, sha256_file
+from model_export.artifact import ModelInfo, Source, sha256_file
 
 from .config import PARITY_SIZES, LensNetConfig
 

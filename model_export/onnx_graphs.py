@@ -13,7 +13,7 @@ import onnx
 import torch
 from onnx import helper
 
-from service.artifact import GRAPH_DTYPES, GraphSpec, Precision, TensorSpec
+from model_export.artifact import GRAPH_DTYPES, GraphSpec, Precision, TensorSpec
 
 from .lensnet import LensNet
 

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import torch
 
 from lensnet_client.layout import synthetic_layout
-from service.artifact import ParityBounds, ParityCase, ParityReport, Precision
+from model_export.artifact import ParityBounds, ParityCase, ParityReport, Precision
 
 from .config import PARITY_SIZES
 from .lensnet import LensNet

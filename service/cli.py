@@ -7,7 +7,8 @@ import sys
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from .artifact import ArtifactError
+from model_export.artifact import ArtifactError
+
 from .server import serve, supervise
 from .settings import Settings
 

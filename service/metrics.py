@@ -21,8 +21,8 @@ from prometheus_client import (
     multiprocess,
 )
 
-from service import _bulk
-from service.allocator import DEFAULT_TAU_COLLAPSE, DEFAULT_TAU_EXPAND, REJECT_REASONS, Allocation
+from service.core import _bulk
+from service.core.allocator import DEFAULT_TAU_COLLAPSE, DEFAULT_TAU_EXPAND, REJECT_REASONS, Allocation
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 

@@ -21,9 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lensnet_client import frame
 from lensnet_client.layout import Layout, SnapshotError, synthetic_layout
+from model_export.artifact import Manifest
 
-from . import codec, problems
-from .allocator import (
+from .core import codec, problems
+from .core.allocator import (
     Aggregation,
     Allocation,
     AllocatorOptions,
@@ -34,7 +35,6 @@ from .allocator import (
     check_layout,
     cooldown_keys,
 )
-from .artifact import Manifest
 from .metrics import Metrics
 from .runtime import Scorer
 

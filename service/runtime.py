@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.artifact import GRAPH_DTYPES, Manifest, Precision
+from model_export.artifact import GRAPH_DTYPES, Manifest, Precision
 
 log = logging.getLogger("lensnet.runtime")
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"

@@ -23,8 +23,9 @@ from typing import Any
 
 import uvicorn
 
-from .app import Service, create_app
-from .artifact import load_manifest
+from model_export.artifact import load_manifest
+
+from .http.app import Service, create_app
 from .settings import Settings
 
 log = logging.getLogger("lensnet.server")

@@ -1,4 +1,4 @@
-"""The allocator rules (service/allocator.py's docstring) written out literally: plain Python
+"""The allocator rules (service/core/allocator.py's docstring) written out literally: plain Python
 loops, sets and full sorts, no shortcuts. Slow, and the oracle the C core is checked against."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from service.allocator import REJECT_REASONS, AllocatorOptions, HistoryItem
+from service.core.allocator import REJECT_REASONS, AllocatorOptions, HistoryItem
 
 
 def reference_allocate(

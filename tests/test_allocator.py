@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lensnet_client.layout import Edit, SnapshotError, apply_edits, validate_layout
-from service.allocator import AllocatorOptions, HistoryItem, OptionsError, allocate
+from service.core.allocator import AllocatorOptions, HistoryItem, OptionsError, allocate
 
 B, L = 4, 2
 

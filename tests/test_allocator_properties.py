@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lensnet_client.layout import SnapshotError, apply_edits, synthetic_layout, validate_layout
-from service.allocator import AllocatorOptions, HistoryItem, allocate, check_layout
+from service.core.allocator import AllocatorOptions, HistoryItem, allocate, check_layout
 
 from .allocator_reference import reference_allocate
 

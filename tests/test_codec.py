@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lensnet_client import frame
-from service import _allocator, _bulk, codec, problems
+from service.core import _allocator, _bulk, codec, problems
 from service.settings import Settings
 
 D = 16

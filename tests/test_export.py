@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from model_export import build as build_module
+from model_export.artifact import ArtifactError, ModelInfo, Source, load_manifest, sha256_file
 from model_export.cli import main as export_main
 from model_export.config import LensNetConfig
 from model_export.lensnet import LensNet, init_random
 from model_export.parity import cpu_session, parity_inputs, sign_agreement
-from service.artifact import ArtifactError, ModelInfo, Source, load_manifest, sha256_file
 
 from .conftest import SMALL
 

@@ -8,8 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from model_export.artifact import load_manifest
 from model_export.parity import cpu_session, parity_inputs, sign_agreement
-from service.artifact import load_manifest
 from service.runtime import Scorer
 
 from .live import REPO

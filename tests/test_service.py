@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 
 from lensnet_client import FocusClient, frame, validate_layout
-from service.allocator import AllocatorOptions, allocate
+from service.core.allocator import AllocatorOptions, allocate
 
 from .live import REPO, LiveService, snapshot
 
@@ -117,7 +117,7 @@ def test_scores_are_the_graphs_and_edits_the_allocators(live: LiveService) -> No
     header, arrays = frame.unpack(response.content)
     expected_scores = graph_scores(embeddings.astype(np.float32), lod, positions)
     assert np.abs(arrays["scores"] - expected_scores).max() <= 1e-6
-    from service.allocator import HistoryItem
+    from service.core.allocator import HistoryItem
 
     local = allocate(
         validate_layout(lod, positions, 32, 2), arrays["scores"], AllocatorOptions(block_size=32, max_lod=2, **options),
@@ -409,7 +409,7 @@ def test_invalid_settings_exit_2() -> None:
 
 @pytest.mark.parametrize("spinning", [False, True])
 def test_intra_op_spinning_is_what_the_settings_say(spinning: bool) -> None:
-    from service.artifact import load_manifest
+    from model_export.artifact import load_manifest
     from service.runtime import Scorer
 
     scorer = Scorer(BUNDLED, load_manifest(BUNDLED), "fp32", intra_op_threads=2, spinning=spinning)

@@ -21,13 +21,15 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
-from . import codec, openapi, problems
+from model_export.artifact import Manifest, load_manifest
+
+from ..core import codec, problems
+from ..metrics import CONTENT_TYPE, Metrics
+from ..pipeline import Call, Pipeline
+from ..runtime import Scorer
+from ..settings import Settings
+from . import openapi
 from .admission import Admission
-from .artifact import Manifest, load_manifest
-from .metrics import CONTENT_TYPE, Metrics
-from .pipeline import Call, Pipeline
-from .runtime import Scorer
-from .settings import Settings
 
 log = logging.getLogger("lensnet.service")
 TIMEOUT_HEADER = "x-request-timeout-ms"

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model_export.config import LensNetConfig
+from .config import LensNetConfig
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 2  # 2: no Cast adapter graphs (the service converts embeddings itself)

@@ -27,7 +27,7 @@ Pure and deterministic. One focus step:
 Edits never overlap, so applying them all (highest index first, as `apply_edits` does) yields a
 valid snapshot. Over budget with no legal collapse left is a result, not an error.
 
-Steps 2-6 run in C (`service/_allocator.c`): the same work as numpy code took ~100 array calls
+Steps 2-6 run in C (`service/core/_allocator.c`): the same work as numpy code took ~100 array calls
 per request, slow whenever the CPU caches are cold (as they are after every inference). This
 module keeps the rules, the option and history checks, and the result types.
 """

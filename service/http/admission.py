@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from . import problems
+from ..core import problems
 
 
 class Admission:

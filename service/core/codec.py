@@ -5,7 +5,7 @@ Two request formats, chosen by `Content-Type`:
   `{"dtype", "shape", "data": base64 of little-endian bytes}`;
 - `application/vnd.lensnet.frame` (`lensnet_client.frame`): a JSON header + raw array bytes,
   the production format, decoded while it arrives (`FrameReader`).
-Embeddings come out in the graph's dtype (float16 ⇄ float32 converted once, by `service._bulk`).
+Embeddings come out in the graph's dtype (float16 ⇄ float32 converted once, by `service.core._bulk`).
 Responses use the request's format unless `Accept` asks for the other one.
 """
 

@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from lensnet_client.frame import MEDIA_TYPE as FRAME
 from lensnet_client.layout import Edit
 
-from .allocator import REJECT_REASONS
-from .codec import EMBEDDING_DTYPES, INDEX_DTYPES
-from .pipeline import FocusFields
-from .problems import MEDIA_TYPE as PROBLEM
+from ..core.allocator import REJECT_REASONS
+from ..core.codec import EMBEDDING_DTYPES, INDEX_DTYPES
+from ..core.problems import MEDIA_TYPE as PROBLEM
+from ..pipeline import FocusFields
 
 
 class ArrayObject(BaseModel):

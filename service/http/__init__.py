@@ -1,0 +1,1 @@
+"""HTTP adapters: the ASGI app and routes, the OpenAPI document, admission control."""
