@@ -15,12 +15,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .config import LensNetConfig
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = 2  # 2: no Cast adapter graphs (the service converts embeddings itself)
+MANIFEST_FORMAT = 3
+"""2: no Cast adapter graphs (the service converts embeddings itself); 3: fused attention, named
+per graph (`GraphSpec.attention`). Older artifacts are refused: re-export them with lensnet-export."""
 GRAPH_FILES: dict[str, str] = {"fp32": "lensnet.fp32.onnx", "fp16": "lensnet.fp16.onnx"}
 GRAPH_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16"}
 """The embeddings input dtype of each graph (lod/positions are int64, scores float32 in both)."""
 
 Precision = Literal["fp32", "fp16"]
+Attention = Literal["block-causal", "causal-mha", "mha"]
+"""How a graph computes attention (model_export/fused_attention.py): `block-causal` (causal from
+non-causal fused pieces; the CPU's fp32 graph), `causal-mha` (ORT's fused causal kernels; the CUDA
+fp16 graph), `mha` (a non-causal model)."""
 
 
 class _Strict(BaseModel):
@@ -49,6 +55,7 @@ class TensorSpec(_Strict):
 
 class GraphSpec(_Strict):
     file: str
+    attention: Attention
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
@@ -124,7 +131,10 @@ def load_manifest(directory: Path) -> Manifest:
     except ValidationError as exc:
         raise ArtifactError(f"{path}: invalid manifest: {exc}") from exc
     if manifest.format_version != MANIFEST_FORMAT:
-        raise ArtifactError(f"{path}: manifest format {manifest.format_version}, this service reads {MANIFEST_FORMAT}")
+        raise ArtifactError(
+            f"{path}: manifest format {manifest.format_version}, this service reads {MANIFEST_FORMAT} "
+            "(re-export the model with lensnet-export)"
+        )
     referenced = [graph.file for graph in manifest.graphs.values()]
     problems = [f"{name}: referenced but not listed in files" for name in referenced if name not in manifest.files]
     for name, entry in manifest.files.items():

@@ -2,17 +2,19 @@
 
 Same parameters and `state_dict` keys as `mc/lensnet.py` (nanochat blocks + Gaussian RoPE +
 auxiliary features + tanh head), so its checkpoints load with `strict=True`. Two deliberate,
-documented differences, both invisible for one snapshot per call:
-- `dist_feat` is normalised per snapshot (the reference divides by the batch-wide maximum);
-- attention is written out (matmul → fp32 softmax → matmul) instead of SDPA so that the fp16
-  graph keeps its softmax in fp32.
+documented difference, invisible for one snapshot per call: `dist_feat` is normalised per
+snapshot (the reference divides by the batch-wide maximum).
 Precision policy: the blocks run in their parameters' dtype (fp32, or fp16 for the fp16 graph);
-norms and softmax are computed in fp32; features and head always run in fp32.
+norms and attention are computed in fp32; features and head always run in fp32.
+Each block's attention goes through `SelfAttention.attend` (default: `attention`, PyTorch's SDPA),
+so the exporter can put a fused ONNX construction of the same function in its place
+(`model_export/fused_attention.py`) while this module stays the plain statement of the math.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,13 +55,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Scaled dot-product attention over `[Bt, H, N, hd]` with the softmax in fp32."""
-    logits = (q @ k.transpose(-2, -1)).float() * (q.size(-1) ** -0.5)
-    if causal:
-        n = q.size(-2)
-        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-        logits = logits.masked_fill(future, float("-inf"))
-    return logits.softmax(dim=-1).to(v.dtype) @ v
+    """Scaled dot-product attention over `[Bt, N, H, hd]` (entry i sees entries <= i when causal),
+    computed in fp32 whatever the blocks' dtype; PyTorch's fused kernels keep memory linear in N."""
+    dtype = v.dtype
+    q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).to(dtype)
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
 
 class SelfAttention(nn.Module):
@@ -71,14 +74,15 @@ class SelfAttention(nn.Module):
         self.c_k = nn.Linear(d, d, bias=False)
         self.c_v = nn.Linear(d, d, bias=False)
         self.c_proj = nn.Linear(d, d, bias=False)
+        self.attend: Attend = attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bt, n, d = x.shape
         shape = (bt, n, self.num_heads, d // self.num_heads)
         q, k, v = self.c_q(x).view(shape), self.c_k(x).view(shape), self.c_v(x).view(shape)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
-        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.causal)
-        return self.c_proj(y.transpose(1, 2).reshape(bt, n, d))
+        y = self.attend(q, k, v, self.causal)
+        return self.c_proj(y.reshape(bt, n, d))
 
 
 class MLP(nn.Module):

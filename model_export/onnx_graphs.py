@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import logging
 import warnings
@@ -13,13 +14,17 @@ import onnx
 import torch
 from onnx import helper
 
-from model_export.artifact import GRAPH_DTYPES, GraphSpec, Precision, TensorSpec
+from model_export.artifact import GRAPH_DTYPES, Attention, GraphSpec, Precision, TensorSpec
 
+from .fused_attention import TRANSLATIONS, fused_attention
 from .lensnet import LensNet
 
 OPSET = 18
 INPUT_NAMES = ["embeddings", "lod", "positions"]
 OUTPUT_NAMES = ["scores", "non_finite"]
+CONSTRUCTIONS: dict[Precision, Attention] = {"fp32": "block-causal", "fp16": "causal-mha"}
+"""Each graph's causal attention (model_export/fused_attention.py): fp32 is the CPU's graph
+(flash-style pieces, memory linear in N), fp16 the CUDA one (ORT's fused causal kernels)."""
 
 
 class ServingGraph(torch.nn.Module):
@@ -45,7 +50,7 @@ def _example_inputs(model: LensNet, dtype: torch.dtype) -> tuple[torch.Tensor, t
     return torch.randn(batch, n, model.config.embed_dim).to(dtype), lod, positions
 
 
-def graph_spec(path: Path) -> GraphSpec:
+def graph_spec(path: Path, attention: Attention) -> GraphSpec:
     """Input/output names, dtypes and shapes as the graph declares them."""
     graph = onnx.load(str(path), load_external_data=False).graph
 
@@ -55,41 +60,72 @@ def graph_spec(path: Path) -> GraphSpec:
         dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
         return TensorSpec(name=value.name, dtype=dtype, shape=dims)
 
-    return GraphSpec(file=path.name, inputs=[spec(v) for v in graph.input], outputs=[spec(v) for v in graph.output])
+    return GraphSpec(
+        file=path.name,
+        attention=attention,
+        inputs=[spec(v) for v in graph.input],
+        outputs=[spec(v) for v in graph.output],
+    )
 
 
 def export_graph(model: LensNet, precision: Precision, path: Path) -> GraphSpec:
-    """Export `model` (fp32) as the `precision` `ServingGraph`: dynamic batch and N axes, opset 18.
+    """Export `model` (fp32) as the `precision` `ServingGraph`: dynamic batch and N axes, opset 18,
+    fused attention (`CONSTRUCTIONS`), and no checkout-specific bytes (see `_strip_provenance`).
 
-    fp16 runs the transformer blocks in fp16 (norms and softmax stay fp32 inside the module)
+    fp16 runs the transformer blocks in fp16 (norms and attention stay fp32 inside the module)
     and keeps positional tables, features, head and the score output in fp32.
     """
     model = copy.deepcopy(model).eval()
     dtype = torch.float16 if precision == "fp16" else torch.float32
     if precision == "fp16":
         model.blocks.half()
+    attention = CONSTRUCTIONS[precision] if model.config.causal else "mha"
+    for block in model.blocks:
+        block.attn.attend = functools.partial(fused_attention, construction=attention)
     batch, n = torch.export.Dim("batch"), torch.export.Dim("n")
     axes = {0: batch, 1: n}
     # The exporter narrates to stdout and warns about optional torchvision ops; keep the CLI quiet.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(
+        program = torch.onnx.export(
             ServingGraph(model),
             _example_inputs(model, dtype),
-            str(path),
             dynamo=True,
-            external_data=False,
             opset_version=OPSET,
             input_names=INPUT_NAMES,
             output_names=OUTPUT_NAMES,
             dynamic_shapes={"embeddings": axes, "lod": axes, "positions": axes},
+            custom_translation_table=TRANSLATIONS,
         )
-    onnx.checker.check_model(str(path), full_check=True)
-    spec = graph_spec(path)
+    proto = program.model_proto
+    _strip_provenance(proto)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save_model(proto, str(path))
+    spec = graph_spec(path, attention)
     got = {t.name: t.dtype for t in spec.inputs + spec.outputs}
     want = {"embeddings": GRAPH_DTYPES[precision], "lod": "int64", "positions": "int64"}
     want |= {"scores": "float32", "non_finite": "bool"}
     if got != want:
         raise RuntimeError(f"{path.name}: exported graph has dtypes {got}, expected {want}")
     return spec
+
+
+def _strip_provenance(proto: onnx.ModelProto) -> None:
+    """Drop doc strings and metadata (the exporter records source file paths and stack traces in
+    them), so the same weights give the same bytes from any checkout."""
+    del proto.metadata_props[:]
+    proto.doc_string = ""
+    graphs = [proto.graph, *(f for f in proto.functions)]
+    for graph in graphs:
+        graph.doc_string = ""
+        del graph.metadata_props[:]
+        for node in graph.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        value.doc_string = ""
+        del value.metadata_props[:]
+    for tensor in proto.graph.initializer:
+        tensor.doc_string = ""
+        del tensor.metadata_props[:]

@@ -22,7 +22,17 @@ class Settings(BaseSettings):
 
     model_dir: Path = Field(BUNDLED_MODEL, description="model artifact directory (default: the bundled demo model)")
     precision: Literal["auto", "fp32", "fp16"] = Field(
-        "auto", description="graph to run: auto = fp16 on the CUDA execution provider when available, else fp32 on CPU"
+        "auto",
+        description="graph to run: auto = the artifact graph that runs fastest on this machine's execution provider "
+        "(CUDA when available, else CPU), timed at startup on a WC of --auto-probe-entries entries",
+    )
+    auto_probe_entries: int = Field(
+        2048, ge=1, le=65536, description="WC length that --precision auto times each graph on"
+    )
+    arena_shrink_entries: int = Field(
+        8192,
+        ge=1,
+        description="after scoring a WC at least this long, ONNX Runtime's CPU arena frees its unused memory",
     )
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")

@@ -65,7 +65,10 @@ class Service:
         """Build the ONNX Runtime session and warm it up (in a thread; /readyz waits for it)."""
         try:
             s = self.settings
-            scorer = Scorer(s.model_dir, self.manifest, s.precision, s.intra_op_threads, s.intra_op_spinning)
+            scorer = Scorer(
+                s.model_dir, self.manifest, s.precision, s.intra_op_threads, s.intra_op_spinning,
+                probe_entries=s.auto_probe_entries, shrink_entries=s.arena_shrink_entries,
+            )  # fmt: skip
             Pipeline(scorer, self.manifest, None, self.settings.max_entries).warmup(self.settings.warmup_sizes)
         except Exception:
             self.load_error = "the model failed to load; see the service log"
@@ -303,6 +306,8 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
             "precision": precision,
             "provider": scorer.provider if scorer else None,
             "input_dtype": scorer.input_dtype.name if scorer else None,
+            "auto_probe_ms": scorer.probe_ms if scorer else None,
+            "attention": m.graphs[precision].attention if precision else None,
             "sha256": m.files[m.graphs[precision].file].sha256 if precision else None,
             "embed_dim": cfg.embed_dim,
             "block_size": cfg.block_size,
