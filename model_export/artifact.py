@@ -56,6 +56,9 @@ class TensorSpec(_Strict):
 class GraphSpec(_Strict):
     file: str
     attention: Attention
+    providers: list[str] = Field(min_length=1)
+    """ONNX Runtime execution providers whose kernels run this graph's attention fused (memory
+    linear in N); `--precision auto` only considers a graph built for the provider in use."""
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 

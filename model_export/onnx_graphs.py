@@ -25,6 +25,12 @@ OUTPUT_NAMES = ["scores", "non_finite"]
 CONSTRUCTIONS: dict[Precision, Attention] = {"fp32": "block-causal", "fp16": "causal-mha"}
 """Each graph's causal attention (model_export/fused_attention.py): fp32 is the CPU's graph
 (flash-style pieces, memory linear in N), fp16 the CUDA one (ORT's fused causal kernels)."""
+FUSED_ON: dict[Attention, list[str]] = {
+    "block-causal": ["CPUExecutionProvider", "CUDAExecutionProvider"],
+    "causal-mha": ["CUDAExecutionProvider"],  # ORT's CPU MHA writes out N x N scores when causal
+    "mha": ["CPUExecutionProvider", "CUDAExecutionProvider"],
+}
+"""Where each construction runs fused: the manifest's `GraphSpec.providers`."""
 
 
 class ServingGraph(torch.nn.Module):
@@ -63,6 +69,7 @@ def graph_spec(path: Path, attention: Attention) -> GraphSpec:
     return GraphSpec(
         file=path.name,
         attention=attention,
+        providers=FUSED_ON[attention],
         inputs=[spec(v) for v in graph.input],
         outputs=[spec(v) for v in graph.output],
     )

@@ -20,9 +20,10 @@ PROBE_RUNS = 3  # timed runs per candidate graph (after one untimed), median kep
 class Scorer:
     """Scores one snapshot per call. Thread-safe: ONNX Runtime sessions allow concurrent `run`.
 
-    `precision="auto"` loads every graph of the artifact on the best provider here (CUDA when
-    ONNX Runtime has it and it starts, else the CPU), times each on a synthetic WC of
-    `probe_entries` entries, and keeps the fastest; `probe_ms` records what was measured.
+    `precision="auto"` takes the best provider here (CUDA when ONNX Runtime has it and it starts,
+    else the CPU) and the artifact's graphs built for it (`GraphSpec.providers`); with more than
+    one, it times each on a synthetic WC of `probe_entries` entries and keeps the fastest
+    (`probe_ms` records what was measured).
     After a run over at least `shrink_entries` entries the CPU arena hands its free memory back
     to the OS, so one huge snapshot does not pin its peak; smaller runs reuse the arena.
     """
@@ -34,31 +35,26 @@ class Scorer:
         precision: str,
         intra_op_threads: int = 0,
         spinning: bool = False,
-        probe_entries: int = 2048,
+        probe_entries: int = 8192,
         shrink_entries: int = 8192,
     ) -> None:
         available = ort.get_available_providers()
         if CUDA in available and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when installed that way
         providers = [CUDA, CPU] if CUDA in available else [CPU]
-        candidates: list[Precision] = list(manifest.graphs) if precision == "auto" else [precision]  # type: ignore[list-item]
-        sessions = {
-            p: create_session(model_dir / manifest.graphs[p].file, providers, intra_op_threads, spinning)
-            for p in candidates
-        }
+        sessions = _sessions(model_dir, manifest, precision, providers, intra_op_threads, spinning)
         if providers[0] == CUDA and any(s.get_providers()[0] != CUDA for s in sessions.values()):
-            # ONNX Runtime lists CUDA but could not start it (driver, libraries): measure on the CPU.
+            # ONNX Runtime lists CUDA but could not start it (driver, libraries): the CPU's graphs.
             log.warning("the CUDA execution provider did not start; running on the CPU")
-            sessions = {
-                p: create_session(model_dir / manifest.graphs[p].file, [CPU], intra_op_threads, spinning)
-                for p in candidates
-            }
+            sessions = _sessions(model_dir, manifest, precision, [CPU], intra_op_threads, spinning)
         self.config = manifest.config
         self.probe_ms: dict[str, float] | None = None
         if len(sessions) > 1:
             self.probe_ms = {p: self._probe(s, GRAPH_DTYPES[p], probe_entries) for p, s in sessions.items()}
             log.info("auto precision: median session.run at N=%d: %s", probe_entries, self.probe_ms)
-        self.precision: Precision = min(sessions, key=lambda p: self.probe_ms[p]) if self.probe_ms else candidates[0]
+        self.precision: Precision = (
+            min(sessions, key=lambda p: self.probe_ms[p]) if self.probe_ms else next(iter(sessions))
+        )
         self.session = sessions[self.precision]
         self.provider = self.session.get_providers()[0]
         self.input_dtype = np.dtype(GRAPH_DTYPES[self.precision])
@@ -88,6 +84,16 @@ class Scorer:
         options = self._shrink if lod.size >= self.shrink_entries else None
         scores, non_finite = self.session.run(["scores", "non_finite"], feed, options)
         return scores[0], non_finite[0]
+
+
+def _sessions(
+    model_dir: Path, manifest: Manifest, precision: str, providers: list[str], threads: int, spinning: bool
+) -> dict[Precision, ort.InferenceSession]:
+    """A session per candidate graph: the forced one, or (auto) those built for `providers[0]`
+    (any graph, if the artifact has none for it: each still computes the model)."""
+    graphs = manifest.graphs
+    chosen = [p for p, g in graphs.items() if providers[0] in g.providers] if precision == "auto" else [precision]
+    return {p: create_session(model_dir / graphs[p].file, providers, threads, spinning) for p in chosen or graphs}  # type: ignore[index]
 
 
 def create_session(graph: Path, providers: list[str], intra_op_threads: int, spinning: bool) -> ort.InferenceSession:

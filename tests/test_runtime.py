@@ -1,0 +1,71 @@
+"""The ONNX Runtime backend: which graph `auto` serves, and the CPU arena's memory after big runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+from lensnet_client.layout import synthetic_layout
+from model_export.artifact import load_manifest
+from service.runtime import CPU, Scorer
+
+from .live import REPO
+
+BUNDLED = REPO / "models" / "default"
+
+
+def test_auto_on_the_cpu_serves_the_graph_built_for_it_without_a_probe() -> None:
+    manifest = load_manifest(BUNDLED)
+    scorer = Scorer(BUNDLED, manifest, "auto", intra_op_threads=2)
+    assert [p for p, g in manifest.graphs.items() if CPU in g.providers] == ["fp32"]
+    assert (scorer.precision, scorer.provider, scorer.probe_ms) == ("fp32", CPU, None)
+
+
+def test_auto_times_every_candidate_and_serves_the_fastest() -> None:
+    """With both graphs declared for the CPU, both are timed, and the faster one is served."""
+    manifest = load_manifest(BUNDLED)
+    graphs = {p: g.model_copy(update={"providers": [CPU]}) for p, g in manifest.graphs.items()}
+    scorer = Scorer(BUNDLED, manifest.model_copy(update={"graphs": graphs}), "auto", 2, probe_entries=256)
+    assert scorer.probe_ms is not None and set(scorer.probe_ms) == {"fp32", "fp16"}
+    assert all(ms > 0 for ms in scorer.probe_ms.values())
+    assert scorer.precision == min(scorer.probe_ms, key=scorer.probe_ms.__getitem__)
+    assert scorer.input_dtype == np.dtype("float16" if scorer.precision == "fp16" else "float32")
+
+
+def test_a_forced_precision_is_served_as_asked() -> None:
+    scorer = Scorer(BUNDLED, load_manifest(BUNDLED), "fp16", intra_op_threads=2)
+    assert (scorer.precision, scorer.probe_ms, scorer.input_dtype) == ("fp16", None, np.dtype("float16"))
+    lod, positions = synthetic_layout(300, 32, 2, np.random.default_rng(0))
+    scores, non_finite = scorer.score(np.zeros((300, 256), np.float16), lod, positions)
+    assert scores.shape == (300,) and not non_finite.any()
+
+
+SHRINK_SCRIPT = """
+import sys, numpy as np
+from pathlib import Path
+from lensnet_client.layout import synthetic_layout
+from model_export.artifact import load_manifest
+from service.runtime import Scorer
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096
+model = Path(sys.argv[1])
+scorer = Scorer(model, load_manifest(model), 'fp32', 2, shrink_entries=int(sys.argv[2]))
+lod, positions = synthetic_layout(8192, 32, 2, np.random.default_rng(0))
+before = rss()
+scorer.score(np.ones((8192, 256), np.float32), lod, positions)
+print(rss() - before)
+"""
+
+
+def _rss_growth_after_8k(shrink_entries: int) -> int:
+    run = [sys.executable, "-c", SHRINK_SCRIPT, str(BUNDLED), str(shrink_entries)]
+    return int(subprocess.run(run, capture_output=True, text=True, check=True).stdout)
+
+
+def test_big_runs_hand_the_arena_back_and_smaller_ones_keep_it() -> None:
+    """After an 8,192-entry run the arena keeps its ~400 MiB peak unless that run reached
+    `shrink_entries`; then the process is back within 100 MiB of where it started."""
+    kept, shrunk = _rss_growth_after_8k(8193), _rss_growth_after_8k(8192)
+    assert kept > 200 << 20
+    assert shrunk < 100 << 20
