@@ -44,6 +44,7 @@ from hdrh.histogram import HdrHistogram
 from lensnet_client import FocusClient, FocusError, synthetic_layout
 from lensnet_client.client import _Protocol
 from model_export.artifact import ArtifactError, load_manifest
+from service.runtime import create_session
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".bench"
@@ -191,10 +192,11 @@ def drive(
 
 
 def raw_session_run(path: Path, precision: str, provider: str, snaps: list, runs: int) -> dict[str, float]:
-    """session.run of the graph the server runs (same precision and provider) on the same inputs."""
+    """session.run of the graph the server runs (same precision, provider and session options) on
+    the same inputs."""
     manifest = load_manifest(path)
     providers = [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [provider]
-    session = ort.InferenceSession(str(path / manifest.graphs[precision].file), providers=providers)
+    session = create_session(path / manifest.graphs[precision].file, providers, 0, False)
     dtype = np.float16 if precision == "fp16" else np.float32
     feeds = [{"embeddings": e[None].astype(dtype), "lod": lod[None], "positions": pos[None]} for e, lod, pos in snaps]
     session.run(None, feeds[0])
@@ -237,7 +239,7 @@ def bare_receive(bare_url: str, bodies: Bodies, concurrency: int, requests: int)
 
 
 def requests_for(n: int, fmt: str, quick: bool) -> int:
-    count = {512: 200, 2048: 60, 8192: 16}[n] // (2 if fmt == "json" else 1)
+    count = {512: 200, 2048: 60, 8192: 16, 16384: 8}.get(n, 8) // (2 if fmt == "json" else 1)
     return max(8, count // 4) if quick else count
 
 
