@@ -58,6 +58,14 @@ VARIANTS = 4  # distinct snapshots per configuration, cycled
 TARGET_PROCESSING_MS, TARGET_RECEIVE_RATIO = 1.0, 1.1
 
 
+def git_commit() -> str:
+    """The checkout's short commit, for a report's provenance."""
+    found = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, cwd=REPO
+    )
+    return found.stdout.strip() or "unknown"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -300,6 +308,7 @@ def main() -> None:
     key = [r for r in results if (r["d"], r["n"], r["format"], r["payload"]) == (512, 8192, "binary", "float16")]
     report = {
         "benchmark": "latency",
+        "commit": git_commit(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__},
         "device": served["provider"],
         "results": results,

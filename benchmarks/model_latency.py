@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from collections import defaultdict
@@ -37,7 +36,7 @@ from model_export.artifact import Manifest, load_manifest
 from model_export.lensnet import LensNet, init_random
 from service.runtime import CPU, CUDA, create_session
 
-from .latency import model_dir, percentiles
+from .latency import git_commit, model_dir, percentiles
 
 SIZES = (512, 2048, 8192, 16384)
 DIMS = (256, 1280)
@@ -59,7 +58,7 @@ def main() -> None:
     report = {
         "benchmark": "model_latency",
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": threads},
-        "commit": _commit(),
+        "commit": git_commit(),
         "onnxruntime": ort.__version__,
         "torch": torch.__version__,
         "results": results,
@@ -165,11 +164,6 @@ def _timed(run: Callable[[dict[str, np.ndarray]], Any], feed: dict[str, np.ndarr
 
 def _status_bytes(field: str) -> int:
     return int(Path("/proc/self/status").read_text().split(f"{field}:")[1].split()[0]) * 1024
-
-
-def _commit() -> str:
-    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    return found.stdout.strip() or "unknown"
 
 
 def profile_ops(graph: Path, providers: list[str], feed: dict[str, np.ndarray], runs: int = 2) -> dict[str, Any]:
