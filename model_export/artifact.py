@@ -57,8 +57,8 @@ class GraphSpec(_Strict):
     file: str
     attention: Attention
     providers: list[str] = Field(min_length=1)
-    """ONNX Runtime execution providers whose kernels run this graph's attention fused (memory
-    linear in N); `--precision auto` only considers a graph built for the provider in use."""
+    """ONNX Runtime execution providers this graph's attention is built for; `--precision auto`
+    only considers (and times) the graphs built for the provider in use."""
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 

@@ -26,11 +26,12 @@ CONSTRUCTIONS: dict[Precision, Attention] = {"fp32": "block-causal", "fp16": "ca
 """Each graph's causal attention (model_export/fused_attention.py): fp32 is the CPU's graph
 (flash-style pieces, memory linear in N), fp16 the CUDA one (ORT's fused causal kernels)."""
 FUSED_ON: dict[Attention, list[str]] = {
+    # On CUDA its 65-wide heads miss the flash kernel (head size % 8): a candidate the probe may reject.
     "block-causal": ["CPUExecutionProvider", "CUDAExecutionProvider"],
     "causal-mha": ["CUDAExecutionProvider"],  # ORT's CPU MHA writes out N x N scores when causal
     "mha": ["CPUExecutionProvider", "CUDAExecutionProvider"],
 }
-"""Where each construction runs fused: the manifest's `GraphSpec.providers`."""
+"""The providers each construction is built for (the manifest's `GraphSpec.providers`)."""
 
 
 class ServingGraph(torch.nn.Module):
