@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import onnx
@@ -16,7 +12,7 @@ from onnx import helper
 
 from model_export.artifact import GRAPH_DTYPES, Attention, GraphSpec, Precision, TensorSpec
 
-from .fused_attention import TRANSLATIONS, fused_attention
+from .fused_attention import TRANSLATIONS, expand_block_causal, fused_attention, quiet_exporter
 from .lensnet import LensNet
 
 OPSET = 18
@@ -92,10 +88,7 @@ def export_graph(model: LensNet, precision: Precision, path: Path) -> GraphSpec:
         block.attn.attend = functools.partial(fused_attention, construction=attention)
     batch, n = torch.export.Dim("batch"), torch.export.Dim("n")
     axes = {0: batch, 1: n}
-    # The exporter narrates to stdout and warns about optional torchvision ops; keep the CLI quiet.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with quiet_exporter():
         program = torch.onnx.export(
             ServingGraph(model),
             _example_inputs(model, dtype),
@@ -107,6 +100,7 @@ def export_graph(model: LensNet, precision: Precision, path: Path) -> GraphSpec:
             custom_translation_table=TRANSLATIONS,
         )
     proto = program.model_proto
+    expand_block_causal(proto, model.config.num_heads, model.config.head_dim)
     _strip_provenance(proto)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save_model(proto, str(path))
@@ -124,16 +118,23 @@ def _strip_provenance(proto: onnx.ModelProto) -> None:
     them), so the same weights give the same bytes from any checkout."""
     del proto.metadata_props[:]
     proto.doc_string = ""
-    graphs = [proto.graph, *(f for f in proto.functions)]
-    for graph in graphs:
-        graph.doc_string = ""
-        del graph.metadata_props[:]
-        for node in graph.node:
-            node.doc_string = ""
-            del node.metadata_props[:]
-    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
-        value.doc_string = ""
-        del value.metadata_props[:]
-    for tensor in proto.graph.initializer:
-        tensor.doc_string = ""
-        del tensor.metadata_props[:]
+    for graph in [proto.graph, *proto.functions]:
+        _strip_graph(graph)
+
+
+def _strip_graph(graph: onnx.GraphProto | onnx.FunctionProto) -> None:
+    graph.doc_string = ""
+    del graph.metadata_props[:]
+    for node in graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+        for attribute in node.attribute:
+            for subgraph in [attribute.g, *attribute.graphs] if attribute.type in _GRAPH_ATTRIBUTES else []:
+                _strip_graph(subgraph)
+    if isinstance(graph, onnx.GraphProto):
+        for item in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+            item.doc_string = ""
+            del item.metadata_props[:]
+
+
+_GRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)

@@ -2,51 +2,31 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 from model_export.artifact import load_manifest, sha256_file
-from model_export.fused_attention import LEVELS, TRANSLATIONS, fused_attention
+from model_export.fused_attention import LEVELS, WRITTEN_OUT_MAX, attention_model, fused_attention, onnx_attention
 from model_export.lensnet import LensNet, attention
-from model_export.parity import cpu_session
 
 from .live import REPO
 
 BUNDLED = REPO / "models" / "default"
 
 
-class _Attend(torch.nn.Module):
-    def __init__(self, causal: bool, construction: str) -> None:
-        super().__init__()
-        self.causal, self.construction = causal, construction
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return fused_attention(q, k, v, self.causal, self.construction)
-
-
-def _export_op(tmp_path: Path, causal: bool, construction: str, heads: int, head_dim: int, dtype: torch.dtype) -> Path:
-    path = tmp_path / f"{construction}.onnx"
-    example = tuple(torch.randn(2, 5, heads, head_dim).to(dtype) for _ in range(3))
-    axes = {0: torch.export.Dim("b"), 1: torch.export.Dim("n")}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _Attend(causal, construction), example, str(path), dynamo=True, external_data=False, opset_version=18,
-            input_names=["q", "k", "v"], dynamic_shapes={"q": axes, "k": axes, "v": axes},
-            custom_translation_table=TRANSLATIONS,
-        )  # fmt: skip
-    return path
+def _session(construction: str, heads: int, head_dim: int, dtype: torch.dtype = torch.float32) -> ort.InferenceSession:
+    return ort.InferenceSession(
+        attention_model(construction, heads, head_dim, dtype).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
 
 
 def _qkv(batch: int, n: int, heads: int, head_dim: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -61,12 +41,13 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
 
 
 SIZES = [(1, 1), (1, 2), (1, 127), (1, 2**LEVELS), (1, 2**LEVELS + 1), (3, 300), (1, 2049)]
+AROUND_THE_BRANCH = [(1, 1), (2, 77), (1, WRITTEN_OUT_MAX), (1, WRITTEN_OUT_MAX + 1), (2, 1500)]
 
 
 @pytest.mark.parametrize("heads,head_dim", [(4, 16), (2, 128)])
-def test_block_causal_graph_equals_causal_sdpa(tmp_path: Path, heads: int, head_dim: int) -> None:
+def test_block_causal_pieces_equal_causal_sdpa(heads: int, head_dim: int) -> None:
     """Every length class: shorter than one leaf, exactly a multiple of 2^LEVELS, one past it, batched."""
-    session = cpu_session(_export_op(tmp_path, True, "block-causal", heads, head_dim, torch.float32))
+    session = _session("pieces", heads, head_dim)
     for seed, (batch, n) in enumerate(SIZES):
         q, k, v = _qkv(batch, n, heads, head_dim, seed)
         got = session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})[0]
@@ -75,11 +56,20 @@ def test_block_causal_graph_equals_causal_sdpa(tmp_path: Path, heads: int, head_
         assert np.abs(got - expected).max() <= 2e-6, (batch, n)
 
 
-def test_block_causal_is_causal_and_exact_at_extreme_scores(tmp_path: Path) -> None:
+def test_block_causal_graph_takes_either_branch_exactly() -> None:
+    """The `If` writes attention out up to WRITTEN_OUT_MAX entries and takes the pieces past it."""
+    session = _session("block-causal", 4, 32)
+    for seed, (batch, n) in enumerate(AROUND_THE_BRANCH):
+        q, k, v = _qkv(batch, n, 4, 32, seed)
+        got = session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})[0]
+        assert np.abs(got - attention(q, k, v, causal=True).numpy()).max() <= 2e-6, (batch, n)
+
+
+def test_block_causal_is_causal_and_exact_at_extreme_scores() -> None:
     """A later entry never changes an earlier output; scores at both ends of [-sqrt(hd), sqrt(hd)]
     (keys equal to, or opposite of, the query) stay exact: the sentinel weights cannot overflow."""
     heads, head_dim, n = 2, 64, 700
-    session = cpu_session(_export_op(tmp_path, True, "block-causal", heads, head_dim, torch.float32))
+    session = _session("pieces", heads, head_dim)
     q, k, v = _qkv(1, n, heads, head_dim, 7)
     k[:, 1::2] = -q[:, 1::2]  # the lowest possible scores on the diagonal
     k[:, ::3] = q[:, ::3]  # the highest
@@ -95,8 +85,8 @@ def test_block_causal_is_causal_and_exact_at_extreme_scores(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("causal,construction", [(True, "causal-mha"), (False, "mha")])
-def test_mha_constructions_equal_sdpa(tmp_path: Path, causal: bool, construction: str) -> None:
-    session = cpu_session(_export_op(tmp_path, causal, construction, 4, 16, torch.float16))
+def test_mha_constructions_equal_sdpa(causal: bool, construction: str) -> None:
+    session = _session(construction, 4, 16, torch.float16)
     q, k, v = _qkv(2, 257, 4, 16, 3)
     feed = {name: t.half().numpy() for name, t in zip("qkv", (q, k, v), strict=True)}
     got = session.run(None, feed)[0].astype(np.float32)
@@ -104,26 +94,35 @@ def test_mha_constructions_equal_sdpa(tmp_path: Path, causal: bool, construction
     assert np.abs(got - expected).max() <= 4e-3
 
 
-def test_a_construction_that_contradicts_the_model_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="does not fit causal=False"):
-        _export_op(tmp_path, False, "block-causal", 2, 16, torch.float32)
+def test_a_construction_that_contradicts_the_model_is_refused() -> None:
+    """A non-causal attention asked for a causal construction fails the export, loudly."""
+    q = torch.zeros(1, 3, 2, 16)
+    with pytest.raises(ValueError, match="does not fit causal=False"):
+        onnx_attention(q, q, q, False, "block-causal")
+
+
+def _ops(graph: onnx.GraphProto, op_type: str) -> list[onnx.NodeProto]:
+    return [node for node in graph.node if node.op_type == op_type]
 
 
 def test_bundled_graphs_use_the_fused_constructions() -> None:
-    """fp32: non-causal MHA pieces (flash on the CPU) and no softmax over N x N; fp16: causal MHA."""
+    """fp32: per layer an If whose large-N branch is non-causal MHA pieces (flash on the CPU) with
+    no softmax over N x N, and whose small-N branch writes scores out; fp16: causal MHA."""
     manifest = load_manifest(BUNDLED)
     layers = manifest.config.layers
-    expected = {"fp32": ("block-causal", 0, LEVELS * layers), "fp16": ("causal-mha", 1, layers)}
-    for precision, (attention_kind, unidirectional, count) in expected.items():
-        spec = manifest.graphs[precision]
-        assert spec.attention == attention_kind
-        graph = onnx.load(str(BUNDLED / spec.file)).graph
-        mha = [node for node in graph.node if node.op_type == "MultiHeadAttention"]
-        assert len(mha) == count, precision
-        assert all({a.name: a.i for a in node.attribute}.get("unidirectional", 0) == unidirectional for node in mha), (
-            precision
-        )
-        assert not [node for node in graph.node if node.op_type == "Softmax"], precision
+    fp32 = onnx.load(str(BUNDLED / manifest.graphs["fp32"].file)).graph
+    assert manifest.graphs["fp32"].attention == "block-causal"
+    branches = [{a.name: a.g for a in node.attribute} for node in _ops(fp32, "If")]
+    assert len(branches) == layers and not _ops(fp32, "MultiHeadAttention") and not _ops(fp32, "Softmax")
+    for branch in branches:
+        pieces = _ops(branch["else_branch"], "MultiHeadAttention")
+        assert len(pieces) == LEVELS and not _ops(branch["else_branch"], "Softmax")
+        assert all("unidirectional" not in {a.name for a in node.attribute} for node in pieces)
+        assert len(_ops(branch["then_branch"], "Softmax")) == 1
+    fp16 = onnx.load(str(BUNDLED / manifest.graphs["fp16"].file)).graph
+    assert manifest.graphs["fp16"].attention == "causal-mha" and not _ops(fp16, "Softmax")
+    mha = _ops(fp16, "MultiHeadAttention")
+    assert len(mha) == layers and all({a.name: a.i for a in node.attribute}["unidirectional"] == 1 for node in mha)
 
 
 def test_export_is_reproducible_from_any_checkout(tmp_path: Path) -> None:
