@@ -62,7 +62,8 @@ def measure(d: int, n: int) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "service", "--port", str(port), "--model-dir", str(path),
-               "--warmup-sizes", "[64]", "--max-entries", str(max(n, 32768)), "--log-level", "warning"]  # fmt: skip
+               "--warmup-sizes", "[64]", "--max-entries", str(max(n, 32768)),
+               "--max-body-bytes", str(4 * n * d + (1 << 20)), "--log-level", "warning"]  # fmt: skip
     rng = np.random.default_rng(n)
     lod, positions = synthetic_layout(n, 32, 2, rng)
     embeddings = rng.standard_normal((n, d)).astype(np.float16)
