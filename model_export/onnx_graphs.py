@@ -21,7 +21,7 @@ OUTPUT_NAMES = ["scores", "non_finite"]
 CONSTRUCTIONS: dict[Precision, Attention] = {"fp32": "block-causal", "fp16": "causal-mha"}
 """Each graph's causal attention (model_export/fused_attention.py): fp32 is the CPU's graph
 (flash-style pieces, memory linear in N), fp16 the CUDA one (ORT's fused causal kernels)."""
-FUSED_ON: dict[Attention, list[str]] = {
+BUILT_FOR: dict[Attention, list[str]] = {
     # On CUDA its 65-wide heads miss the flash kernel (head size % 8): a candidate the probe may reject.
     "block-causal": ["CPUExecutionProvider", "CUDAExecutionProvider"],
     "causal-mha": ["CUDAExecutionProvider"],  # ORT's CPU MHA writes out N x N scores when causal
@@ -66,7 +66,7 @@ def graph_spec(path: Path, attention: Attention) -> GraphSpec:
     return GraphSpec(
         file=path.name,
         attention=attention,
-        providers=FUSED_ON[attention],
+        providers=BUILT_FOR[attention],
         inputs=[spec(v) for v in graph.input],
         outputs=[spec(v) for v in graph.output],
     )
