@@ -39,12 +39,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args()
+    commit = git_commit()  # the code measured: read before the runs, not after
     results = [measure(d, n) for d in args.dims for n in args.sizes]
     row = next((r for r in results if (r["d"], r["n"]) == (256, 8192)), None)
     report: dict[str, Any] = {
         "benchmark": "memory",
         "cores": os.cpu_count(),
-        "commit": git_commit(),
+        "commit": commit,
         "results": results,
     }
     if row:

@@ -52,13 +52,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="per-operator time at the largest N")
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args()
+    commit = git_commit()  # the code measured: read before the runs, not after
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     results = [row for d in args.dims for row in measure_dim(d, args.sizes, args.runs, args.profile)]
     report = {
         "benchmark": "model_latency",
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": threads},
-        "commit": git_commit(),
+        "commit": commit,
         "onnxruntime": ort.__version__,
         "torch": torch.__version__,
         "results": results,

@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(1, ge=1, le=256, description="inferences running at once per process")
     queue_size: int = Field(16, ge=0, le=4096, description="requests allowed to wait for a slot; beyond it: 429")
     max_body_bytes: int = Field(64 << 20, ge=1024, description="largest accepted request body; beyond it: 413")
-    max_entries: int = Field(32768, ge=1, description="largest accepted WC length N; beyond it: 413")
+    max_entries: int = Field(
+        16384, ge=1, description="largest accepted WC length N; beyond it: 413 (memory grows ~150 bytes x N x D)"
+    )
     stream_min_bytes: int = Field(
         4 << 20, ge=0, description="frames at least this large are decoded while they arrive (smaller: after)"
     )
