@@ -11,6 +11,7 @@ Errors are the protocol's `{"error": "..."}` with the same status codes as /v1. 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from importlib.metadata import version as package_version
 from typing import TYPE_CHECKING, Any
 
@@ -89,11 +90,17 @@ def router(service: Service) -> APIRouter:
         return _error(404, f"unknown model {asked}: this server has {model.name} version {model.version}")
 
     def versioned(path: str, summary: str, method: str = "GET") -> Any:
-        """Register a handler on `path` and on its `/versions/{version}` twin."""
+        """Register `handler(name, version)` on `path` (version None) and on its `/versions/{version}` twin."""
 
-        def register(handler: Any) -> Any:
-            api.add_api_route(path.format(v=""), handler, methods=[method], summary=summary)
-            api.add_api_route(path.format(v="/versions/{version}"), handler, methods=[method], summary=summary)
+        def register(handler: Callable[[str, str | None], Awaitable[Response]]) -> Any:
+            async def latest(name: str) -> Response:
+                return await handler(name, None)
+
+            async def chosen(name: str, version: str) -> Response:
+                return await handler(name, version)
+
+            api.add_api_route(path.format(v=""), latest, methods=[method], summary=summary)
+            api.add_api_route(path.format(v="/versions/{version}"), chosen, methods=[method], summary=summary)
             return handler
 
         return register
@@ -112,11 +119,11 @@ def router(service: Service) -> APIRouter:
         return _health(service.status == "ready")
 
     @versioned("/v2/models/{{name}}{v}/ready", "Model ready: 200, 400 while not ready, 404 for another model")
-    async def model_ready(name: str, version: str | None = None) -> Response:
+    async def model_ready(name: str, version: str | None) -> Response:
         return unknown(name, version) or _health(service.status == "ready")
 
     @versioned("/v2/models/{{name}}{v}", "Model metadata: inputs and outputs as the loaded graph wants them")
-    async def model_metadata(name: str, version: str | None = None) -> Response:
+    async def model_metadata(name: str, version: str | None) -> Response:
         pipeline = service.pipeline
         if refused := unknown(name, version) or not_loaded(pipeline):
             return refused
@@ -125,7 +132,7 @@ def router(service: Service) -> APIRouter:
         return Response(json.dumps(document), media_type=codec.JSON)
 
     @versioned("/v2/models/{{name}}{v}/config", "Model configuration (Triton's extension; perf_analyzer reads it)")
-    async def model_config(name: str, version: str | None = None) -> Response:
+    async def model_config(name: str, version: str | None) -> Response:
         pipeline = service.pipeline
         if refused := unknown(name, version) or not_loaded(pipeline):
             return refused
@@ -142,7 +149,7 @@ def router(service: Service) -> APIRouter:
         return Response(json.dumps(document), media_type=codec.JSON)
 
     @versioned("/v2/models/{{name}}{v}/infer", "Inference (scoring), served like /v1/score", "POST")
-    async def other_model_infer(name: str, version: str | None = None) -> Response:
+    async def other_model_infer(name: str, version: str | None) -> Response:
         return unknown(name, version) or _error(404, f"no such path for model {name}")
 
     def not_loaded(pipeline: Pipeline | None) -> Response | None:
