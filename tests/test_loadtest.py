@@ -88,3 +88,10 @@ def test_fails_when_the_service_answers_errors(live: LiveService, tmp_path: Path
     code, report = load_test(live.url, tmp_path, "--endpoint", "score", "--n", str(MAX_ENTRIES + 1), seconds=2)
     errors = report["endpoints"]["score"]["errors"]
     assert code == 1 and errors > 0 and report["failures"][0] == f"score: no successful request ({errors} errors)"
+
+
+def test_a_deployment_it_cannot_read_stops_the_run_at_once_with_status_2() -> None:
+    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", "http://127.0.0.1:9",
+               "--run-time", "120s", "--only-summary"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=60)  # far below the run time
+    assert result.returncode == 2 and "cannot start the check: " in result.stderr

@@ -19,6 +19,7 @@ distributed: the histograms live in the process that measured them).
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from abc import ABC, abstractmethod
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gevent
 import httpx
 import numpy as np
 from hdrh.histogram import HdrHistogram
@@ -221,12 +223,17 @@ def _arguments(parser: Any) -> None:
 
 @events.test_start.add_listener
 def _prepare(environment: Environment, **_: Any) -> None:
+    """Read the model off the deployment and build the bodies; on failure stop at once (exit status 2)."""
     options = environment.parsed_options
     endpoints = [name.strip() for name in options.endpoint.split(",") if name.strip()]
-    if unknown := sorted(set(endpoints) - set(SCENARIOS)):
-        raise SystemExit(f"--endpoint: unknown {unknown}; choose from {sorted(SCENARIOS)}")
-    sizes = [int(n) for n in options.n.split(",") if n.strip()]
-    CHECK.prepare(environment.host, endpoints, sizes, options.seed)
+    try:
+        if unknown := sorted(set(endpoints) - set(SCENARIOS)):
+            raise ValueError(f"--endpoint: unknown {unknown}; choose from {sorted(SCENARIOS)}")
+        sizes = [int(n) for n in options.n.split(",") if n.strip()]
+        CHECK.prepare(environment.host, endpoints, sizes, options.seed)
+    except (ValueError, httpx.HTTPError) as exc:
+        logging.getLogger("lensnet.loadtest").error("cannot start the check: %s", exc)
+        gevent.spawn(environment.runner.quit)  # type: ignore[union-attr]
 
 
 @events.quitting.add_listener
@@ -250,6 +257,8 @@ class ServiceUser(FastHttpUser):
     def on_start(self) -> None:
         self.rng = random.Random()
         self.scenarios = [scenario.for_user() for scenario in CHECK.scenarios.values()]
+        if not self.scenarios:  # the check could not start; the runner is quitting
+            self.stop()
 
     @task
     def call(self) -> None:
