@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,6 +20,7 @@ from lensnet_client import FocusClient, oip
 from .live import REPO, LiveService, snapshot
 
 MODEL = json.loads((REPO / "models" / "default" / "manifest.json").read_text())["model"]
+README = REPO / "README.md"
 NAME, VERSION = MODEL["name"], MODEL["version"]
 STREAM_MIN = 64 << 10  # bodies from 64 KiB on are decoded while they arrive: both paths get tested
 MAX_ENTRIES = 1024
@@ -197,3 +202,14 @@ def test_metrics_count_v2_under_its_own_endpoint_label(client: triton.InferenceS
     after = (sample(ok), sample(bad), sample(entries))
     assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (4, 1, 4)
     assert 'lensnet_requests_over_budget_total{endpoint="/v2/infer"}' in live.metrics()
+
+
+def test_readme_tritonclient_example_runs(live: LiveService) -> None:
+    """The README's "Using it from Triton/KServe tooling" example, as written."""
+    (example,) = re.findall(r"<!-- example-v2: tritonclient -->\n```python\n(.*?)```", README.read_text(), re.DOTALL)
+    result = subprocess.run(
+        [sys.executable, "-c", example], capture_output=True, text=True, cwd=REPO, timeout=120,
+        env={**os.environ, "LENSNET_URL": live.url},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "(512,) float32"
