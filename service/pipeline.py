@@ -83,17 +83,23 @@ class ScoreFields(BaseModel):
 
 
 class OutputParameters(BaseModel):
+    """A requested output's parameters (v2)."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
     binary_data: bool | None = Field(None, description="binary tensor data extension: this output as raw bytes")
 
 
 class RequestedOutput(BaseModel):
+    """A v2 `$request_output`: the model has one output, `scores`."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
     name: Literal["scores"]
     parameters: OutputParameters = Field(default_factory=OutputParameters)
 
 
 class InferParameters(BaseModel):
+    """A v2 request's parameters: only the binary tensor data extension's."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
     binary_data_output: bool = Field(False, description="every output as raw bytes unless it says otherwise")
 

@@ -65,7 +65,8 @@ def negotiate(
 
 
 def error_response(problem: problems.Problem, instance: str = "") -> Response:
-    """The protocol's error object; the status and headers (Retry-After, Allow) are the /v1 ones."""
+    """The protocol's error object (it has no `instance`); the status and headers (Retry-After,
+    Allow) are the /v1 ones."""
     return _error(problem.status, problem.detail, problem.headers)
 
 
