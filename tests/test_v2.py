@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
@@ -213,3 +216,47 @@ def test_readme_tritonclient_example_runs(live: LiveService) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[0] == "(512,) float32"
+
+
+def test_not_ready_while_warming_up_in_the_protocol_s_terms() -> None:
+    service = LiveService("--warmup-sizes", "[2048, 2048, 2048, 2048]")  # a few seconds of warm-up on CPU
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                ready = service.http.get("/v2/health/ready")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert ready.status_code == 400 and ready.content == b""  # false, while loading
+        assert service.http.get("/v2/health/live").status_code == 200
+        assert service.http.get(f"/v2/models/{NAME}/ready").status_code == 400
+        body, headers = oip.pack(dict(zip(("embeddings", "lod", "positions"), snapshot(64), strict=True)))
+        early = service.http.post(f"/v2/models/{NAME}/infer", content=body, headers=headers)
+        assert early.status_code == 503 and int(early.headers["retry-after"]) >= 1
+        assert early.json() == {"error": "model loading"}
+        service.wait_ready(120)
+        assert service.http.get("/v2/health/ready").status_code == 200
+    finally:
+        assert service.stop() == 0
+
+
+def test_overload_is_429_with_retry_after_in_the_protocol_s_terms() -> None:
+    service = LiveService("--max-concurrency", "1", "--queue-size", "0").wait_ready()
+    try:
+        body, headers = oip.pack(dict(zip(("embeddings", "lod", "positions"), snapshot(2048, seed=7), strict=True)))
+
+        def post(_: int) -> httpx.Response:
+            return httpx.post(f"{service.url}/v2/models/{NAME}/infer", content=body, headers=headers, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(post, range(6)))
+        refused = [r for r in responses if r.status_code == 429]
+        assert refused and all(r.status_code in (200, 429) for r in responses)
+        assert all(int(r.headers["retry-after"]) >= 1 and set(r.json()) == {"error"} for r in refused)
+        metrics = service.metrics()
+        assert metrics['lensnet_requests_refused_total{reason="overload"}'] == len(refused)
+        assert metrics['lensnet_request_duration_seconds_count{endpoint="/v2/infer",status="429"}'] == len(refused)
+    finally:
+        assert service.stop() == 0

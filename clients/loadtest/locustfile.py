@@ -155,6 +155,7 @@ class Check:
         self.by_size: dict[tuple[str, int], Latencies] = {}
         self.model: dict[str, Any] = {}
         self.started = time.monotonic()
+        self.not_started = ""  # why the check could not start, if it could not
 
     def prepare(self, host: str, endpoints: list[str], sizes: list[int], seed: int) -> None:
         self.model = httpx.get(f"{host.rstrip('/')}/v1/model", timeout=30).raise_for_status().json()
@@ -232,21 +233,25 @@ def _prepare(environment: Environment, **_: Any) -> None:
         sizes = [int(n) for n in options.n.split(",") if n.strip()]
         CHECK.prepare(environment.host, endpoints, sizes, options.seed)
     except (ValueError, httpx.HTTPError) as exc:
+        CHECK.not_started = str(exc)
         logging.getLogger("lensnet.loadtest").error("cannot start the check: %s", exc)
         gevent.spawn(environment.runner.quit)  # type: ignore[union-attr]
 
 
 @events.quitting.add_listener
 def _verdict(environment: Environment, **_: Any) -> None:
-    if not CHECK.by_endpoint:  # never started (bad arguments, unreachable host)
-        environment.process_exit_code = 2
-        return
-    report = CHECK.report(environment.parsed_options)
+    """Print and write the report; exit 0 (passed), 1 (a budget missed) or 2 (the check never started)."""
+    options = environment.parsed_options
+    if CHECK.by_endpoint:
+        report = CHECK.report(options)
+    else:  # bad arguments, an unreachable deployment, or the run time was over before it could start
+        reason = CHECK.not_started or "the run ended before the check started"
+        report = {"host": options.host, "endpoints": {}, "failures": [f"not started: {reason}"], "passed": False}
     text = json.dumps(report, indent=2)
     print(text)
-    if environment.parsed_options.report_file:
-        Path(environment.parsed_options.report_file).write_text(text + "\n")
-    environment.process_exit_code = 0 if report["passed"] else 1
+    if options.report_file:
+        Path(options.report_file).write_text(text + "\n")
+    environment.process_exit_code = 2 if not CHECK.by_endpoint else 0 if report["passed"] else 1
 
 
 class ServiceUser(FastHttpUser):
