@@ -75,6 +75,8 @@ def test_health_and_server_metadata(client: triton.InferenceServerClient, live: 
     assert live.http.get("/v2/health/ready").content == b""  # the protocol's empty health body
     metadata = client.get_server_metadata()
     assert metadata["name"] == "lensnet-focus" and "binary_tensor_data" in metadata["extensions"]
+    infer = live.http.get("/openapi.json").json()["paths"]["/v2/models/{name}/infer"]["post"]
+    assert set(infer["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
 
 
 def test_model_metadata_and_config_describe_the_loaded_graph(

@@ -90,7 +90,7 @@ def router(service: Service) -> APIRouter:
         asked = name if version is None else f"{name} version {version}"
         return _error(404, f"unknown model {asked}: this server has {model.name} version {model.version}")
 
-    def versioned(path: str, summary: str, method: str = "GET") -> Any:
+    def versioned(path: str, summary: str, method: str = "GET", openapi: dict[str, Any] | None = None) -> Any:
         """Register `handler(name, version)` on `path` (version None) and on its `/versions/{version}` twin."""
 
         def register(handler: Callable[[str, str | None], Awaitable[Response]]) -> Any:
@@ -100,8 +100,8 @@ def router(service: Service) -> APIRouter:
             async def chosen(name: str, version: str) -> Response:
                 return await handler(name, version)
 
-            api.add_api_route(path.format(v=""), latest, methods=[method], summary=summary)
-            api.add_api_route(path.format(v="/versions/{version}"), chosen, methods=[method], summary=summary)
+            for route, endpoint in ((path.format(v=""), latest), (path.format(v="/versions/{version}"), chosen)):
+                api.add_api_route(route, endpoint, methods=[method], summary=summary, openapi_extra=openapi)
             return handler
 
         return register
@@ -149,7 +149,7 @@ def router(service: Service) -> APIRouter:
         }  # fmt: skip
         return Response(json.dumps(document), media_type=codec.JSON)
 
-    @versioned("/v2/models/{{name}}{v}/infer", "Inference (scoring), served like /v1/score", "POST")
+    @versioned("/v2/models/{{name}}{v}/infer", "Inference (scoring), served like /v1/score", "POST", INFER_DOC)
     async def other_model_infer(name: str, version: str | None) -> Response:
         return unknown(name, version) or _error(404, f"no such path for model {name}")
 
@@ -159,6 +159,27 @@ def router(service: Service) -> APIRouter:
         return None
 
     return api
+
+
+_ERROR = {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}}
+INFER_DOC = {  # the infer route's body is read by the scoring path, not by FastAPI: documented here
+    "requestBody": {
+        "required": True,
+        "description": "An $inference_request with inputs embeddings [1, N, D], lod and positions [1, N] (JSON data), "
+        "or that JSON followed by binary tensors (Inference-Header-Content-Length: the JSON's length).",
+        "content": {"application/json": {"schema": {"type": "object"}},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    "responses": {
+        "200": {"description": "An $inference_response with scores [1, N] FP32 (binary after the JSON when asked)",
+                "content": {"application/json": {}, "application/octet-stream": {}}},
+        **{str(code): {"description": text, "content": _ERROR} for code, text in (
+            (400, "malformed body"), (404, "another model"), (413, "body or N too large"),
+            (415, "compressed body"), (422, "invalid input: shape, datatype, layout, NaN/inf, parameter"),
+            (429, "overloaded (Retry-After)"), (503, "not ready (Retry-After)"), (504, "deadline exceeded"),
+        )},
+    },
+}  # fmt: skip
 
 
 def _tensors(pipeline: Pipeline) -> dict[str, list[dict[str, Any]]]:
