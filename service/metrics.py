@@ -26,8 +26,10 @@ from service.core.allocator import DEFAULT_TAU_COLLAPSE, DEFAULT_TAU_EXPAND, REJ
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
-ENDPOINTS = ("/v1/focus", "/v1/score", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "other")
-SCORED = ("/v1/focus", "/v1/score")
+# /v2/infer: Open Inference Protocol scoring, whatever the model name or version in its path.
+SCORED = ("/v1/focus", "/v1/score", "/v2/infer")
+ENDPOINTS = (*SCORED, "/v1/model", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics", "/docs",
+             "other")  # fmt: skip
 STAGES = ("admit", "receive", "queue", "decode", "model", "allocate", "telemetry", "encode")
 # Sub-millisecond resolution, with the budget edge added by Metrics (3 ms by default).
 LATENCY_BUCKETS = (
@@ -90,7 +92,10 @@ class Metrics:
             "lensnet_working_context_entries", "WC length N per scored request.", buckets=WC_SIZE_BUCKETS, registry=r
         )
         self.in_flight = Gauge(
-            "lensnet_in_flight_requests", "/v1 requests being served.", registry=r, multiprocess_mode="livesum"
+            "lensnet_in_flight_requests",
+            "/v1 and v2 inference requests being served.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.queued = Gauge(
             "lensnet_queued_requests",

@@ -14,16 +14,17 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lensnet_client import frame
+from lensnet_client import oip as oip_request
 from lensnet_client.layout import Layout, SnapshotError, synthetic_layout
 from model_export.artifact import Manifest
 
-from .core import codec, problems
+from .core import codec, oip, problems
 from .core.allocator import (
     Aggregation,
     Allocation,
@@ -79,6 +80,44 @@ class ScoreFields(BaseModel):
     """/v1/score takes the arrays only."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class OutputParameters(BaseModel):
+    """A requested output's parameters (v2)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    binary_data: bool | None = Field(None, description="binary tensor data extension: this output as raw bytes")
+
+
+class RequestedOutput(BaseModel):
+    """A v2 `$request_output`: the model has one output, `scores`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Literal["scores"]
+    parameters: OutputParameters = Field(default_factory=OutputParameters)
+
+
+class InferParameters(BaseModel):
+    """A v2 request's parameters: only the binary tensor data extension's."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    binary_data_output: bool = Field(False, description="every output as raw bytes unless it says otherwise")
+
+
+class InferFields(BaseModel):
+    """The non-tensor fields of a v2 `$inference_request` (scoring only: allocation is /v1/focus).
+    Other request parameters (Triton's `timeout`, `priority`, `sequence_*`) are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str | None = None
+    parameters: InferParameters = Field(default_factory=InferParameters)
+    outputs: list[RequestedOutput] = Field(default_factory=list, max_length=1)
+
+    @property
+    def binary(self) -> bool:
+        """Whether `scores` goes back as binary data (the output's own setting wins)."""
+        chosen = self.outputs[0].parameters.binary_data if self.outputs else None
+        return self.parameters.binary_data_output if chosen is None else chosen
 
 
 def _fields(model: type[Fields], fields: dict[str, Any]) -> Fields:
@@ -161,8 +200,9 @@ class Pipeline:
 
     def warmup(self, sizes: list[int]) -> None:
         """A focus request per size, end to end (a frame with a history, the model, the allocator,
-        encoding) and a one-entry JSON one, so the first real requests pay for no allocation,
-        tuning or first-call imports (np.unique's alone costs 8 ms)."""
+        encoding), a one-entry JSON one and a one-entry binary v2 inference request, so the first
+        real requests pay for no allocation, tuning or first-call imports (np.unique's alone costs
+        8 ms)."""
         rng = np.random.default_rng(0)
         cfg = self.config
         history = [{"action": "collapse", "lod": 1, "position": 0, "age": 1}]
@@ -179,10 +219,18 @@ class Pipeline:
             reader.feed(body, more=False)
             reader.close()
             self.focus(Call(reader, media, None, {}))
+        one = {"embeddings": np.zeros((1, cfg.embed_dim), np.float16), "lod": np.zeros(1, np.int64),
+               "positions": np.zeros(1, np.int64)}  # fmt: skip
+        body, headers = oip_request.pack(one)
+        length = int(headers[oip.HEADER_LENGTH])
+        reader = oip.InferReader(cfg.embed_dim, self.max_entries, self.scorer.input_dtype, len(body), length, 0)
+        reader.feed(body, more=False)
+        reader.close()
+        self.infer(Call(reader, codec.JSON, None, {}))
 
     # -- endpoints --------------------------------------------------------------------------
 
-    def focus(self, call: Call) -> bytes:
+    def focus(self, call: Call) -> Reply:
         stage = _Stages(call.timings)
         request, fields, layout = self._decode(call.reader, FocusFields)
         options, cooldown = self._allocator_inputs(fields)
@@ -199,22 +247,36 @@ class Pipeline:
         arrays = {"scores": scores} if fields.return_scores else {}
         content = codec.encode_response(document, arrays, call.respond_as, request.style)
         stage.done("encode")
-        return content
+        return Reply(content, call.respond_as, {})
 
-    def score(self, call: Call) -> bytes:
+    def score(self, call: Call) -> Reply:
+        request, _, scores, stage = self._scores(call, ScoreFields)
+        content = codec.encode_response(
+            self._document(call.timings), {"scores": scores}, call.respond_as, request.style
+        )
+        stage.done("encode")
+        return Reply(content, call.respond_as, {})
+
+    def infer(self, call: Call) -> Reply:
+        """Open Inference Protocol scoring: the same stages as `score`, answered as an `$inference_response`."""
+        _, fields, scores, stage = self._scores(call, InferFields)
+        content, header_length = oip.encode_response(self.model, fields.id, scores, fields.binary)
+        stage.done("encode")
+        if header_length is None:
+            return Reply(content, codec.JSON, {})
+        return Reply(content, oip.BINARY, {oip.HEADER_LENGTH: str(header_length)})
+
+    def _scores(self, call: Call, model: type[Fields]) -> tuple[codec.DecodedRequest, Fields, np.ndarray, _Stages]:
+        """decode → model → telemetry for the scoring endpoints; the stage timer goes on to `encode`."""
         stage = _Stages(call.timings)
-        request, _, layout = self._decode(call.reader, ScoreFields)
+        request, fields, layout = self._decode(call.reader, model)
         stage.done("decode")
         scores = self._score(request.snapshot, layout, call.deadline)
         stage.done("model")
         if self.metrics:
             self.metrics.observe_scores(scores, layout.lod)
         stage.done("telemetry")
-        content = codec.encode_response(
-            self._document(call.timings), {"scores": scores}, call.respond_as, request.style
-        )
-        stage.done("encode")
-        return content
+        return request, fields, scores, stage
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +289,14 @@ class Call:
     respond_as: str
     deadline: float | None
     timings: dict[str, float]
+
+
+class Reply(NamedTuple):
+    """An endpoint's answer: the body, its media type and any headers besides Server-Timing."""
+
+    content: bytes
+    media_type: str
+    headers: dict[str, str]
 
 
 class _Stages:

@@ -159,7 +159,8 @@ class FrameReader:
         self.held_bytes = 0
         self.stream = stream
         self.fields: dict[str, Any] = {}
-        self.specs: dict[str, frame.ArraySpec] = {}
+        self.specs: dict[str, frame.ArraySpec] = {}  # arrays in the payload
+        self.inline: dict[str, np.ndarray] = {}  # arrays given in the header itself
         self.sinks: dict[str, _Sink] = {}
         self.regions: list[tuple[int, int, _Sink]] = []  # (start, end, sink) in the payload, by start
 
@@ -189,7 +190,7 @@ class FrameReader:
         for data in self.held:
             self._place(data)
         embeddings, lod, positions = (self.sinks[name].array for name in ARRAY_FIELDS)
-        sent = self.specs["embeddings"].dtype.name
+        sent = (self.specs.get("embeddings") or self.inline["embeddings"]).dtype.name
         return DecodedRequest(Snapshot(embeddings, lod, positions, sent), self.fields, "frame")
 
     def _check_complete(self) -> None:
@@ -243,8 +244,9 @@ class FrameReader:
             raise problems.malformed("frame", "at least 8 bytes", got)
         raise problems.malformed("frame", f"a {self.length}-byte header inside the body", got)
 
-    def _plan(self) -> None:
-        """Check the header's arrays (what each may hold, the shapes, D, N) and allocate their buffers."""
+    def _describe(self) -> None:
+        """Parse the complete header into `fields`, the `specs` of the arrays in the payload and any
+        `inline` arrays (none in a frame), checking what each array may hold."""
         try:
             self.fields, descriptors = frame.parse_header(memoryview(self.head)[8 : 8 + self.length])
         except frame.FrameError as exc:
@@ -258,7 +260,12 @@ class FrameReader:
                 self.specs[name] = frame.array_spec(name, raw)
             except frame.FrameError as exc:
                 raise _malformed(exc) from exc
-        _check_arrays({name: (spec.dtype, spec.shape) for name, spec in self.specs.items()}, self.embed_dim,
+
+    def _plan(self) -> None:
+        """Check the header's arrays (what each may hold, the shapes, D, N) and allocate their buffers."""
+        self._describe()
+        arrays = {name: (spec.dtype, spec.shape) for name, spec in self.specs.items()}
+        _check_arrays(arrays | {name: (a.dtype, a.shape) for name, a in self.inline.items()}, self.embed_dim,
                       self.max_entries)  # fmt: skip
         if self.declared_length is not None:  # before allocating for a header that lies
             payload = self.declared_length - self.start
@@ -268,6 +275,8 @@ class FrameReader:
         for name, spec in self.specs.items():
             target = self.dtype if name == "embeddings" else spec.dtype
             self.sinks[name] = _Sink(spec, np.empty(spec.shape, dtype=target))
+        for name, array in self.inline.items():
+            self.sinks[name] = _Sink.holding(convert(array, self.dtype) if name == "embeddings" else array)
         spans = ((spec.offset, spec.offset + spec.nbytes, self.sinks[name]) for name, spec in self.specs.items())
         self.regions = sorted(spans, key=lambda region: region[:2])
 
@@ -282,6 +291,12 @@ class _Sink:
         self.bytes = memoryview(array.reshape(-1)).cast("B")
         self.done = 0  # bytes (copy) or items (convert) written
         self.partial = bytearray()
+
+    @classmethod
+    def holding(cls, array: np.ndarray) -> _Sink:
+        """A sink already full: an array that came inline, not in the payload."""
+        array = np.ascontiguousarray(array)
+        return cls(frame.ArraySpec(array.dtype, array.shape, 0, array.nbytes), array)
 
     def write(self, data: memoryview) -> None:
         if self.kernel is None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -25,10 +26,10 @@ from model_export.artifact import Manifest, load_manifest
 
 from ..core import codec, problems
 from ..metrics import CONTENT_TYPE, Metrics
-from ..pipeline import Call, Pipeline
+from ..pipeline import Call, Pipeline, Reply
 from ..runtime import Scorer
 from ..settings import Settings
-from . import openapi
+from . import openapi, v2
 from .admission import Admission
 
 log = logging.getLogger("lensnet.service")
@@ -88,11 +89,11 @@ class Service:
         finished = await self.admission.drain(self.settings.shutdown_grace_s)
         log.info("drained" if finished else "grace period over with requests still running")
 
-    async def serve(self, request: Request, endpoint: str) -> Response:
-        """Answer /v1/<endpoint>; every failure leaves as a Problem (refusals counted)."""
+    async def serve(self, request: Request, wire: Wire) -> Response:
+        """Answer a scoring endpoint; every failure leaves as a Problem (refusals counted)."""
         try:
             async with self.admission.request():
-                return await self._serve(request, endpoint)
+                return await self._serve(request, wire)
         except problems.Problem as problem:
             if problem.slug in REFUSALS:
                 self.metrics.refused.labels(reason=REFUSALS[problem.slug]).inc()
@@ -103,27 +104,25 @@ class Service:
                 499, "client-closed", "Client closed request", "the client disconnected before sending the whole body"
             ) from None
         except Exception as exc:  # a bug, not bad input: log it, answer 500, keep serving
-            log.exception("unhandled error on /v1/%s", endpoint)
+            log.exception("unhandled error on %s", wire.label)
             raise problems.Problem(
                 500, "internal-error", "Internal error", "the request failed; see the service log"
             ) from exc
 
-    async def _serve(self, request: Request, endpoint: str) -> Response:
+    async def _serve(self, request: Request, wire: Wire) -> Response:
         arrival = request.state.arrival
         pipeline = self.pipeline
         if pipeline is None:
             detail = f"model {self.status}" + (f": {self.load_error}" if self.load_error else "")
             raise problems.unavailable("not-ready", "Model not ready", detail, 2)
-        media = codec.request_media_type(request.headers.get("content-type"))
-        respond_as = codec.response_media_type(request.headers.get("accept"), media)
+        length = declared_length(request, self.settings.max_body_bytes)
+        body, respond_as = wire.negotiate(request, pipeline, self.settings, length)
         deadline = self._deadline(request, arrival)
         self.admission.check_capacity()  # refuse before buffering a body we would refuse anyway
-        body = body_reader(request, media, pipeline, self.settings)
         reading = time.perf_counter()
         await read_body(request, body, self.settings.max_body_bytes)
         received = time.perf_counter()
         timings = {"admit": reading - arrival, "receive": received - reading}
-        run = pipeline.focus if endpoint == "focus" else pipeline.score
         self.metrics.queued.inc()
         admitted = False
         try:
@@ -132,14 +131,17 @@ class Service:
                 self.metrics.queued.dec()
                 timings["queue"] = time.perf_counter() - received
                 loop = asyncio.get_running_loop()
-                content = await loop.run_in_executor(self.executor, run, Call(body, respond_as, deadline, timings))
+                reply = await loop.run_in_executor(
+                    self.executor, wire.run, pipeline, Call(body, respond_as, deadline, timings)
+                )
         finally:
             if not admitted:
                 self.metrics.queued.dec()
         self.metrics.observe_stages(timings)
         timings["total"] = time.perf_counter() - arrival
         server_timing = ", ".join(f"{stage};dur={seconds * 1e3:.3f}" for stage, seconds in timings.items())
-        return Response(content, media_type=respond_as, headers={"Server-Timing": server_timing})
+        headers = {"Server-Timing": server_timing} | reply.headers
+        return Response(reply.content, media_type=reply.media_type, headers=headers)
 
     def _deadline(self, request: Request, arrival: float) -> float | None:
         raw = request.headers.get(TIMEOUT_HEADER)
@@ -159,17 +161,37 @@ class Service:
         return None if timeout_ms is None else arrival + timeout_ms / 1e3
 
 
-def body_reader(request: Request, media: str, pipeline: Pipeline, settings: Settings) -> codec.BodyReader:
-    """The reader for this request's body; 413 at once when Content-Length exceeds the limit."""
-    limit = settings.max_body_bytes
+def declared_length(request: Request, limit: int) -> int | None:
+    """The body's Content-Length, if sent; 413 at once when it exceeds `limit`."""
     declared = request.headers.get("content-length")
     length = int(declared) if declared is not None and declared.isdigit() else None
     if length is not None and length > limit:
         raise problems.too_large("body", f"{limit} bytes", f"{declared} bytes (Content-Length)")
+    return length
+
+
+def negotiate_v1(
+    request: Request, pipeline: Pipeline, settings: Settings, length: int | None
+) -> tuple[codec.BodyReader, str]:
+    """/v1: the body's reader by Content-Type (415 otherwise) and the answer's media type by Accept (406)."""
+    media = codec.request_media_type(request.headers.get("content-type"))
+    respond_as = codec.response_media_type(request.headers.get("accept"), media)
     config = pipeline.config
-    return codec.reader(
+    reader = codec.reader(
         media, config.embed_dim, settings.max_entries, pipeline.scorer.input_dtype, length, settings.stream_min_bytes
     )
+    return reader, respond_as
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """How one scoring endpoint speaks: its metrics label, how it reads a request (reader and
+    answer media type), which pipeline function answers, and how a problem is rendered."""
+
+    label: str
+    negotiate: Callable[[Request, Pipeline, Settings, int | None], tuple[codec.BodyReader, str]]
+    run: Callable[[Pipeline, Call], Reply]
+    render: Callable[[problems.Problem, str], Response]
 
 
 async def read_body(request: Request, body: codec.BodyReader, limit: int) -> None:
@@ -196,7 +218,11 @@ class FocusApp:
 
     def __init__(self, api: FastAPI, service: Service) -> None:
         self.api, self.service, self.metrics = api, service, service.metrics
-        self.scoring = {f"/v1/{name}": ScoringEndpoint(service, name) for name in ("focus", "score")}
+        v1 = {path: Wire(path, negotiate_v1, run, problem_response)
+              for path, run in (("/v1/focus", Pipeline.focus), ("/v1/score", Pipeline.score))}  # fmt: skip
+        infer = Wire(v2.INFER, v2.negotiate, Pipeline.infer, v2.error_response)
+        wires = v1 | dict.fromkeys(v2.infer_paths(service.manifest), infer)
+        self.scoring = {path: ScoringEndpoint(service, wire) for path, wire in wires.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan
@@ -206,7 +232,8 @@ class FocusApp:
         scope.setdefault("state", {})["arrival"] = start
         path = scope["path"]
         endpoint = self.scoring.get(path)
-        counted = path.startswith("/v1/")  # probes and scrapes are not load
+        label = endpoint.wire.label if endpoint else path
+        counted = endpoint is not None or path.startswith("/v1/")  # probes and scrapes are not load
         status, recorded = 500, False
 
         async def send_and_record(message: Message) -> None:
@@ -216,7 +243,7 @@ class FocusApp:
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 # Record before the last byte leaves, so a client never sees an uncounted answer.
                 recorded = True
-                self.metrics.observe_request(path, status, time.perf_counter() - start)
+                self.metrics.observe_request(label, status, time.perf_counter() - start)
             await send(message)
 
         if counted:
@@ -227,14 +254,14 @@ class FocusApp:
             if counted:
                 self.metrics.in_flight.dec()
             if not recorded:  # the app failed before answering
-                self.metrics.observe_request(path, status, time.perf_counter() - start)
+                self.metrics.observe_request(label, status, time.perf_counter() - start)
 
 
 class ScoringEndpoint:
-    """/v1/focus or /v1/score: the service's answer or a problem, always."""
+    """/v1/focus, /v1/score or v2 inference: the service's answer or a problem, always."""
 
-    def __init__(self, service: Service, endpoint: str) -> None:
-        self.service, self.endpoint = service, endpoint
+    def __init__(self, service: Service, wire: Wire) -> None:
+        self.service, self.wire = service, wire
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -243,9 +270,9 @@ class ScoringEndpoint:
                     405, "http-error", "Method Not Allowed", f"{scope['method']} {scope['path']}: only POST",
                     headers={"Allow": "POST"},
                 )  # fmt: skip
-            response = await self.service.serve(Request(scope, receive), self.endpoint)
+            response = await self.service.serve(Request(scope, receive), self.wire)
         except problems.Problem as problem:
-            response = problem_response(problem, scope["path"])
+            response = self.wire.render(problem, scope["path"])
         await response(scope, receive, send)
 
 
@@ -336,5 +363,6 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
+    app.include_router(v2.router(service))  # its infer route only answers other model names
     openapi.install(app)  # documents /v1/focus and /v1/score, served by FocusApp
     return FocusApp(app, service)
