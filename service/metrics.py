@@ -23,10 +23,12 @@ from prometheus_client import (
 
 from service.core import _bulk
 from service.core.allocator import DEFAULT_TAU_COLLAPSE, DEFAULT_TAU_EXPAND, REJECT_REASONS, Allocation
+from service.core.correlation import Correlation
+from service.core.decisions import RESULTS, Matched
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
-ENDPOINTS = ("/v1/focus", "/v1/score", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "other")
+ENDPOINTS = ("/v1/focus", "/v1/score", "/v1/feedback", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "other")
 SCORED = ("/v1/focus", "/v1/score")
 STAGES = ("admit", "receive", "queue", "decode", "model", "allocate", "telemetry", "encode")
 # Sub-millisecond resolution, with the budget edge added by Metrics (3 ms by default).
@@ -35,6 +37,8 @@ LATENCY_BUCKETS = (
     0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 SCORE_EDGES = (-1.0, -0.9, -0.75, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+# ΔNLL of one edit (nats per evaluated token, summed or averaged as the stack measures it), both signs.
+DELTA_NLL_EDGES = (-1.0, -0.3, -0.1, -0.03, -0.01, -0.003, 0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 WC_SIZE_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 disable_created_metrics()  # the *_created series only add noise to every scrape
 
@@ -120,6 +124,59 @@ class Metrics:
         self._requests: dict[tuple[str, int], Any] = {}
         self._over_budget = {endpoint: self.over_budget.labels(endpoint=endpoint) for endpoint in SCORED}
         self.model_ready.set(0)
+        self._init_policy()
+
+    def _init_policy(self) -> None:
+        """Feedback and policy-health series (POST /v1/feedback, README "Policy health")."""
+        r = self.registry
+        self.feedback_items = Counter(
+            "lensnet_feedback_items_total", "Feedback items received, by result of matching them to a decision.",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.delta_nll = Histogram(
+            "lensnet_feedback_delta_nll", "Measured ΔNLL (with the edit minus without) of matched edits.",
+            ["action", "lod"], buckets=DELTA_NLL_EDGES, registry=r,
+        )  # fmt: skip
+        self.correlation = Gauge(
+            "lensnet_policy_correlation",
+            "Correlation of the driving score with the detail benefit of matched edits (healthy: > 0).",
+            ["action", "method", "window"], registry=r, multiprocess_mode="liveall",
+        )  # fmt: skip
+        self.correlation_samples = Gauge(
+            "lensnet_policy_correlation_samples", "Matched feedback items in the correlation window.",
+            ["action", "window"], registry=r, multiprocess_mode="liveall",
+        )  # fmt: skip
+        self.decisions = Gauge(
+            "lensnet_decisions_remembered", "Focus decisions held for feedback.", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
+        self._feedback = {result: self.feedback_items.labels(result=result) for result in RESULTS}
+        self._delta_edges = np.asarray(DELTA_NLL_EDGES, dtype=np.float64)
+        self._delta_by = [
+            self.delta_nll.labels(action=action, lod=str(level))
+            for action in ("collapse", "expand")  # row = expand (0/1) * (max_lod + 1) + lod
+            for level in range(self.max_lod + 1)
+        ]
+
+    def observe_feedback(self, results: dict[str, int], matched: Matched, delta_nll: np.ndarray) -> None:
+        """Count a batch's results; bulk-observe the matched edits' ΔNLL by action and LOD (one C pass)."""
+        for result, count in results.items():
+            if count:
+                self._feedback[result].inc(count)
+        width = self._delta_edges.size + 1
+        counts = np.zeros(len(self._delta_by) * width, dtype=np.int64)
+        groups = matched.expand.astype(np.int64) * (self.max_lod + 1) + matched.lod
+        _bulk.bucket_counts(delta_nll.astype(np.float32), groups, self._delta_edges, counts)
+        slots = np.flatnonzero(counts)
+        for slot, count in zip(slots.tolist(), counts[slots].tolist(), strict=True):
+            self._delta_by[slot // width]._buckets[slot % width].inc(count)
+
+    def set_correlations(self, correlations: list[Correlation], remembered: int) -> None:
+        for c in correlations:
+            self.correlation.labels(action=c.action, method="pearson", window=c.window).set(c.pearson)
+            self.correlation.labels(action=c.action, method="spearman", window=c.window).set(c.spearman)
+            self.correlation_samples.labels(action=c.action, window=c.window).set(c.samples)
+        self.decisions.set(remembered)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         endpoint = endpoint if endpoint in ENDPOINTS else "other"

@@ -36,6 +36,7 @@ from .core.allocator import (
     cooldown_keys,
 )
 from .metrics import Metrics
+from .policy import PolicyHealth
 from .runtime import Scorer
 
 log = logging.getLogger("lensnet.pipeline")
@@ -93,10 +94,19 @@ def _fields(model: type[Fields], fields: dict[str, Any]) -> Fields:
 
 
 class Pipeline:
-    """The endpoints over one model. `metrics` None records nothing (the warm-up's pipeline)."""
+    """The endpoints over one model. `metrics` None records nothing (the warm-up's pipeline);
+    `policy` None gives focus answers no decision_id (the warm-up's too)."""
 
-    def __init__(self, scorer: Scorer, manifest: Manifest, metrics: Metrics | None, max_entries: int) -> None:
+    def __init__(
+        self,
+        scorer: Scorer,
+        manifest: Manifest,
+        metrics: Metrics | None,
+        max_entries: int,
+        policy: PolicyHealth | None = None,
+    ) -> None:
         self.scorer, self.manifest, self.metrics, self.max_entries = scorer, manifest, metrics, max_entries
+        self.policy = policy
         self.config = manifest.config
         self.model = {
             "name": manifest.model.name,
@@ -194,12 +204,18 @@ class Pipeline:
         if self.metrics:
             self.metrics.observe_scores(scores, layout.lod)
             self.metrics.observe_allocation(allocation)
+        decision = self.decide(allocation)
         stage.done("telemetry")
-        document = self._document(call.timings) | _allocation_document(allocation)
+        document = self._document(call.timings) | _allocation_document(allocation) | decision
         arrays = {"scores": scores} if fields.return_scores else {}
         content = codec.encode_response(document, arrays, call.respond_as, request.style)
         stage.done("encode")
         return content
+
+    def decide(self, allocation: Allocation) -> dict[str, str]:
+        """`{"decision_id": …}` for an answer carrying `allocation`'s edits (remembered for
+        POST /v1/feedback); every endpoint that returns edits calls this. Empty without a policy."""
+        return {"decision_id": self.policy.decide(allocation)} if self.policy else {}
 
     def score(self, call: Call) -> bytes:
         stage = _Stages(call.timings)

@@ -55,6 +55,20 @@ class Settings(BaseSettings):
     warmup_sizes: list[int] = Field([64, 512, 2048], description="WC lengths run once before /readyz turns ready")
     shutdown_grace_s: float = Field(20.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    decision_memory_size: int = Field(
+        65536, ge=1, le=1 << 24, description="focus decisions remembered for feedback (the oldest are forgotten)"
+    )
+    decision_memory_s: float = Field(600.0, gt=0, description="how long a decision is remembered for feedback")
+    feedback_max_items: int = Field(10000, ge=1, le=1 << 20, description="items accepted in one /v1/feedback batch")
+    correlation_window_count: int = Field(
+        1000, ge=2, le=1 << 20, description="score-benefit correlation over the last this many feedback items"
+    )
+    correlation_window_s: float = Field(
+        600.0, gt=0, description="score-benefit correlation over the feedback of the last this many seconds"
+    )
+    correlation_window_max_samples: int = Field(
+        20000, ge=2, le=1 << 22, description="at most this many (the newest) samples in the time window"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -26,9 +26,10 @@ from model_export.artifact import Manifest, load_manifest
 from ..core import codec, problems
 from ..metrics import CONTENT_TYPE, Metrics
 from ..pipeline import Call, Pipeline
+from ..policy import PolicyHealth
 from ..runtime import Scorer
 from ..settings import Settings
-from . import openapi
+from . import feedback, openapi
 from .admission import Admission
 
 log = logging.getLogger("lensnet.service")
@@ -50,6 +51,7 @@ class Service:
         self.metrics = Metrics(settings.latency_budget_ms / 1e3, manifest.config.max_lod)
         self.admission = Admission(settings.max_concurrency, settings.queue_size)
         self.executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="lensnet-infer")
+        self.policy = PolicyHealth(settings, self.metrics)
         self.pipeline: Pipeline | None = None
         self.load_error: str | None = None
 
@@ -77,7 +79,7 @@ class Service:
         graph = self.manifest.graphs[scorer.precision].file
         m = self.manifest.model
         self.metrics.set_model(m.name, m.version, scorer.precision, scorer.provider, self.manifest.files[graph].sha256)
-        self.pipeline = Pipeline(scorer, self.manifest, self.metrics, self.settings.max_entries)
+        self.pipeline = Pipeline(scorer, self.manifest, self.metrics, self.settings.max_entries, self.policy)
         if not self.admission.draining:
             self.metrics.model_ready.set(1)
         log.info("ready: %s %s, %s on %s", m.name, m.version, scorer.precision, scorer.provider)
@@ -334,7 +336,10 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
     async def metrics() -> Response:
+        service.policy.refresh()  # the correlation gauges, as of now
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    feedback.install(app, service.policy, settings.feedback_max_items, settings.max_body_bytes)
 
     openapi.install(app)  # documents /v1/focus and /v1/score, served by FocusApp
     return FocusApp(app, service)
