@@ -31,16 +31,19 @@ class Sent:
     y: np.ndarray
 
 
-def collect_edits(client: FocusClient, wanted: int, rng: np.random.Generator, n: int = 384) -> list[tuple]:
-    """Focus steps over random WCs of `n` entries until `wanted` edits: (decision_id, index, edit)."""
+def collect_edits(client: FocusClient, wanted: int, rng: np.random.Generator, n: int = 384) -> tuple[list[tuple], int]:
+    """Focus steps over random WCs of `n` entries until `wanted` edits: (decision_id, index, edit)
+    each, and how many focus requests it took."""
     model = client.model()
     found: list[tuple] = []
+    steps = 0
     while len(found) < wanted:
         lod, positions = synthetic_layout(n, model["block_size"], model["max_lod"], rng)
         embeddings = rng.standard_normal((n, model["embed_dim"])).astype(np.float16)
         result = client.focus(embeddings, lod, positions, w_max=n // 4, max_edits=64)
         found += [(result.decision_id, k, edit) for k, edit in enumerate(result.edits)]
-    return found[:wanted]
+        steps += 1
+    return found[:wanted], steps
 
 
 def send_feedback(client: FocusClient, edits: list[tuple], k: float, noise: float, rng: np.random.Generator,
@@ -78,7 +81,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with FocusClient(args.url, timeout=60) as client:
         for label, k in (("healthy", 1.0), ("flipped", -1.0)):
-            sent = send_feedback(client, collect_edits(client, args.edits, rng), k, args.noise, rng)
+            sent = send_feedback(client, collect_edits(client, args.edits, rng)[0], k, args.noise, rng)
             shown = gauges(client)
             window = int(shown['lensnet_policy_correlation_samples{action="all",window="count"}'])
             assert window <= len(sent.x), "--edits must be at least --correlation-window-count"

@@ -52,7 +52,7 @@ def test_gauges_equal_scipy_on_the_window_and_follow_a_polarity_flip(live: LiveS
     rng = np.random.default_rng(5)
     runs = []
     for k in (0.8, -0.8):
-        runs.append(send_feedback(client, collect_edits(client, WINDOW + 30, rng), k, 0.3, rng))
+        runs.append(send_feedback(client, collect_edits(client, WINDOW + 30, rng)[0], k, 0.3, rng))
         shown = gauges(client)
         x, y, expand = (np.concatenate([getattr(run, name) for run in runs]) for name in ("x", "y", "expand"))
         for action, chosen in (("all", np.ones(x.size, bool)), ("expand", expand), ("collapse", ~expand)):
@@ -86,7 +86,7 @@ def test_every_focus_answer_has_its_own_decision_id(live: LiveService) -> None:
 
 def test_feedback_results_per_item_and_counters(live: LiveService, client: FocusClient) -> None:
     rng = np.random.default_rng(2)
-    (decision, _, edit), *_ = collect_edits(client, 1, rng)
+    (decision, _, edit), *_ = collect_edits(client, 1, rng)[0]
     before = counted(live)
     results = client.feedback([
         (decision, 0, 0.1), (decision, 0, 0.2), (decision, 9999, 0.1), ("nonsense", 0, 0.1),
@@ -103,7 +103,7 @@ def test_feedback_results_per_item_and_counters(live: LiveService, client: Focus
 
 def test_decisions_beyond_the_memory_expire(live: LiveService, client: FocusClient) -> None:
     rng = np.random.default_rng(3)
-    (oldest, _, _), *_ = collect_edits(client, 1, rng)
+    (oldest, _, _), *_ = collect_edits(client, 1, rng)[0]
     embeddings, lod, positions = snapshot(32, seed=4)
     for _ in range(MEMORY):
         client.focus(embeddings, lod, positions, w_max=32)
