@@ -118,9 +118,10 @@ def test_decisions_match_each_edit_once_with_what_feedback_needs() -> None:
     assert first == "abcd-0" and empty == "abcd-1"
     results, matched = memory.match(
         [(first, 2), (first, 0), (first, 3), (first, -1), (empty, 0), (first, 0), ("abcd-2", 0), ("zzzz-0", 0),
-         ("abcd-xyz", 0), ("", 0)], now=1,
+         ("abcd-xyz", 0), ("", 0), ("abcd-00", 0), ("abcd- 1", 0), ("abcd-+1", 0), ("abcd-0_1", 0)], now=1,
     )  # fmt: skip
     assert results == ["matched", "matched", "bad_index", "bad_index", "bad_index", "duplicate",
+                       "unknown_decision", "unknown_decision", "unknown_decision", "unknown_decision",
                        "unknown_decision", "unknown_decision", "unknown_decision", "unknown_decision"]  # fmt: skip
     np.testing.assert_array_equal(matched.item, [0, 1])
     np.testing.assert_array_equal(matched.expand, [False, True])
@@ -131,7 +132,7 @@ def test_decisions_match_each_edit_once_with_what_feedback_needs() -> None:
 
 
 def test_decisions_are_bounded_by_count_and_age() -> None:
-    memory = DecisionMemory(capacity=3, max_age_s=10, tag="t")
+    memory = DecisionMemory(capacity=3, max_age_s=10, tag="7")
     ids = [memory.remember(edits(("expand", 1, 0.9, "threshold")), now=float(k)) for k in range(5)]
     assert len(memory) == 3
     assert memory.match([(i, 0) for i in ids], now=5)[0] == [

@@ -27,9 +27,9 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson's r in float64 (centred sums); NaN with fewer than 2 samples or a constant side."""
     if x.size < 2:
         return math.nan
-    dx, dy = x - x.mean(), y - y.mean()
-    denominator = math.sqrt(float(dx @ dx) * float(dy @ dy))
-    return float(dx @ dy) / denominator if denominator > 0 else math.nan
+    dx, dy = x - x.mean(), y - y.mean()  # sums, not BLAS dot: no thread pool woken for a few µs of work
+    denominator = math.sqrt(float(np.sum(dx * dx)) * float(np.sum(dy * dy)))
+    return float(np.sum(dx * dy)) / denominator if denominator > 0 else math.nan
 
 
 def average_ranks(a: np.ndarray) -> np.ndarray:

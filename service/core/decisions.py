@@ -12,6 +12,7 @@ feedback arrives on the event loop.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import threading
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ RESULTS: tuple[Result, ...] = ("matched", "unknown_decision", "expired_decision"
 CAUSES = ("threshold", "budget", "make_room")
 _EDIT = struct.Struct("<BBBf")  # expand?, LOD acted on, cause, driving score
 _CAUSE_CODES = {cause: code for code, cause in enumerate(CAUSES)}
+_ID = re.compile(r"([0-9a-f]{1,16})-(0|[1-9a-f][0-9a-f]{0,15})")
 
 
 class _Decision:
@@ -52,10 +54,10 @@ class DecisionMemory:
     """Recent decisions by id, bounded by count and age (see the module docstring)."""
 
     def __init__(self, capacity: int, max_age_s: float, tag: str | None = None) -> None:
-        if capacity < 1 or not max_age_s > 0:
-            raise ValueError(f"capacity >= 1 and max_age_s > 0 expected, got {capacity}, {max_age_s}")
-        self.capacity, self.max_age_s = capacity, max_age_s
-        self.tag = tag or os.urandom(4).hex()  # tells this process's ids from another replica's
+        tag = tag or os.urandom(4).hex()  # tells this process's ids from another replica's
+        if capacity < 1 or not max_age_s > 0 or not re.fullmatch(r"[0-9a-f]{1,16}", tag):
+            raise ValueError(f"capacity >= 1, max_age_s > 0, a hex tag expected, got {capacity}, {max_age_s}, {tag!r}")
+        self.capacity, self.max_age_s, self.tag = capacity, max_age_s, tag
         self._decisions: dict[int, _Decision] = {}  # sequence numbers _oldest … _next - 1, in order
         self._oldest = self._next = 0
         self._lock = threading.Lock()
@@ -79,36 +81,28 @@ class DecisionMemory:
             del decisions[self._oldest]
             self._oldest += 1
 
-    def _sequence(self, decision_id: str) -> int | None:
-        tag, _, sequence = decision_id.partition("-")
-        if tag != self.tag or not 0 < len(sequence) <= 16:
-            return None
-        try:
-            return int(sequence, 16)
-        except ValueError:
-            return None
-
     def match(self, items: Sequence[tuple[str, int]], now: float) -> tuple[list[Result], Matched]:
         """Look up (decision_id, edit index) pairs at time `now`: one result per item, and the
         matched edits. A matched edit is marked, so the same pair later counts as a duplicate."""
         results: list[Result] = []
         found: list[tuple[int, int, int, int, float, bool]] = []
+        tag, size, unpack = self.tag, _EDIT.size, _EDIT.unpack_from
         with self._lock:
             self._evict(now)
+            decisions, oldest = self._decisions, self._oldest
             for k, (decision_id, index) in enumerate(items):
-                sequence = self._sequence(decision_id)
-                decision = None if sequence is None else self._decisions.get(sequence)
+                form = _ID.fullmatch(decision_id)  # exactly as `remember` writes them (no leading zeros …)
+                sequence = int(form[2], 16) if form and form[1] == tag else -1
+                decision = decisions.get(sequence)
                 if decision is None:
-                    expired = sequence is not None and sequence < self._oldest
-                    results.append("expired_decision" if expired else "unknown_decision")
-                elif not 0 <= index < len(decision.edits) // _EDIT.size:
+                    results.append("expired_decision" if 0 <= sequence < oldest else "unknown_decision")
+                elif not 0 <= index < len(decision.edits) // size:
                     results.append("bad_index")
                 elif decision.seen >> index & 1:
                     results.append("duplicate")
                 else:
                     decision.seen |= 1 << index
-                    expand, lod, cause, score = _EDIT.unpack_from(decision.edits, index * _EDIT.size)
-                    found.append((k, expand, lod, cause, score, decision.traced))
+                    found.append((k, *unpack(decision.edits, index * size), decision.traced))
                     results.append("matched")
         columns = list(zip(*found, strict=True)) or [()] * 6
         item, expand, lod, cause, score, traced = columns
