@@ -8,7 +8,7 @@ Two parts, one JSON report:
   both see the same (shared, loaded) machine. The items name real edits of earlier focus answers:
   the first pass over them is matched, later passes are duplicates (a focus step makes ~10 edits
   and takes ~0.1 s here, so 10,000 fresh edits a second cannot be made on this machine).
-- **in process**: the route's own work (JSON parse, validation, matching, windows, histograms)
+- **in process**: the route's own work (JSON parse and validation, matching, windows, histograms)
   per item for fully matched and fully duplicate batches, and one gauge refresh over full windows,
   so the matched path's cost is known too.
 
@@ -32,7 +32,6 @@ from examples.policy_health import collect_edits
 from lensnet_client import FocusClient, synthetic_layout
 from lensnet_client.layout import Edit
 from service.metrics import Metrics
-from service.pipeline import _fields
 from service.policy import PolicyHealth, feedback_request
 from service.settings import Settings
 
@@ -145,7 +144,7 @@ def in_process(batch: int, repeats: int) -> dict[str, Any]:
     def run() -> float:
         start = time.perf_counter()
         for raw in bodies:
-            policy.feedback(_fields(model, json.loads(raw)).items)  # type: ignore[attr-defined]
+            policy.feedback(model.model_validate_json(raw).items)  # type: ignore[attr-defined]
         return (time.perf_counter() - start) / (len(bodies) * batch) * 1e6
 
     matched_us, duplicate_us = run(), run()

@@ -86,11 +86,16 @@ def _fields(model: type[Fields], fields: dict[str, Any]) -> Fields:
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
-        where = where or "body"
-        got = repr(error.get("input"))[:80] if error["type"] != "missing" else "nothing"
-        raise problems.invalid(where, error["msg"], got, f"{where}: {error['msg']}, got {got}") from exc
+        raise validation_problem(exc) from exc
+
+
+def validation_problem(exc: ValidationError) -> problems.Problem:
+    """The 422 naming the first invalid field of a pydantic validation error."""
+    error = exc.errors()[0]
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+    where = where or "body"
+    got = repr(error.get("input"))[:80] if error["type"] != "missing" else "nothing"
+    return problems.invalid(where, error["msg"], got, f"{where}: {error['msg']}, got {got}")
 
 
 class Pipeline:

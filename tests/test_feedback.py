@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from scipy import stats
 
 from examples.policy_health import collect_edits, gauges, send_feedback
 from lensnet_client import FocusClient, frame
+from service.http.feedback import MAX_PENDING
 
 from .live import LiveService, snapshot
 
@@ -125,7 +129,8 @@ def test_decisions_beyond_the_memory_expire(live: LiveService, client: FocusClie
         ({"items": [{"decision_id": "a-1", "edit": 0, "delta_nll": 0.1}] * (MAX_ITEMS + 1)}, 422, "items"),
         ([1, 2], 422, "body"),
         (b'{"items": [{"decision_id": "a-1", "edit": 0, "delta_nll": NaN}]}', 422, "items[0].delta_nll"),
-        (b'{"items": [{"decision_id": "a-1", "edit": 0, "delta_nll": Infinity}]}', 422, "items[0].delta_nll"),
+        (b'{"items": [{"decision_id": "a-1", "edit": 0, "delta_nll": -Infinity}]}', 422, "items[0].delta_nll"),
+        (b"\xff\xfe", 400, "body"),
         (b'{"items": [{"decision_id": "a-1", "edit": 0, "delta_nll": 1e999}]}', 422, "items[0].delta_nll"),
         (b"x" * ((1 << 20) + 1), 413, "body"),
     ],
@@ -149,3 +154,20 @@ def test_openapi_documents_feedback_and_decision_ids(live: LiveService) -> None:
     assert set(item["properties"]) == {"decision_id", "edit", "delta_nll"}
     assert {"200", "400", "413", "422"} <= operation["responses"].keys()
     assert "decision_id" in document["components"]["schemas"]["FocusResponse"]["required"]
+
+
+def test_feedback_beyond_the_pending_bound_gets_429(live: LiveService) -> None:
+    """MAX_PENDING uploads that never finish hold every place; the next batch is refused at once."""
+    with ExitStack() as held:
+        for _ in range(MAX_PENDING):
+            sock = held.enter_context(socket.create_connection(("127.0.0.1", live.port)))
+            sock.sendall(b"POST /v1/feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{")  # fmt: skip
+        for _ in range(100):  # until the server has read all their headers
+            code, problem = post(live, {"items": [{"decision_id": "a-1", "edit": 0, "delta_nll": 0.1}]})
+            if code == 429:
+                break
+            time.sleep(0.1)
+        assert code == 429 and problem["type"].endswith(":overloaded"), problem
+    code, problem = post(live, {"items": [{"decision_id": "a-1", "edit": 0, "delta_nll": 0.1}]})
+    assert code == 200 and problem["results"] == ["unknown_decision"]
