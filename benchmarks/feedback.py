@@ -21,6 +21,7 @@ import argparse
 import json
 import multiprocessing
 import platform
+import threading
 import time
 from multiprocessing.synchronize import Event
 from typing import Any
@@ -38,24 +39,36 @@ from service.settings import Settings
 from .latency import free_port, git_commit, server
 
 TARGET_P50_RATIO = 1.05
+SENDERS = 4  # concurrent feedback posts
 
 
 def pace(url: str, bodies: list[bytes], batches_per_s: float, go: Event, stop: Event, out: Any) -> None:
-    """Post the pre-encoded bodies in turn at `batches_per_s` while `go` is set, until `stop`."""
-    posted = failed = 0
-    with httpx.Client(base_url=url, timeout=10, headers={"content-type": "application/json"}) as client:
-        while not stop.is_set():
-            if not go.wait(0.05):
-                continue
-            start, sent = time.perf_counter(), 0
-            while go.is_set() and not stop.is_set():
-                due = start + sent / batches_per_s
-                if (wait := due - time.perf_counter()) > 0:
-                    time.sleep(wait)
-                response = client.post("/v1/feedback", content=bodies[(posted + failed) % len(bodies)])
-                posted, failed = posted + (response.status_code == 200), failed + (response.status_code != 200)
-                sent += 1
-    out.put((posted, failed))
+    """Post the pre-encoded bodies in turn at `batches_per_s` while `go` is set, until `stop`, from
+    SENDERS threads (a stack sends feedback asynchronously: a slow answer must not lower the rate)."""
+    counts = {"posted": 0, "failed": 0}
+    lock = threading.Lock()
+
+    def send(offset: int) -> None:
+        with httpx.Client(base_url=url, timeout=30, headers={"content-type": "application/json"}) as client:
+            while not stop.is_set():
+                if not go.wait(0.05):
+                    continue
+                start, sent = time.perf_counter(), 0
+                while go.is_set() and not stop.is_set():
+                    due = start + sent * SENDERS / batches_per_s
+                    if (wait := due - time.perf_counter()) > 0:
+                        time.sleep(wait)
+                    response = client.post("/v1/feedback", content=bodies[(offset + sent * SENDERS) % len(bodies)])
+                    with lock:
+                        counts["posted" if response.status_code == 200 else "failed"] += 1
+                    sent += 1
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(SENDERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    out.put((counts["posted"], counts["failed"]))
 
 
 def body(items: list[tuple[str, int, float]]) -> bytes:
@@ -171,8 +184,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500, help="items per POST")
     parser.add_argument("--entries", type=int, default=512, help="WC length of the focus requests")
     parser.add_argument("--pool", type=int, default=1000, help="real edits the feedback names")
-    parser.add_argument("--pairs", type=int, default=4, help="off/on phase pairs")
-    parser.add_argument("--phase-s", type=float, default=8.0)
+    parser.add_argument("--pairs", type=int, default=6, help="off/on phase pairs")
+    parser.add_argument("--phase-s", type=float, default=6.0)
     parser.add_argument("--out", help="also write the report here")
     args = parser.parse_args()
     report = {

@@ -150,6 +150,20 @@ class Metrics:
             "lensnet_decisions_remembered", "Focus decisions held for feedback.", registry=r,
             multiprocess_mode="livesum",
         )  # fmt: skip
+        self.trace_written = Counter(
+            "lensnet_trace_records_written_total", "Deployment trace records written, by kind.", ["kind"], registry=r
+        )
+        self.trace_dropped = Counter(
+            "lensnet_trace_records_dropped_total", "Deployment trace records dropped: queue_full or write_error.",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.trace_files_deleted = Counter(
+            "lensnet_trace_files_deleted_total", "Trace files deleted to stay under --trace-max-bytes.", registry=r
+        )
+        for kind in ("decisions", "feedback"):
+            self.trace_written.labels(kind=kind)
+        for reason in ("queue_full", "write_error"):
+            self.trace_dropped.labels(reason=reason)
         self._feedback = {result: self.feedback_items.labels(result=result) for result in RESULTS}
         self._delta_edges = np.asarray(DELTA_NLL_EDGES, dtype=np.float64)
         self._delta_by = [

@@ -209,7 +209,7 @@ class Pipeline:
         if self.metrics:
             self.metrics.observe_scores(scores, layout.lod)
             self.metrics.observe_allocation(allocation)
-        decision = self.decide(allocation)
+        decision = self.decide(allocation, layout, scores, options, request.snapshot.embeddings)
         stage.done("telemetry")
         document = self._document(call.timings) | _allocation_document(allocation) | decision
         arrays = {"scores": scores} if fields.return_scores else {}
@@ -217,10 +217,22 @@ class Pipeline:
         stage.done("encode")
         return content
 
-    def decide(self, allocation: Allocation) -> dict[str, str]:
-        """`{"decision_id": …}` for an answer carrying `allocation`'s edits (remembered for
-        POST /v1/feedback); every endpoint that returns edits calls this. Empty without a policy."""
-        return {"decision_id": self.policy.decide(allocation)} if self.policy else {}
+    def decide(
+        self,
+        allocation: Allocation,
+        layout: Layout,
+        scores: np.ndarray,
+        options: AllocatorOptions,
+        embeddings: np.ndarray | None = None,
+    ) -> dict[str, str]:
+        """`{"decision_id": …}` for an answer carrying `allocation`'s edits, made from `scores` (raw)
+        over `layout` with `options`: remembered for POST /v1/feedback and, when sampled, traced.
+        Every endpoint that returns edits calls this. Empty without a policy (the warm-up)."""
+        if self.policy is None:
+            return {}
+        return {
+            "decision_id": self.policy.decide(allocation, layout.lod, layout.positions, scores, options, embeddings)
+        }
 
     def score(self, call: Call) -> bytes:
         stage = _Stages(call.timings)

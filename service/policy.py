@@ -10,6 +10,7 @@ each worker of a multi-process server keeps its own series fresh).
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import Counter
@@ -18,11 +19,12 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from .core.allocator import Allocation
+from .core.allocator import Allocation, AllocatorOptions
 from .core.correlation import PolicyCorrelation, benefit
 from .core.decisions import RESULTS, DecisionMemory, Result
 from .metrics import Metrics
 from .settings import Settings
+from .traces import DecisionRecord, FeedbackRecord, TraceWriter
 
 REFRESH_S = 1.0  # feedback recomputes the gauges at most this often (scrapes always do)
 MAX_DECISION_ID = 64
@@ -70,10 +72,27 @@ class PolicyHealth:
         )
         self._lock = threading.Lock()  # windows: fed by feedback, read by scrapes
         self._refreshed = 0.0
+        self.trace_rate, self.trace_embeddings = settings.trace_sample_rate, settings.trace_embeddings
+        self.tracer: TraceWriter | None = None  # set once the model (its sha256) is known
 
-    def decide(self, allocation: Allocation) -> str:
-        """Remember an allocation's edits for feedback; its decision_id."""
-        return self.memory.remember(allocation.edits, time.monotonic())
+    def decide(
+        self,
+        allocation: Allocation,
+        lod: np.ndarray,
+        positions: np.ndarray,
+        scores: np.ndarray,
+        options: AllocatorOptions,
+        embeddings: np.ndarray | None = None,
+    ) -> str:
+        """Remember an allocation's edits for feedback, trace a sampled share; its decision_id."""
+        traced = self.tracer is not None and random.random() < self.trace_rate
+        decision_id = self.memory.remember(allocation.edits, time.monotonic(), traced)
+        if traced and self.tracer is not None:
+            kept = embeddings if self.trace_embeddings else None
+            self.tracer.offer(
+                DecisionRecord(decision_id, time.time(), lod, positions, scores, allocation, options, kept)
+            )
+        return decision_id
 
     def feedback(self, items: list[FeedbackItem]) -> dict[str, Any]:
         """Match a batch to remembered edits; matched ones feed the windows and the histograms."""
@@ -84,6 +103,11 @@ class PolicyHealth:
             self.correlation.add(matched.expand, matched.score, benefit(matched.expand, delta), now)
         counts = Counter(results)
         self.metrics.observe_feedback(counts, matched, delta)
+        if self.tracer is not None and matched.traced.any():
+            wall = time.time()
+            for k in matched.item[matched.traced].tolist():
+                item = items[k]
+                self.tracer.offer(FeedbackRecord(item.decision_id, wall, item.edit, item.delta_nll))
         if now - self._refreshed >= REFRESH_S:
             self.refresh(now)
         return {"results": results, "counts": {result: counts[result] for result in RESULTS}}

@@ -66,6 +66,19 @@ class Settings(BaseSettings):
     correlation_window_s: float = Field(
         600.0, gt=0, description="score-benefit correlation over the feedback of the last this many seconds"
     )
+    trace_dir: Path | None = Field(None, description="directory for the deployment traces (Parquet); none: off")
+    trace_sample_rate: float = Field(
+        0.0, ge=0, le=1, description="share of focus decisions traced, with their feedback (0: off)"
+    )
+    trace_embeddings: bool = Field(False, description="also trace the snapshots' embeddings (large)")
+    trace_queue_size: int = Field(
+        1024, ge=1, le=1 << 20, description="trace records waiting to be written; beyond it they are dropped (counted)"
+    )
+    trace_file_rows: int = Field(10000, ge=1, description="a trace file is written once this many records are waiting")
+    trace_flush_s: float = Field(
+        60.0, gt=0, description="... or this many seconds after the previous one, whichever comes first"
+    )
+    trace_max_bytes: int = Field(1 << 30, ge=1, description="trace files kept on disk; the oldest are deleted beyond")
     correlation_window_max_samples: int = Field(
         20000, ge=2, le=1 << 22, description="at most this many (the newest) samples in the time window"
     )

@@ -29,6 +29,7 @@ from ..pipeline import Call, Pipeline
 from ..policy import PolicyHealth
 from ..runtime import Scorer
 from ..settings import Settings
+from ..traces import TraceWriter
 from . import feedback, openapi
 from .admission import Admission
 
@@ -79,6 +80,12 @@ class Service:
         graph = self.manifest.graphs[scorer.precision].file
         m = self.manifest.model
         self.metrics.set_model(m.name, m.version, scorer.precision, scorer.provider, self.manifest.files[graph].sha256)
+        if s.trace_dir is not None and s.trace_sample_rate > 0:
+            self.policy.tracer = TraceWriter(
+                s.trace_dir, {"version": m.version, "sha256": self.manifest.files[graph].sha256}, self.metrics,
+                queue_size=s.trace_queue_size, file_rows=s.trace_file_rows, flush_s=s.trace_flush_s,
+                max_bytes=s.trace_max_bytes,
+            )  # fmt: skip
         self.pipeline = Pipeline(scorer, self.manifest, self.metrics, self.settings.max_entries, self.policy)
         if not self.admission.draining:
             self.metrics.model_ready.set(1)
@@ -267,6 +274,8 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
         yield
         await loading
         service.executor.shutdown(wait=False, cancel_futures=True)
+        if service.policy.tracer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, service.policy.tracer.close)
 
     app = FastAPI(
         title="LensNet focus service",
