@@ -184,8 +184,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500, help="items per POST")
     parser.add_argument("--entries", type=int, default=512, help="WC length of the focus requests")
     parser.add_argument("--pool", type=int, default=1000, help="real edits the feedback names")
-    parser.add_argument("--pairs", type=int, default=6, help="off/on phase pairs")
-    parser.add_argument("--phase-s", type=float, default=6.0)
+    parser.add_argument("--pairs", type=int, default=12, help="off/on phase pairs")
+    parser.add_argument("--phase-s", type=float, default=3.0)
     parser.add_argument("--out", help="also write the report here")
     args = parser.parse_args()
     report = {

@@ -12,6 +12,7 @@ it never slows or fails a request.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -32,7 +33,7 @@ log = logging.getLogger("lensnet.traces")
 SCHEMA_VERSION = 1
 EDIT = pa.struct([
     ("index", pa.int32()), ("action", pa.string()), ("lod", pa.int8()), ("position", pa.int64()),
-    ("score", pa.float32()), ("cause", pa.string()),
+    ("score", pa.float64()), ("cause", pa.string()),
 ])  # fmt: skip
 OPTIONS = pa.struct([
     ("w_max", pa.int64()), ("tau_expand", pa.float64()), ("tau_collapse", pa.float64()), ("max_edits", pa.int32()),
@@ -136,10 +137,14 @@ class TraceWriter:
         except Exception:  # a full or failing disk: these rows are lost, counted, and serving goes on
             log.exception("writing %d trace records failed", len(rows))
             self.metrics.trace_dropped.labels(reason="write_error").inc(len(rows))
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
             return
         self.metrics.trace_written.labels(kind=kind).inc(len(rows))
-        self._retain()
+        try:
+            self._retain()
+        except OSError:
+            log.exception("deleting old trace files failed")
 
     def _retain(self) -> None:
         """Delete the oldest trace files until the directory holds at most `max_bytes` of them."""
