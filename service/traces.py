@@ -1,8 +1,9 @@
 """Deployment traces for the training repo: what the service saw and decided, and the feedback.
 
 A sampled fraction of focus decisions (`--trace-sample-rate`, default 0: off) is written to
-`--trace-dir` as Parquet files, with the ΔNLL feedback that later arrives for them, so the
-training repo can learn from labels collected under the deployment's own distribution. The
+`--trace-dir` as Parquet files (`decisions/`, `feedback/`: one dataset each), with the ΔNLL
+feedback that later arrives for them, so the training repo can learn from labels collected under
+the deployment's own distribution. The
 request path only hands references to a bounded queue (`put_nowait`); one writer thread turns
 them into Arrow tables and writes a file per kind every `--trace-flush-s` seconds or
 `--trace-file-rows` rows (to a temporary name, renamed when complete), then deletes the oldest
@@ -83,7 +84,8 @@ class TraceWriter:
                  file_rows: int, flush_s: float, max_bytes: int) -> None:  # fmt: skip
         self.directory, self.model, self.metrics = directory, model, metrics
         self.file_rows, self.flush_s, self.max_bytes = file_rows, flush_s, max_bytes
-        directory.mkdir(parents=True, exist_ok=True)
+        for kind in SCHEMAS:
+            (directory / kind).mkdir(parents=True, exist_ok=True)
         self._queue: queue.Queue[DecisionRecord | FeedbackRecord | None] = queue.Queue(queue_size)
         self._files = 0
         self._thread = threading.Thread(target=self._run, name="lensnet-traces", daemon=True)
@@ -129,7 +131,7 @@ class TraceWriter:
     def _write(self, kind: str, rows: list[Any]) -> None:
         self._files += 1
         name = f"{kind}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{self._files:06d}.parquet"
-        final, partial = self.directory / name, self.directory / f".{name}.partial"
+        final, partial = self.directory / kind / name, self.directory / kind / f".{name}.partial"
         try:
             table = self._decisions(rows) if kind == "decisions" else self._feedback(rows)
             pq.write_table(table, partial, compression="zstd")
@@ -148,7 +150,7 @@ class TraceWriter:
 
     def _retain(self) -> None:
         """Delete the oldest trace files until the directory holds at most `max_bytes` of them."""
-        files = sorted(self.directory.glob("*.parquet"), key=lambda path: path.stat().st_mtime_ns)
+        files = sorted(self.directory.glob("*/*.parquet"), key=lambda path: path.stat().st_mtime_ns)
         total = sum(path.stat().st_size for path in files)
         for path in files:
             if total <= self.max_bytes:

@@ -48,9 +48,9 @@ def test_written_traces_read_back_with_pyarrow_alone(tmp_path: Path) -> None:
         traces.offer(record)
     traces.offer(FeedbackRecord("a-0", 1.8e9 + 1, 2, -0.25))
     traces.close()
-    (decisions,) = tmp_path.glob("decisions-*.parquet")
-    (feedback,) = tmp_path.glob("feedback-*.parquet")
-    assert not list(tmp_path.glob(".*"))  # no partial files left
+    (decisions,) = tmp_path.glob("decisions/decisions-*.parquet")
+    (feedback,) = tmp_path.glob("feedback/feedback-*.parquet")
+    assert not list(tmp_path.glob("*/.*"))  # no partial files left
     table = pq.read_table(decisions)
     assert table.schema.equals(SCHEMAS["decisions"]) and table.schema.metadata[b"lensnet.trace.schema"] == b"1"
     rows = table.to_pylist()
@@ -81,7 +81,7 @@ def test_files_rotate_and_the_oldest_go_beyond_the_byte_bound(tmp_path: Path) ->
         traces.offer(decision(rng, f"a-{k:x}"))
         time.sleep(0.02)  # distinct modification times
     traces.close()
-    files = sorted(tmp_path.glob("decisions-*.parquet"))
+    files = sorted(tmp_path.glob("decisions/*.parquet"))
     assert 1 <= len(files) < 12 and sum(path.stat().st_size for path in files) <= 20_000
     assert counter(metrics, "lensnet_trace_files_deleted_total") == 12 - len(files)
     kept = [pq.read_table(path)["decision_id"][0].as_py() for path in files]
@@ -93,8 +93,9 @@ def test_a_failing_disk_or_a_full_queue_drops_and_counts(tmp_path: Path) -> None
     metrics = Metrics(0.003, 2)
     target = tmp_path / "traces"
     traces = writer(target, metrics, file_rows=1)
-    target.rmdir()
-    target.write_text("not a directory")  # every write fails now
+    for kind in ("decisions", "feedback"):
+        (target / kind).rmdir()
+        (target / kind).write_text("not a directory")  # every write fails now
     for k in range(2):
         traces.offer(decision(rng, f"a-{k}"))
         deadline = time.monotonic() + 10
@@ -137,10 +138,10 @@ def test_the_service_traces_its_decisions_and_their_feedback(traced: tuple[LiveS
         assert result.edits and client.feedback([(result.decision_id, 0, 0.125)]) == ["matched"]
         model = client.model()
     deadline = time.monotonic() + 30
-    while not (list(directory.glob("feedback-*.parquet")) and list(directory.glob("decisions-*.parquet"))):
+    while not (list(directory.glob("feedback/*.parquet")) and list(directory.glob("decisions/*.parquet"))):
         assert time.monotonic() < deadline, "no trace files written"
         time.sleep(0.1)
-    rows = [row for path in directory.glob("decisions-*.parquet") for row in pq.read_table(path).to_pylist()]
+    rows = pq.read_table(directory / "decisions").to_pylist()  # the directory is one dataset
     (row,) = [row for row in rows if row["decision_id"] == result.decision_id]
     assert row["model_sha256"] == model["sha256"] and row["model_version"] == model["version"]
     assert row["lod"] == lod.tolist() and row["positions"] == positions.tolist()
@@ -152,5 +153,5 @@ def test_the_service_traces_its_decisions_and_their_feedback(traced: tuple[LiveS
         np.frombuffer(row["embeddings"], dtype=row["embeddings_dtype"]).reshape(lod.size, -1),
         embeddings.astype(np.dtype(row["embeddings_dtype"])),
     )
-    feedback = [row for path in directory.glob("feedback-*.parquet") for row in pq.read_table(path).to_pylist()]
+    feedback = pq.read_table(directory / "feedback").to_pylist()
     assert [(f["decision_id"], f["edit"], f["delta_nll"]) for f in feedback] == [(result.decision_id, 0, 0.125)]
