@@ -22,6 +22,7 @@ from prometheus_client import (
 )
 
 from service.core import _bulk
+from service.core.agreement import Agreement
 from service.core.allocator import DEFAULT_TAU_COLLAPSE, DEFAULT_TAU_EXPAND, REJECT_REASONS, Allocation
 from service.core.correlation import Correlation
 from service.core.decisions import RESULTS, Matched
@@ -39,6 +40,8 @@ LATENCY_BUCKETS = (
 SCORE_EDGES = (-1.0, -0.9, -0.75, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 # ΔNLL of one edit (nats per evaluated token, summed or averaged as the stack measures it), both signs.
 DELTA_NLL_EDGES = (-1.0, -0.3, -0.1, -0.03, -0.01, -0.003, 0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+# Agreement of two models on one snapshot, in [-1, 1]: fine near 1, where candidates differ.
+AGREEMENT_EDGES = (-0.5, 0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
 WC_SIZE_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 disable_created_metrics()  # the *_created series only add noise to every scrape
 
@@ -125,9 +128,46 @@ class Metrics:
         self._over_budget = {endpoint: self.over_budget.labels(endpoint=endpoint) for endpoint in SCORED}
         self.model_ready.set(0)
         self._init_policy()
+        self._init_shadow()
+
+    def _init_shadow(self) -> None:
+        """Live vs shadow model agreement (README: "Shadow scoring")."""
+        r = self.registry
+        self.shadow_requests = Counter(
+            "lensnet_shadow_requests_total", "Sampled focus requests the shadow model scored, dropped (its slot "
+            "was busy) or failed on.", ["result"], registry=r,
+        )  # fmt: skip
+        self.shadow_correlation = Histogram(
+            "lensnet_shadow_score_correlation", "Pearson correlation of live and shadow scores, per scored request.",
+            buckets=AGREEMENT_EDGES, registry=r,
+        )  # fmt: skip
+        self.shadow_sign_agreement = Histogram(
+            "lensnet_shadow_sign_agreement", "Share of entries live and shadow scores give the same sign, per request.",
+            buckets=AGREEMENT_EDGES, registry=r,
+        )  # fmt: skip
+        self.shadow_live_edits = Counter(
+            "lensnet_shadow_live_edits_total", "Live edits of the requests the shadow scored.", registry=r
+        )
+        self.shadow_shared_edits = Counter(
+            "lensnet_shadow_shared_edits_total", "Of those, edits the shadow's scores led to as well.", registry=r
+        )
+        self.shadow_model_info = Gauge(
+            "lensnet_shadow_model_info", "The shadow (candidate) model (value 1).", ["name", "version", "sha256"],
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        for result in ("scored", "dropped", "failed"):
+            self.shadow_requests.labels(result=result)
+
+    def observe_shadow(self, agreement: Agreement) -> None:
+        self.shadow_requests.labels(result="scored").inc()
+        if agreement.correlation == agreement.correlation:  # NaN (a constant side) is not a correlation
+            self.shadow_correlation.observe(agreement.correlation)
+        self.shadow_sign_agreement.observe(agreement.sign_agreement)
+        self.shadow_live_edits.inc(agreement.live_edits)
+        self.shadow_shared_edits.inc(agreement.shared_edits)
 
     def _init_policy(self) -> None:
-        """Feedback and policy-health series (POST /v1/feedback, README "Policy health")."""
+        """Feedback, policy-health and deployment-trace series (README: "Policy health", "Deployment traces")."""
         r = self.registry
         self.feedback_items = Counter(
             "lensnet_feedback_items_total", "Feedback items received, by result of matching them to a decision.",
@@ -186,6 +226,7 @@ class Metrics:
             self._delta_by[slot // width]._buckets[slot % width].inc(count)
 
     def set_correlations(self, correlations: list[Correlation], remembered: int) -> None:
+        """Publish the windows' correlations and sample counts, and the decisions held."""
         for c in correlations:
             self.correlation.labels(action=c.action, method="pearson", window=c.window).set(c.pearson)
             self.correlation.labels(action=c.action, method="spearman", window=c.window).set(c.spearman)

@@ -38,6 +38,7 @@ from .core.allocator import (
 from .metrics import Metrics
 from .policy import PolicyHealth
 from .runtime import Scorer
+from .shadow import ShadowScorer
 
 log = logging.getLogger("lensnet.pipeline")
 Fields = TypeVar("Fields", bound=BaseModel)
@@ -112,6 +113,7 @@ class Pipeline:
     ) -> None:
         self.scorer, self.manifest, self.metrics, self.max_entries = scorer, manifest, metrics, max_entries
         self.policy = policy
+        self.shadow: ShadowScorer | None = None  # set once a --shadow-model-dir model has loaded
         self.config = manifest.config
         self.model = {
             "name": manifest.model.name,
@@ -206,6 +208,8 @@ class Pipeline:
         stage.done("model")
         allocation = allocate(layout, scores, options, cooldown)
         stage.done("allocate")
+        if self.shadow:  # hands over references, or drops the sample: never waits
+            self.shadow.offer(request.snapshot.embeddings, layout, options, cooldown, scores, allocation)
         if self.metrics:
             self.metrics.observe_scores(scores, layout.lod)
             self.metrics.observe_allocation(allocation)

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     correlation_window_s: float = Field(
         600.0, gt=0, description="score-benefit correlation over the feedback of the last this many seconds"
     )
+    shadow_model_dir: Path | None = Field(
+        None, description="a candidate artifact that scores a sampled share of focus requests off the request path"
+    )
+    shadow_sample_rate: float = Field(0.1, ge=0, le=1, description="share of focus requests offered to the shadow")
+    shadow_intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads of the shadow (0 = one per core)")
     trace_dir: Path | None = Field(None, description="directory for the deployment traces (Parquet); none: off")
     trace_sample_rate: float = Field(
         0.0, ge=0, le=1, description="share of focus decisions traced, with their feedback (0: off)"

@@ -29,6 +29,7 @@ from ..pipeline import Call, Pipeline
 from ..policy import PolicyHealth
 from ..runtime import Scorer
 from ..settings import Settings
+from ..shadow import ShadowScorer, check_compatible
 from ..traces import TraceWriter
 from . import feedback, openapi
 from .admission import Admission
@@ -55,6 +56,10 @@ class Service:
         self.policy = PolicyHealth(settings, self.metrics)
         self.pipeline: Pipeline | None = None
         self.load_error: str | None = None
+        self.shadow_manifest: Manifest | None = None
+        if settings.shadow_model_dir is not None:  # verified now, like the live artifact (exit 2 if bad)
+            self.shadow_manifest = load_manifest(settings.shadow_model_dir)
+            check_compatible(manifest, self.shadow_manifest)
 
     @property
     def status(self) -> str:
@@ -90,6 +95,24 @@ class Service:
         if not self.admission.draining:
             self.metrics.model_ready.set(1)
         log.info("ready: %s %s, %s on %s", m.name, m.version, scorer.precision, scorer.provider)
+        if self.shadow_manifest is not None:
+            self._load_shadow(self.pipeline, self.shadow_manifest)
+
+    def _load_shadow(self, pipeline: Pipeline, manifest: Manifest) -> None:
+        """Start the candidate model next to the serving one; a failure leaves the service serving without it."""
+        s = self.settings
+        try:
+            scorer = Scorer(s.shadow_model_dir, manifest, "auto", s.shadow_intra_op_threads, False,
+                            probe_entries=s.auto_probe_entries, shrink_entries=s.arena_shrink_entries)  # fmt: skip
+        except Exception:
+            log.exception("the shadow model failed to load; serving without it")
+            return
+        sha256 = manifest.files[manifest.graphs[scorer.precision].file].sha256
+        self.metrics.shadow_model_info.labels(name=manifest.model.name, version=manifest.model.version,
+                                              sha256=sha256).set(1)  # fmt: skip
+        pipeline.shadow = ShadowScorer(scorer, self.metrics, s.shadow_sample_rate)
+        log.info("shadow: %s %s (%s) scores %.0f %% of focus requests", manifest.model.name, manifest.model.version,
+                 scorer.precision, 100 * s.shadow_sample_rate)  # fmt: skip
 
     async def drain(self) -> None:
         """Stop taking work, then wait (up to the grace period) for admitted work to finish."""
@@ -274,6 +297,8 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
         yield
         await loading
         service.executor.shutdown(wait=False, cancel_futures=True)
+        if service.pipeline is not None and service.pipeline.shadow is not None:
+            service.pipeline.shadow.executor.shutdown(wait=False, cancel_futures=True)
         if service.policy.tracer is not None:
             await asyncio.get_running_loop().run_in_executor(None, service.policy.tracer.close)
 

@@ -10,9 +10,6 @@ Retry-After. A valid batch always answers 200 with one result per item.
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,11 +20,10 @@ from starlette.requests import ClientDisconnect
 from ..core import problems
 from ..pipeline import validation_problem
 from ..policy import FeedbackResponse, PolicyHealth, feedback_request
+from ..priority import lower_priority
 from .openapi import inline_schema, problem_responses
 
-log = logging.getLogger("lensnet.feedback")
 MAX_PENDING = 16  # feedback batches waiting for the feedback thread; beyond: 429
-LOW_PRIORITY = 19  # the feedback thread's nice value: the model's threads always come first
 
 
 async def read_json_body(request: Request, limit: int) -> bytes:
@@ -52,17 +48,10 @@ async def read_json_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _lower_priority() -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_PRIORITY)  # this thread only (Linux)
-    except (OSError, AttributeError):
-        log.warning("could not lower the feedback thread's priority")
-
-
 def install(app: FastAPI, policy: PolicyHealth, max_items: int, max_body_bytes: int) -> None:
     """Add POST /v1/feedback to `app`."""
     model = feedback_request(max_items)
-    executor = ThreadPoolExecutor(1, thread_name_prefix="lensnet-feedback", initializer=_lower_priority)
+    executor = ThreadPoolExecutor(1, thread_name_prefix="lensnet-feedback", initializer=lower_priority)
     pending = 0
 
     def handle(body: bytes) -> dict[str, Any]:
