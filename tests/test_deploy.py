@@ -459,6 +459,8 @@ def test_dashboard_has_the_issue_s_panels() -> None:
         "policy correlation": {"expr": r'lensnet_policy_correlation\{.*window="count"'},
         "feedback results": {"expr": r"sum by \(result\) \(rate\(lensnet_feedback_items_total"},
         "delta NLL": {"expr": r"lensnet_feedback_delta_nll_bucket"},
+        "trace records": {"expr": r"lensnet_trace_records_dropped_total"},
+        "shadow agreement": {"expr": r"lensnet_shadow_shared_edits_total.*lensnet_shadow_live_edits_total"},
     }
     for what, where in required.items():
         assert find_panels(board, **where), what

@@ -5,7 +5,9 @@ loopback, scraping every second and evaluating deploy/prometheus/rules every sec
 job mirrors the ServiceMonitor (deploy/k8s): the same job name, namespace/pod/endpoint target
 labels and honor_labels, so the queries are checked against the labels they get on Kubernetes.
 Known traffic covers every series the dashboard shows: focus and score requests (edits, clamps,
-scores at every LOD), 422s, 413s (too large), 429s (overload) and 504s (deadline).
+scores at every LOD), 422s, 413s (too large), 429s (overload) and 504s (deadline), ΔNLL feedback
+(a healthy run; a polarity-flipped one in the last test), and a shadow model (the bundled one
+shadowing itself).
 """
 
 from __future__ import annotations
@@ -210,12 +212,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             serve, "--host", "127.0.0.1", "--port", str(service_port), "--warmup-sizes", "[32]",
             "--max-concurrency", "1", "--queue-size", "0", "--max-entries", str(MAX_ENTRIES),
             "--shutdown-grace-s", "2", "--log-level", "warning", "--correlation-window-count", str(WINDOW),
+            "--shadow-model-dir", str(ROOT / "models" / "default"), "--shadow-sample-rate", "1",
         ], service_log))  # fmt: skip
         prom = resources.enter_context(process([
             prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{prometheus_port}", "--log.level=warn",
         ], prometheus_log))  # fmt: skip
         eventually(lambda: ready(service, service_log, f"{service_url}/readyz"), 60, "the service")
+        shadow = "lensnet_shadow_model_info{"
+        eventually(lambda: shadow in httpx.get(f"{service_url}/metrics").text, 60, "the shadow model")
         eventually(lambda: ready(prom, prometheus_log, f"{prometheus_url}/-/ready"), 30, "Prometheus")
         client = resources.enter_context(httpx.Client(base_url=prometheus_url, timeout=10))
         service_client = resources.enter_context(httpx.Client(base_url=service_url, timeout=10))
