@@ -5,7 +5,8 @@ Two parts, one JSON report:
 - **end to end**: the real server (bundled model) answers /v1/focus at concurrency 1 (binary
   frames, N = `--entries`) while a second process sends feedback batches at `--rate` items/s,
   paced; phases with and without feedback alternate (`--pairs` pairs of `--phase-s` seconds), so
-  both see the same (shared, loaded) machine. The items name real edits of earlier focus answers:
+  both see the same (shared, loaded) machine; the sender runs at the lowest priority (its client
+  work is not the service's cost). The items name real edits of earlier focus answers:
   the first pass over them is matched, later passes are duplicates (a focus step makes ~10 edits
   and takes ~0.1 s here, so 10,000 fresh edits a second cannot be made on this machine).
 - **in process**: the route's own work (JSON parse and validation, matching, windows, histograms)
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import platform
 import threading
 import time
@@ -44,7 +46,10 @@ SENDERS = 4  # concurrent feedback posts
 
 def pace(url: str, bodies: list[bytes], batches_per_s: float, go: Event, stop: Event, out: Any) -> None:
     """Post the pre-encoded bodies in turn at `batches_per_s` while `go` is set, until `stop`, from
-    SENDERS threads (a stack sends feedback asynchronously: a slow answer must not lower the rate)."""
+    SENDERS threads (a stack sends feedback asynchronously: a slow answer must not lower the rate).
+    The process runs at the lowest priority: in production the stack runs elsewhere, here its
+    client work would otherwise be charged to the service on the same two cores."""
+    os.nice(19)
     counts = {"posted": 0, "failed": 0}
     lock = threading.Lock()
 
