@@ -5,7 +5,8 @@ pipeline for every focus answer, and by anything else that answers with edits); 
 matches a batch of (decision_id, edit, delta_nll) items to those edits, feeds the matched ones to
 the rolling correlations and the ΔNLL histograms, and answers one result per item. The gauges
 are recomputed from the windows at scrape time (and after feedback, at most once a second, so
-each worker of a multi-process server keeps its own series fresh).
+each worker of a multi-process server keeps its own series fresh), in `executor`: one
+low-priority thread, so this work takes the CPU only when the model's threads leave it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import random
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ from .core.allocator import Allocation, AllocatorOptions
 from .core.correlation import PolicyCorrelation, benefit
 from .core.decisions import RESULTS, DecisionMemory, Result
 from .metrics import Metrics
+from .priority import lower_priority
 from .settings import Settings
 from .traces import DecisionRecord, FeedbackRecord, TraceWriter
 
@@ -74,6 +77,8 @@ class PolicyHealth:
         self._refreshed = 0.0
         self.trace_rate, self.trace_embeddings = settings.trace_sample_rate, settings.trace_embeddings
         self.tracer: TraceWriter | None = None  # set once the model (its sha256) is known
+        # Feedback batches and gauge refreshes run here, yielding the CPU to the model's threads.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="lensnet-policy", initializer=lower_priority)
 
     def decide(
         self,

@@ -163,11 +163,15 @@ def test_feedback_beyond_the_pending_bound_gets_429(live: LiveService) -> None:
             sock = held.enter_context(socket.create_connection(("127.0.0.1", live.port)))
             sock.sendall(b"POST /v1/feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 100\r\n\r\n{")  # fmt: skip
-        for _ in range(100):  # until the server has read all their headers
-            code, problem = post(live, {"items": [{"decision_id": "a-1", "edit": 0, "delta_nll": 0.1}]})
-            if code == 429:
-                break
-            time.sleep(0.1)
+        deadline = time.monotonic() + 30
+        while live.metrics()["lensnet_in_flight_requests"] < MAX_PENDING:  # their headers read, bodies awaited
+            assert time.monotonic() < deadline, live.metrics()["lensnet_in_flight_requests"]
+            time.sleep(0.2)
+        code, problem = post(live, {"items": [{"decision_id": "a-1", "edit": 0, "delta_nll": 0.1}]})
         assert code == 429 and problem["type"].endswith(":overloaded"), problem
+    deadline = time.monotonic() + 30
+    while live.metrics()["lensnet_in_flight_requests"] > 0:  # the server has seen them hang up
+        assert time.monotonic() < deadline, live.metrics()["lensnet_in_flight_requests"]
+        time.sleep(0.2)
     code, problem = post(live, {"items": [{"decision_id": "a-1", "edit": 0, "delta_nll": 0.1}]})
     assert code == 200 and problem["results"] == ["unknown_decision"]

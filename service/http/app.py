@@ -299,6 +299,7 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
         service.executor.shutdown(wait=False, cancel_futures=True)
         if service.pipeline is not None and service.pipeline.shadow is not None:
             service.pipeline.shadow.executor.shutdown(wait=False, cancel_futures=True)
+        service.policy.executor.shutdown(wait=False, cancel_futures=True)
         if service.policy.tracer is not None:
             await asyncio.get_running_loop().run_in_executor(None, service.policy.tracer.close)
 
@@ -370,7 +371,8 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
     async def metrics() -> Response:
-        service.policy.refresh()  # the correlation gauges, as of now
+        # The correlation gauges as of now, computed off the event loop in the policy's thread.
+        await asyncio.get_running_loop().run_in_executor(service.policy.executor, service.policy.refresh)
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
     feedback.install(app, service.policy, settings.feedback_max_items, settings.max_body_bytes)

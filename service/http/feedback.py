@@ -1,7 +1,7 @@
 """POST /v1/feedback: a thin route over `PolicyHealth.feedback`.
 
 The body is JSON, read up to `--max-body-bytes` (413 beyond), then parsed and validated strictly
-(400 unparseable, 422 a wrong field, naming it) and matched in one low-priority thread: at 10,000
+(400 unparseable, 422 a wrong field, naming it) and matched in the policy's low-priority thread: at 10,000
 items/s that work would otherwise take CPU time from the model's threads and slow focus requests
 (README, "Policy health"). At most `MAX_PENDING` batches wait for it; beyond, 429 with
 Retry-After. A valid batch always answers 200 with one result per item.
@@ -10,7 +10,6 @@ Retry-After. A valid batch always answers 200 with one result per item.
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,7 +19,6 @@ from starlette.requests import ClientDisconnect
 from ..core import problems
 from ..pipeline import validation_problem
 from ..policy import FeedbackResponse, PolicyHealth, feedback_request
-from ..priority import lower_priority
 from .openapi import inline_schema, problem_responses
 
 MAX_PENDING = 16  # feedback batches waiting for the feedback thread; beyond: 429
@@ -51,7 +49,6 @@ async def read_json_body(request: Request, limit: int) -> bytes:
 def install(app: FastAPI, policy: PolicyHealth, max_items: int, max_body_bytes: int) -> None:
     """Add POST /v1/feedback to `app`."""
     model = feedback_request(max_items)
-    executor = ThreadPoolExecutor(1, thread_name_prefix="lensnet-feedback", initializer=lower_priority)
     pending = 0
 
     def handle(body: bytes) -> dict[str, Any]:
@@ -82,6 +79,6 @@ def install(app: FastAPI, policy: PolicyHealth, max_items: int, max_body_bytes: 
         pending += 1
         try:
             body = await read_json_body(request, max_body_bytes)
-            return await asyncio.get_running_loop().run_in_executor(executor, handle, body)
+            return await asyncio.get_running_loop().run_in_executor(policy.executor, handle, body)
         finally:
             pending -= 1
