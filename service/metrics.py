@@ -22,14 +22,17 @@ from prometheus_client import (
 )
 
 from service.core import _bulk
+from service.core.agreement import Agreement
 from service.core.allocator import DEFAULT_TAU_COLLAPSE, DEFAULT_TAU_EXPAND, REJECT_REASONS, Allocation
+from service.core.correlation import Correlation
+from service.core.decisions import RESULTS, Matched
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
 # /v2/infer: Open Inference Protocol scoring, whatever the model name or version in its path.
 SCORED = ("/v1/focus", "/v1/score", "/v2/infer")
-ENDPOINTS = (*SCORED, "/v1/model", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics", "/docs",
-             "other")  # fmt: skip
+ENDPOINTS = (*SCORED, "/v1/feedback", "/v1/model", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
+             "/metrics", "/docs", "other")  # fmt: skip
 STAGES = ("admit", "receive", "queue", "decode", "model", "allocate", "telemetry", "encode")
 # Sub-millisecond resolution, with the budget edge added by Metrics (3 ms by default).
 LATENCY_BUCKETS = (
@@ -37,6 +40,10 @@ LATENCY_BUCKETS = (
     0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 SCORE_EDGES = (-1.0, -0.9, -0.75, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+# ΔNLL of one edit (nats per evaluated token, summed or averaged as the stack measures it), both signs.
+DELTA_NLL_EDGES = (-1.0, -0.3, -0.1, -0.03, -0.01, -0.003, 0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+# Agreement of two models on one snapshot, in [-1, 1]: fine near 1, where candidates differ.
+AGREEMENT_EDGES = (-0.5, 0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
 WC_SIZE_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 disable_created_metrics()  # the *_created series only add noise to every scrape
 
@@ -125,6 +132,111 @@ class Metrics:
         self._requests: dict[tuple[str, int], Any] = {}
         self._over_budget = {endpoint: self.over_budget.labels(endpoint=endpoint) for endpoint in SCORED}
         self.model_ready.set(0)
+        self._init_policy()
+        self._init_shadow()
+
+    def _init_shadow(self) -> None:
+        """Live vs shadow model agreement (README: "Shadow scoring")."""
+        r = self.registry
+        self.shadow_requests = Counter(
+            "lensnet_shadow_requests_total", "Sampled focus requests the shadow model scored, dropped (its slot "
+            "was busy) or failed on.", ["result"], registry=r,
+        )  # fmt: skip
+        self.shadow_correlation = Histogram(
+            "lensnet_shadow_score_correlation", "Pearson correlation of live and shadow scores, per scored request.",
+            buckets=AGREEMENT_EDGES, registry=r,
+        )  # fmt: skip
+        self.shadow_sign_agreement = Histogram(
+            "lensnet_shadow_sign_agreement", "Share of entries live and shadow scores give the same sign, per request.",
+            buckets=AGREEMENT_EDGES, registry=r,
+        )  # fmt: skip
+        self.shadow_live_edits = Counter(
+            "lensnet_shadow_live_edits_total", "Live edits of the requests the shadow scored.", registry=r
+        )
+        self.shadow_shared_edits = Counter(
+            "lensnet_shadow_shared_edits_total", "Of those, edits the shadow's scores led to as well.", registry=r
+        )
+        self.shadow_model_info = Gauge(
+            "lensnet_shadow_model_info", "The shadow (candidate) model (value 1).", ["name", "version", "sha256"],
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        for result in ("scored", "dropped", "failed"):
+            self.shadow_requests.labels(result=result)
+
+    def observe_shadow(self, agreement: Agreement) -> None:
+        self.shadow_requests.labels(result="scored").inc()
+        if agreement.correlation == agreement.correlation:  # NaN (a constant side) is not a correlation
+            self.shadow_correlation.observe(agreement.correlation)
+        self.shadow_sign_agreement.observe(agreement.sign_agreement)
+        self.shadow_live_edits.inc(agreement.live_edits)
+        self.shadow_shared_edits.inc(agreement.shared_edits)
+
+    def _init_policy(self) -> None:
+        """Feedback, policy-health and deployment-trace series (README: "Policy health", "Deployment traces")."""
+        r = self.registry
+        self.feedback_items = Counter(
+            "lensnet_feedback_items_total", "Feedback items received, by result of matching them to a decision.",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.delta_nll = Histogram(
+            "lensnet_feedback_delta_nll", "Measured ΔNLL (with the edit minus without) of matched edits.",
+            ["action", "lod"], buckets=DELTA_NLL_EDGES, registry=r,
+        )  # fmt: skip
+        self.correlation = Gauge(
+            "lensnet_policy_correlation",
+            "Correlation of the driving score with the detail benefit of matched edits (healthy: > 0).",
+            ["action", "method", "window"], registry=r, multiprocess_mode="liveall",
+        )  # fmt: skip
+        self.correlation_samples = Gauge(
+            "lensnet_policy_correlation_samples", "Matched feedback items in the correlation window.",
+            ["action", "window"], registry=r, multiprocess_mode="liveall",
+        )  # fmt: skip
+        self.decisions = Gauge(
+            "lensnet_decisions_remembered", "Focus decisions held for feedback.", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.trace_written = Counter(
+            "lensnet_trace_records_written_total", "Deployment trace records written, by kind.", ["kind"], registry=r
+        )
+        self.trace_dropped = Counter(
+            "lensnet_trace_records_dropped_total", "Deployment trace records dropped: queue_full or write_error.",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.trace_files_deleted = Counter(
+            "lensnet_trace_files_deleted_total", "Trace files deleted to stay under --trace-max-bytes.", registry=r
+        )
+        for kind in ("decisions", "feedback"):
+            self.trace_written.labels(kind=kind)
+        for reason in ("queue_full", "write_error"):
+            self.trace_dropped.labels(reason=reason)
+        self._feedback = {result: self.feedback_items.labels(result=result) for result in RESULTS}
+        self._delta_edges = np.asarray(DELTA_NLL_EDGES, dtype=np.float64)
+        self._delta_by = [
+            self.delta_nll.labels(action=action, lod=str(level))
+            for action in ("collapse", "expand")  # row = expand (0/1) * (max_lod + 1) + lod
+            for level in range(self.max_lod + 1)
+        ]
+
+    def observe_feedback(self, results: dict[str, int], matched: Matched, delta_nll: np.ndarray) -> None:
+        """Count a batch's results; bulk-observe the matched edits' ΔNLL by action and LOD (one C pass)."""
+        for result, count in results.items():
+            if count:
+                self._feedback[result].inc(count)
+        width = self._delta_edges.size + 1
+        counts = np.zeros(len(self._delta_by) * width, dtype=np.int64)
+        groups = matched.expand.astype(np.int64) * (self.max_lod + 1) + matched.lod
+        _bulk.bucket_counts(delta_nll.astype(np.float32), groups, self._delta_edges, counts)
+        slots = np.flatnonzero(counts)
+        for slot, count in zip(slots.tolist(), counts[slots].tolist(), strict=True):
+            self._delta_by[slot // width]._buckets[slot % width].inc(count)
+
+    def set_correlations(self, correlations: list[Correlation], remembered: int) -> None:
+        """Publish the windows' correlations and sample counts, and the decisions held."""
+        for c in correlations:
+            self.correlation.labels(action=c.action, method="pearson", window=c.window).set(c.pearson)
+            self.correlation.labels(action=c.action, method="spearman", window=c.window).set(c.spearman)
+            self.correlation_samples.labels(action=c.action, window=c.window).set(c.samples)
+        self.decisions.set(remembered)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         endpoint = endpoint if endpoint in ENDPOINTS else "other"

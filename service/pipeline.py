@@ -37,7 +37,9 @@ from .core.allocator import (
     cooldown_keys,
 )
 from .metrics import Metrics
+from .policy import PolicyHealth
 from .runtime import Scorer
+from .shadow import ShadowScorer
 
 log = logging.getLogger("lensnet.pipeline")
 Fields = TypeVar("Fields", bound=BaseModel)
@@ -124,18 +126,33 @@ def _fields(model: type[Fields], fields: dict[str, Any]) -> Fields:
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
-        where = where or "body"
-        got = repr(error.get("input"))[:80] if error["type"] != "missing" else "nothing"
-        raise problems.invalid(where, error["msg"], got, f"{where}: {error['msg']}, got {got}") from exc
+        raise validation_problem(exc) from exc
+
+
+def validation_problem(exc: ValidationError) -> problems.Problem:
+    """The 422 naming the first invalid field of a pydantic validation error."""
+    error = exc.errors()[0]
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+    where = where or "body"
+    got = repr(error.get("input"))[:80] if error["type"] != "missing" else "nothing"
+    return problems.invalid(where, error["msg"], got, f"{where}: {error['msg']}, got {got}")
 
 
 class Pipeline:
-    """The endpoints over one model. `metrics` None records nothing (the warm-up's pipeline)."""
+    """The endpoints over one model. `metrics` None records nothing (the warm-up's pipeline);
+    `policy` None gives focus answers no decision_id (the warm-up's too)."""
 
-    def __init__(self, scorer: Scorer, manifest: Manifest, metrics: Metrics | None, max_entries: int) -> None:
+    def __init__(
+        self,
+        scorer: Scorer,
+        manifest: Manifest,
+        metrics: Metrics | None,
+        max_entries: int,
+        policy: PolicyHealth | None = None,
+    ) -> None:
         self.scorer, self.manifest, self.metrics, self.max_entries = scorer, manifest, metrics, max_entries
+        self.policy = policy
+        self.shadow: ShadowScorer | None = None  # set once a --shadow-model-dir model has loaded
         self.config = manifest.config
         self.model = {
             "name": manifest.model.name,
@@ -239,15 +256,35 @@ class Pipeline:
         stage.done("model")
         allocation = allocate(layout, scores, options, cooldown)
         stage.done("allocate")
+        if self.shadow:  # hands over references, or drops the sample: never waits
+            self.shadow.offer(request.snapshot.embeddings, layout, options, cooldown, scores, allocation)
         if self.metrics:
             self.metrics.observe_scores(scores, layout.lod)
             self.metrics.observe_allocation(allocation)
+        decision = self.decide(allocation, layout, scores, options, request.snapshot.embeddings)
         stage.done("telemetry")
-        document = self._document(call.timings) | _allocation_document(allocation)
+        document = self._document(call.timings) | _allocation_document(allocation) | decision
         arrays = {"scores": scores} if fields.return_scores else {}
         content = codec.encode_response(document, arrays, call.respond_as, request.style)
         stage.done("encode")
         return Reply(content, call.respond_as, {})
+
+    def decide(
+        self,
+        allocation: Allocation,
+        layout: Layout,
+        scores: np.ndarray,
+        options: AllocatorOptions,
+        embeddings: np.ndarray | None = None,
+    ) -> dict[str, str]:
+        """`{"decision_id": …}` for an answer carrying `allocation`'s edits, made from `scores` (raw)
+        over `layout` with `options`: remembered for POST /v1/feedback and, when sampled, traced.
+        Every endpoint that returns edits calls this. Empty without a policy (the warm-up)."""
+        if self.policy is None:
+            return {}
+        return {
+            "decision_id": self.policy.decide(allocation, layout.lod, layout.positions, scores, options, embeddings)
+        }
 
     def score(self, call: Call) -> Reply:
         request, _, scores, stage = self._scores(call, ScoreFields)

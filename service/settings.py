@@ -57,6 +57,38 @@ class Settings(BaseSettings):
     warmup_sizes: list[int] = Field([64, 512, 2048], description="WC lengths run once before /readyz turns ready")
     shutdown_grace_s: float = Field(20.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    decision_memory_size: int = Field(
+        65536, ge=1, le=1 << 24, description="focus decisions remembered for feedback (the oldest are forgotten)"
+    )
+    decision_memory_s: float = Field(600.0, gt=0, description="how long a decision is remembered for feedback")
+    feedback_max_items: int = Field(10000, ge=1, le=1 << 20, description="items accepted in one /v1/feedback batch")
+    correlation_window_count: int = Field(
+        1000, ge=2, le=1 << 20, description="score-benefit correlation over the last this many feedback items"
+    )
+    correlation_window_s: float = Field(
+        600.0, gt=0, description="score-benefit correlation over the feedback of the last this many seconds"
+    )
+    shadow_model_dir: Path | None = Field(
+        None, description="a candidate artifact that scores a sampled share of focus requests off the request path"
+    )
+    shadow_sample_rate: float = Field(0.1, ge=0, le=1, description="share of focus requests offered to the shadow")
+    shadow_intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads of the shadow (0 = one per core)")
+    trace_dir: Path | None = Field(None, description="directory for the deployment traces (Parquet); none: off")
+    trace_sample_rate: float = Field(
+        0.0, ge=0, le=1, description="share of focus decisions traced, with their feedback (0: off)"
+    )
+    trace_embeddings: bool = Field(False, description="also trace the snapshots' embeddings (large)")
+    trace_queue_size: int = Field(
+        1024, ge=1, le=1 << 20, description="trace records waiting to be written; beyond it they are dropped (counted)"
+    )
+    trace_file_rows: int = Field(10000, ge=1, description="a trace file is written once this many records are waiting")
+    trace_flush_s: float = Field(
+        60.0, gt=0, description="... or this many seconds after the previous one, whichever comes first"
+    )
+    trace_max_bytes: int = Field(1 << 30, ge=1, description="trace files kept on disk; the oldest are deleted beyond")
+    correlation_window_max_samples: int = Field(
+        20000, ge=2, le=1 << 22, description="at most this many (the newest) samples in the time window"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -328,6 +328,9 @@ def test_the_issue_s_alerts_exist() -> None:
     assert "clamp_ratio" in expressions["LensNetClampRateSpike"]
     assert "offset" in expressions["LensNetScoreMedianShift"] and "offset" in expressions["LensNetScoreSaturationShift"]
     assert "lensnet_model_ready == 0" in expressions["LensNetModelNotReady"]
+    assert "lensnet_policy_correlation{" in expressions["LensNetPolicyPolarityFlipped"]
+    assert "-2 / sqrt(lensnet_policy_correlation_samples" in expressions["LensNetPolicyPolarityFlipped"]
+    assert "abs(lensnet_policy_correlation{" in expressions["LensNetPolicyCorrelationWeak"]
 
 
 @pytest.mark.parametrize("name", sorted(ALERTS))
@@ -453,6 +456,11 @@ def test_dashboard_has_the_issue_s_panels() -> None:
         "in-flight": {"expr": r"lensnet_in_flight_requests"},
         "WC size": {"expr": r"lensnet_working_context_entries"},
         "model info": {"expr": r"lensnet_model_info"},
+        "policy correlation": {"expr": r'lensnet_policy_correlation\{.*window="count"'},
+        "feedback results": {"expr": r"sum by \(result\) \(rate\(lensnet_feedback_items_total"},
+        "delta NLL": {"expr": r"lensnet_feedback_delta_nll_bucket"},
+        "trace records": {"expr": r"lensnet_trace_records_dropped_total"},
+        "shadow agreement": {"expr": r"lensnet_shadow_shared_edits_total.*lensnet_shadow_live_edits_total"},
     }
     for what, where in required.items():
         assert find_panels(board, **where), what

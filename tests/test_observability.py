@@ -5,7 +5,9 @@ loopback, scraping every second and evaluating deploy/prometheus/rules every sec
 job mirrors the ServiceMonitor (deploy/k8s): the same job name, namespace/pod/endpoint target
 labels and honor_labels, so the queries are checked against the labels they get on Kubernetes.
 Known traffic covers every series the dashboard shows: focus and score requests (edits, clamps,
-scores at every LOD), 422s, 413s (too large), 429s (overload) and 504s (deadline).
+scores at every LOD), 422s, 413s (too large), 429s (overload) and 504s (deadline), ΔNLL feedback
+(a healthy run; a polarity-flipped one in the last test), and a shadow model (the bundled one
+shadowing itself).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from examples.policy_health import Sent, collect_edits, send_feedback
+from lensnet_client import FocusClient
 from lensnet_client.layout import synthetic_layout
 from tests.live import free_port
 from tests.test_deploy import FINAL_STAGES, all_panels, dashboard, dockerfile_stages
@@ -47,6 +51,10 @@ POD = "lensnet-focus-test-0"
 # The service runs with one inference slot and no queue, so concurrent requests get 429s, and
 # with a WC limit of 400 entries, so 500 entries get a 413.
 MAX_ENTRIES = 400
+# Policy health: the service's count window, and the matched feedback items sent per run (healthy
+# in the stack, polarity-flipped in the last test); the alerts need at least 100 items.
+WINDOW = 120
+FEEDBACK_EDITS = 150
 # Grafana's built-in variables, as Grafana would expand them for a short time range.
 GRAFANA_BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "5m"}
 T = TypeVar("T")
@@ -107,6 +115,7 @@ class Stack:
     prometheus: httpx.Client
     sent: Counter[tuple[str, int]]  # (endpoint, status) → requests
     at: float  # a scrape time after all traffic: the dashboard queries are evaluated there
+    feedback: Sent | None = None  # the healthy feedback run (benefit = +x + noise)
 
     def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
         """An instant query's result vector; fails the test on any API error (parse errors included)."""
@@ -202,13 +211,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         service = resources.enter_context(process([
             serve, "--host", "127.0.0.1", "--port", str(service_port), "--warmup-sizes", "[32]",
             "--max-concurrency", "1", "--queue-size", "0", "--max-entries", str(MAX_ENTRIES),
-            "--shutdown-grace-s", "2", "--log-level", "warning",
+            "--shutdown-grace-s", "2", "--log-level", "warning", "--correlation-window-count", str(WINDOW),
+            "--shadow-model-dir", str(ROOT / "models" / "default"), "--shadow-sample-rate", "1",
         ], service_log))  # fmt: skip
         prom = resources.enter_context(process([
             prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{prometheus_port}", "--log.level=warn",
         ], prometheus_log))  # fmt: skip
         eventually(lambda: ready(service, service_log, f"{service_url}/readyz"), 60, "the service")
+        shadow = "lensnet_shadow_model_info{"
+        eventually(lambda: shadow in httpx.get(f"{service_url}/metrics").text, 60, "the shadow model")
         eventually(lambda: ready(prom, prometheus_log, f"{prometheus_url}/-/ready"), 30, "Prometheus")
         client = resources.enter_context(httpx.Client(base_url=prometheus_url, timeout=10))
         service_client = resources.enter_context(httpx.Client(base_url=service_url, timeout=10))
@@ -222,6 +234,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             live.sent += send_traffic(service_url, seed)
             expected = f"sum({scoring}) == {live.sent.total()}"
             eventually(lambda q=expected: live.query(q), 20, "Prometheus to scrape the traffic")
+        live.feedback = feedback_run(live, service_url, k=1.0, seed=3)  # a healthy policy
 
         def scraped_after(moment: float) -> float | None:
             last = live.value(f'timestamp(up{{job="{JOB}"}})')
@@ -231,6 +244,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         done = time.time()
         live.at = eventually(lambda: scraped_after(done + 2), 20, "two scrapes after the traffic")
         yield live
+
+
+def feedback_run(live: Stack, url: str, k: float, seed: int) -> Sent:
+    """Focus steps, then ΔNLL feedback for FEEDBACK_EDITS of their edits with benefit k·score + noise."""
+    rng = np.random.default_rng(seed)
+    with FocusClient(url, timeout=30) as client:
+        edits, steps = collect_edits(client, FEEDBACK_EDITS, rng, n=MAX_ENTRIES - 16)
+        live.sent["/v1/focus", 200] += steps
+        return send_feedback(client, edits, k, 0.3, rng)
 
 
 # --- the dashboard ------------------------------------------------------------------------------
@@ -389,6 +411,8 @@ EXPECTED_ALERTS = {
     "LensNetScoreSaturationShift": "inactive",
     "LensNetModelNotReady": "inactive",
     "LensNetModelErrors": "inactive",
+    "LensNetPolicyPolarityFlipped": "inactive",
+    "LensNetPolicyCorrelationWeak": "inactive",
 }
 
 
@@ -451,3 +475,47 @@ def test_image_healthcheck_command_probes_healthz(stack: Stack, target: str) -> 
     healthy = probe(stack.service.base_url.port)
     assert healthy.returncode == 0, healthy.stderr
     assert probe(free_port()).returncode != 0
+
+
+# --- policy health: the worked example on a real Prometheus (last: it changes the service's state) ---
+
+
+def alert_states(live: Stack, name: str) -> list[dict[str, Any]]:
+    return [a for a in live.prometheus.get("/api/v1/alerts").json()["data"]["alerts"]
+            if a["labels"]["alertname"] == name]  # fmt: skip
+
+
+def test_policy_correlation_and_polarity_alert_follow_the_feedback(stack: Stack) -> None:
+    """The healthy run's gauges, as Prometheus scraped them, equal scipy's on the service's count
+    window (the last WINDOW items) to 1e-6, and nothing alerts; after a polarity-flipped run
+    (benefit = -score + noise) the correlation scraped is negative and the polarity alert is
+    active (pending: it fires after its 5 minutes, as the promtool test shows)."""
+    from scipy import stats
+
+    def scraped(method: str) -> float | None:
+        result = stack.query(f'lensnet_policy_correlation{{job="{JOB}",action="all",method="{method}",window="count"}}')
+        return float(result[0]["value"][1]) if result else None
+
+    def scraped_equals_scipy(run: Sent) -> None:
+        x, y = run.x[-WINDOW:], run.y[-WINDOW:]
+        for method, reference in (("spearman", stats.spearmanr), ("pearson", stats.pearsonr)):
+            expected = reference(x, y).statistic
+            eventually(lambda m=method, e=expected: (v := scraped(m)) is not None and abs(v - e) < 1e-6, 20,
+                       f"Prometheus to scrape the {method} correlation {expected:.4f}")  # fmt: skip
+
+    assert stack.feedback is not None
+    scraped_equals_scipy(stack.feedback)
+    assert scraped("spearman") > 0.5
+    assert not alert_states(stack, "LensNetPolicyPolarityFlipped")
+    assert not alert_states(stack, "LensNetPolicyCorrelationWeak")
+
+    flipped = feedback_run(stack, str(stack.service.base_url), k=-1.0, seed=4)
+    scraped_equals_scipy(flipped)
+    assert scraped("spearman") < -0.5
+    (alert,) = eventually(
+        lambda: [a for a in alert_states(stack, "LensNetPolicyPolarityFlipped") if a["labels"]["action"] == "all"],
+        20, "the polarity alert",
+    )  # fmt: skip
+    assert alert["state"] == "pending" and alert["labels"]["severity"] == "critical"
+    assert float(alert["value"]) == pytest.approx(scraped("spearman"), abs=1e-6)
+    assert not alert_states(stack, "LensNetPolicyCorrelationWeak")

@@ -58,6 +58,8 @@ class FocusResult:
     timings_ms: dict[str, float]
     server_timing: dict[str, float] = field(repr=False)
     scores: np.ndarray | None = field(default=None, repr=False)
+    decision_id: str | None = None
+    """Names this decision in `feedback` (the measured ΔNLL of its edits)."""
 
 
 class History:
@@ -181,7 +183,13 @@ class _Protocol:
             timings_ms=document["timings_ms"],
             server_timing=parse_server_timing(response.headers.get("server-timing")),
             scores=scores,
+            decision_id=document.get("decision_id"),
         )
+
+    def feedback_request(self, items: Iterable[tuple[str, int, float]]) -> tuple[bytes, dict[str, str]]:
+        """The body of one /v1/feedback call: (decision_id, edit index, delta_nll) per item."""
+        body = {"items": [{"decision_id": d, "edit": int(e), "delta_nll": float(v)} for d, e, v in items]}
+        return json.dumps(body).encode(), {"content-type": "application/json"}
 
     def score_result(self, response: httpx.Response) -> ScoreResult:
         document, scores = self.document(response)
@@ -286,6 +294,11 @@ class FocusClient:
         request = self.protocol.build(embeddings, lod, positions, {}, deadline_ms)
         return self.protocol.score_result(self._post("/v1/score", *request))
 
+    def feedback(self, items: Iterable[tuple[str, int, float]]) -> list[str]:
+        """Send measured ΔNLLs, (decision_id, edit index, delta_nll) per item (README: Policy health);
+        one result per item: matched, unknown_decision, expired_decision, bad_index or duplicate."""
+        return self.protocol.document(self._post("/v1/feedback", *self.protocol.feedback_request(items)))[0]["results"]
+
     def model(self) -> dict[str, Any]:
         response = self.http.get("/v1/model")
         return self.protocol.document(response)[0]
@@ -360,6 +373,10 @@ class AsyncFocusClient:
     ) -> ScoreResult:
         request = self.protocol.build(embeddings, lod, positions, {}, deadline_ms)
         return self.protocol.score_result(await self._post("/v1/score", *request))
+
+    async def feedback(self, items: Iterable[tuple[str, int, float]]) -> list[str]:
+        request = self.protocol.feedback_request(items)
+        return self.protocol.document(await self._post("/v1/feedback", *request))[0]["results"]
 
     async def model(self) -> dict[str, Any]:
         return self.protocol.document(await self.http.get("/v1/model"))[0]

@@ -27,9 +27,12 @@ from model_export.artifact import Manifest, load_manifest
 from ..core import codec, problems
 from ..metrics import CONTENT_TYPE, Metrics
 from ..pipeline import Call, Pipeline, Reply
+from ..policy import PolicyHealth
 from ..runtime import Scorer
 from ..settings import Settings
-from . import openapi, v2
+from ..shadow import ShadowScorer, check_compatible
+from ..traces import TraceWriter
+from . import feedback, openapi, v2
 from .admission import Admission
 
 log = logging.getLogger("lensnet.service")
@@ -51,8 +54,13 @@ class Service:
         self.metrics = Metrics(settings.latency_budget_ms / 1e3, manifest.config.max_lod)
         self.admission = Admission(settings.max_concurrency, settings.queue_size)
         self.executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="lensnet-infer")
+        self.policy = PolicyHealth(settings, self.metrics)
         self.pipeline: Pipeline | None = None
         self.load_error: str | None = None
+        self.shadow_manifest: Manifest | None = None
+        if settings.shadow_model_dir is not None:  # verified now, like the live artifact (exit 2 if bad)
+            self.shadow_manifest = load_manifest(settings.shadow_model_dir)
+            check_compatible(manifest, self.shadow_manifest)
 
     @property
     def status(self) -> str:
@@ -78,10 +86,34 @@ class Service:
         graph = self.manifest.graphs[scorer.precision].file
         m = self.manifest.model
         self.metrics.set_model(m.name, m.version, scorer.precision, scorer.provider, self.manifest.files[graph].sha256)
-        self.pipeline = Pipeline(scorer, self.manifest, self.metrics, self.settings.max_entries)
+        if s.trace_dir is not None and s.trace_sample_rate > 0:
+            self.policy.tracer = TraceWriter(
+                s.trace_dir, {"version": m.version, "sha256": self.manifest.files[graph].sha256}, self.metrics,
+                queue_size=s.trace_queue_size, file_rows=s.trace_file_rows, flush_s=s.trace_flush_s,
+                max_bytes=s.trace_max_bytes,
+            )  # fmt: skip
+        self.pipeline = Pipeline(scorer, self.manifest, self.metrics, self.settings.max_entries, self.policy)
         if not self.admission.draining:
             self.metrics.model_ready.set(1)
         log.info("ready: %s %s, %s on %s", m.name, m.version, scorer.precision, scorer.provider)
+        if self.shadow_manifest is not None:
+            self._load_shadow(self.pipeline, self.shadow_manifest)
+
+    def _load_shadow(self, pipeline: Pipeline, manifest: Manifest) -> None:
+        """Start the candidate model next to the serving one; a failure leaves the service serving without it."""
+        s = self.settings
+        try:
+            scorer = Scorer(s.shadow_model_dir, manifest, "auto", s.shadow_intra_op_threads, False,
+                            probe_entries=s.auto_probe_entries, shrink_entries=s.arena_shrink_entries)  # fmt: skip
+        except Exception:
+            log.exception("the shadow model failed to load; serving without it")
+            return
+        sha256 = manifest.files[manifest.graphs[scorer.precision].file].sha256
+        self.metrics.shadow_model_info.labels(name=manifest.model.name, version=manifest.model.version,
+                                              sha256=sha256).set(1)  # fmt: skip
+        pipeline.shadow = ShadowScorer(scorer, self.metrics, s.shadow_sample_rate)
+        log.info("shadow: %s %s (%s) scores %.0f %% of focus requests", manifest.model.name, manifest.model.version,
+                 scorer.precision, 100 * s.shadow_sample_rate)  # fmt: skip
 
     async def drain(self) -> None:
         """Stop taking work, then wait (up to the grace period) for admitted work to finish."""
@@ -292,6 +324,11 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
         yield
         await loading
         service.executor.shutdown(wait=False, cancel_futures=True)
+        if service.pipeline is not None and service.pipeline.shadow is not None:
+            service.pipeline.shadow.executor.shutdown(wait=False, cancel_futures=True)
+        service.policy.executor.shutdown(wait=False, cancel_futures=True)
+        if service.policy.tracer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, service.policy.tracer.close)
 
     app = FastAPI(
         title="LensNet focus service",
@@ -361,8 +398,12 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
     async def metrics() -> Response:
+        # The correlation gauges as of now, computed off the event loop in the policy's thread.
+        await asyncio.get_running_loop().run_in_executor(service.policy.executor, service.policy.refresh)
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(v2.router(service))  # its infer route only answers other model names
+    feedback.install(app, service.policy, settings.feedback_max_items, settings.max_body_bytes)
+
     openapi.install(app)  # documents /v1/focus and /v1/score, served by FocusApp
     return FocusApp(app, service)

@@ -78,6 +78,7 @@ class FocusResponse(BaseModel):
     length_before: int
     length_after: int
     budget_met: bool
+    decision_id: str = Field(description="names this decision in POST /v1/feedback (README: Policy health)")
     budget_note: str | None = Field(description="why the WC is still over w_max, when it is")
     edits: list[EditDoc] = Field(description="disjoint, ordered by index; apply from the last to the first")  # type: ignore[valid-type]
     counters: Counters
@@ -99,17 +100,38 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
+ERRORS = {
+    400: "malformed body or header", 406: "unacceptable Accept", 413: "body or N too large",
+    415: "unsupported Content-Type", 422: "invalid field: shape, dtype, layout, option, non-finite",
+    429: "overloaded (Retry-After)", 500: "model error", 503: "not ready or shutting down (Retry-After)",
+    504: "deadline exceeded",
+}  # fmt: skip
+
+
+def problem_responses(codes: tuple[int, ...]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses for these error statuses, each an RFC 9457 problem."""
+    return {str(code): {"description": ERRORS[code], "content": {PROBLEM: {"schema": _ref(Problem)}}} for code in codes}
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema with its $defs substituted in place (for an operation's own body schema)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(definitions[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        return [resolve(value) for value in node] if isinstance(node, list) else node
+
+    return resolve(schema)
+
+
 def _operation(name: str, summary: str, request: type[BaseModel], response: type[BaseModel]) -> dict[str, Any]:
     frame_body = {"schema": {"type": "string", "format": "binary"}, "example": "(see README: binary frame)"}
-    errors = {
-        str(code): {"description": text, "content": {PROBLEM: {"schema": _ref(Problem)}}}
-        for code, text in (
-            (400, "malformed body or header"), (406, "unacceptable Accept"), (413, "body or N too large"),
-            (415, "unsupported Content-Type"), (422, "invalid field: shape, dtype, layout, option, non-finite"),
-            (429, "overloaded (Retry-After)"), (500, "model error"), (503, "not ready or shutting down (Retry-After)"),
-            (504, "deadline exceeded"),
-        )
-    }  # fmt: skip
+    errors = problem_responses((400, 406, 413, 415, 422, 429, 500, 503, 504))
     return {
         "summary": summary,
         "operationId": name,

@@ -1,0 +1,1 @@
+"""Runnable worked examples against a live service (see the README)."""

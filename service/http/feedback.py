@@ -1,0 +1,84 @@
+"""POST /v1/feedback: a thin route over `PolicyHealth.feedback`.
+
+The body is JSON, read up to `--max-body-bytes` (413 beyond), then parsed and validated strictly
+(400 unparseable, 422 a wrong field, naming it) and matched in the policy's low-priority thread: at 10,000
+items/s that work would otherwise take CPU time from the model's threads and slow focus requests
+(README, "Policy health"). At most `MAX_PENDING` batches wait for it; beyond, 429 with
+Retry-After. A valid batch always answers 200 with one result per item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI, Request
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
+
+from ..core import problems
+from ..pipeline import validation_problem
+from ..policy import FeedbackResponse, PolicyHealth, feedback_request
+from .openapi import inline_schema, problem_responses
+
+MAX_PENDING = 16  # feedback batches waiting for the feedback thread; beyond: 429
+
+
+async def read_json_body(request: Request, limit: int) -> bytes:
+    """The request's body, which must be JSON, at most `limit` bytes (413 as soon as it is over)."""
+    media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise problems.Problem(
+            415, "unsupported-media-type", "Unsupported Media Type", f"Content-Type: expected application/json, "
+            f"got {media or 'nothing'}", field="Content-Type", expected="application/json", got=media or "nothing",
+        )  # fmt: skip
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise problems.too_large("body", f"{limit} bytes", f"more than {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise problems.Problem(
+            499, "client-closed", "Client closed request", "the client disconnected before sending the whole body"
+        ) from None
+    return b"".join(chunks)
+
+
+def install(app: FastAPI, policy: PolicyHealth, max_items: int, max_body_bytes: int) -> None:
+    """Add POST /v1/feedback to `app`."""
+    model = feedback_request(max_items)
+    pending = 0
+
+    def handle(body: bytes) -> dict[str, Any]:
+        try:
+            batch = model.model_validate_json(body)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            if error["type"] == "json_invalid":
+                raise problems.malformed("body", "a JSON document", error["msg"][:120]) from exc
+            raise validation_problem(exc) from exc
+        return policy.feedback(batch.items)  # type: ignore[attr-defined]
+
+    @app.post(
+        "/v1/feedback",
+        summary="Measured ΔNLL of returned edits: matched to their decisions, fed to the policy-health gauges",
+        response_model=FeedbackResponse,
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(model)}}}
+        },
+        responses=problem_responses((400, 413, 415, 422, 429)),
+    )
+    async def feedback(request: Request) -> dict[str, Any]:
+        nonlocal pending
+        if pending >= MAX_PENDING:
+            raise problems.unavailable(
+                "overloaded", "Overloaded", f"{pending} feedback batches waiting; send fewer, larger ones", 1, 429
+            )
+        pending += 1
+        try:
+            body = await read_json_body(request, max_body_bytes)
+            return await asyncio.get_running_loop().run_in_executor(policy.executor, handle, body)
+        finally:
+            pending -= 1
