@@ -138,6 +138,17 @@ def test_score_endpoint(live: LiveService) -> None:
     assert np.abs(arrays["scores"] - graph_scores(embeddings.astype(np.float32), lod, positions)).max() <= 1e-6
 
 
+def json_text(value: object) -> bytes:
+    """`value` as JSON, but with every string written out as JSON text rather than quoted."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, list):
+        return b"[" + b",".join(json_text(item) for item in value) + b"]"
+    if isinstance(value, dict):
+        return b"{" + b",".join(json.dumps(k).encode() + b":" + json_text(v) for k, v in value.items()) + b"}"
+    return json.dumps(value).encode()
+
+
 def _bad_requests() -> list[tuple[str, bytes, dict[str, str], int, str, str | None]]:
     """(name, body, headers, status, problem type suffix, field)."""
     e, lod, pos = snapshot(64, seed=4)
@@ -160,7 +171,16 @@ def _bad_requests() -> list[tuple[str, bytes, dict[str, str], int, str, str | No
         return (b"LNF1" + len(text).to_bytes(4, "little") + text).ljust(4096, b" ")
 
     huge = {"dtype": "float16", "shape": [2**40, 2**40], "offset": 0, "nbytes": 0}
+    e_json = [[repr(float(v)) for v in row] for row in e.tolist()]  # numbers as JSON text, to splice others in
+    extreme = e.astype(np.float32)
+    extreme[5:9] = 3e38  # finite float32, far beyond the served range
+
+    def json_with(**literals: object) -> bytes:
+        """A JSON body whose string values are written as JSON text (numbers no Python float holds)."""
+        return json_text({"embeddings": e_json, "lod": lod.tolist(), "positions": pos.tolist(), **ok, **literals})
+
     deep = {"dtype": "float16", "shape": [1] * 65, "offset": 0, "nbytes": 2}
+
     return [
         ("broken json", b'{"embeddings": [', j, 400, "malformed-body", "body"),
         ("json array not object", b"[1, 2]", j, 422, "invalid-field", "body"),
@@ -221,6 +241,27 @@ def _bad_requests() -> list[tuple[str, bytes, dict[str, str], int, str, str | No
          "history[0].position"),
         ("bad deadline header", frame_body(e, lod, pos, **ok), {**f, "x-request-timeout-ms": "soon"}, 400,
          "invalid-header", "X-Request-Timeout-Ms"),
+        # Every numeric conversion: numbers no float or integer type holds, non-numbers, extremes.
+        ("330-digit integer embedding", json_with(embeddings=[["9" * 330, *row[1:]] for row in e_json]), j, 422,
+         "invalid-field", "embeddings[0]"),
+        ("json number beyond float32", json_with(embeddings=[*e_json[:3], ["1e39"] * 256, *e_json[4:]]), j, 422,
+         "invalid-field", "embeddings[3]"),
+        ("string embeddings", json.dumps({"embeddings": [["1.0"] * 256] * 64, "lod": lod.tolist(),
+                                          "positions": pos.tolist(), **ok}).encode(), j, 422, "invalid-field",
+         "embeddings"),
+        ("boolean embeddings", json.dumps({"embeddings": [[True] * 256] * 64, "lod": lod.tolist(),
+                                           "positions": pos.tolist(), **ok}).encode(), j, 422, "invalid-field",
+         "embeddings"),
+        ("null in embeddings", json_with(embeddings=[*e_json[:7], ["null"] * 256, *e_json[8:]]), j, 422,
+         "invalid-field", "embeddings[7]"),
+        ("330-digit integer lod", json_with(lod=["9" * 330] * 64), j, 422, "invalid-field", "lod"),
+        ("float32 rows of 3e38", frame_body(extreme, lod, pos, **ok), f, 422, "invalid-field", "embeddings[5]"),
+        ("330-digit integer option", json_with(options={"w_max": "9" * 330, "max_edits": "9" * 330}), j, 422,
+         "invalid-field", "options.max_edits"),
+        ("infinite deadline header", frame_body(e, lod, pos, **ok), {**f, "x-request-timeout-ms": "1e400"}, 400,
+         "invalid-header", "X-Request-Timeout-Ms"),
+        ("NaN deadline header", frame_body(e, lod, pos, **ok), {**f, "x-request-timeout-ms": "nan"}, 400,
+         "invalid-header", "X-Request-Timeout-Ms"),
     ]  # fmt: skip
 
 
@@ -244,6 +285,66 @@ def test_bad_input_gets_a_precise_problem_and_the_service_keeps_serving(
         "/v1/focus", content=frame_body(*snapshot(64, seed=6), options={"w_max": 64}), headers={"content-type": FRAME}
     )
     assert good.status_code == 200
+
+
+def test_extreme_finite_embeddings_are_the_clients_not_a_model_error(live: LiveService) -> None:
+    """Finite float32 values far beyond the served range overflow inside the graph: a 422 naming
+    the row and the range, never a 500 model-error (which would page as a model fault)."""
+    embeddings, lod, positions = snapshot(64, seed=11, dtype=np.float32)
+    embeddings[12, :] = -3e38
+    before = live.metrics()["lensnet_model_errors_total"]
+    body = frame_body(embeddings, lod, positions, options={"w_max": 64})
+    response = live.http.post("/v1/focus", content=body, headers={"content-type": FRAME})
+    problem = response.json()
+    assert response.status_code == 422, response.text
+    assert (problem["field"], problem["index"]) == ("embeddings[12]", 12)
+    assert "65504" in problem["expected"] and problem["got"] == "a value of 3e+38"
+    assert live.metrics()["lensnet_model_errors_total"] == before
+    embeddings[12, :] = 6e4  # within the range: served
+    body = frame_body(embeddings, lod, positions, options={"w_max": 64})
+    assert live.http.post("/v1/focus", content=body, headers={"content-type": FRAME}).status_code == 200
+
+
+def test_missing_and_wrong_fields_are_worded_like_the_rest(live: LiveService) -> None:
+    e, lod, pos = snapshot(64, seed=12)
+    expectations = {
+        frame_body(e, lod, pos): ("options", "an object with w_max", "nothing"),
+        frame_body(e, lod, pos, options={}): ("options.w_max", "an integer", "nothing"),
+        frame_body(e, lod, pos, options={"w_max": 0}): ("options.w_max", ">= 1", "0"),
+        frame_body(e, lod, pos, options={"w_max": 9, "tau_expand": 0}): ("options.tau_expand", "> 0 and <= 1", "0"),
+        frame_body(e, lod, pos, options={"w_max": 9, "aggregation": "avg"}): (
+            "options.aggregation", "one of 'mean', 'max' or 'min'", "'avg'"),
+        frame_body(e, lod, pos, options={"w_max": 9}, return_scores="yes"): ("return_scores", "true or false", "'yes'"),
+        frame_body(e, lod, pos, options={"w_max": 9}, history=[{"action": "expand"}]): (
+            "history[0].lod", "an integer", "nothing"),
+    }  # fmt: skip
+    for body, (field, expected, got) in expectations.items():
+        problem = live.http.post("/v1/focus", content=body, headers={"content-type": FRAME}).json()
+        assert (problem["field"], problem["expected"], problem["got"]) == (field, expected, got)
+        assert problem["detail"] == f"{field}: expected {expected}, got {got}"
+
+
+def test_openapi_describes_what_the_service_accepts(live: LiveService) -> None:
+    document = live.http.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    assert set(document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert live.http.get("/metrics").headers["content-type"].startswith("text/plain")
+    assert schemas["FocusOptions"]["properties"]["w_max"]["minimum"] == 1
+    assert schemas["FocusOptions"]["properties"]["max_edits"]["anyOf"][0]["maximum"] == 1024
+    for name in ("embeddings", "lod", "positions"):  # N >= 1
+        assert schemas["FocusRequest"]["properties"][name]["anyOf"][0]["minItems"] == 1
+    (timeout,) = document["paths"]["/v1/focus"]["post"]["parameters"]
+    assert timeout["schema"] == {"type": "number", "exclusiveMinimum": 0}
+    for code in ("408", "429", "503"):
+        assert code in document["paths"]["/v1/focus"]["post"]["responses"]
+    # Every method a path does not declare: 405 with Allow naming the ones it does.
+    for path, operations in document["paths"].items():
+        declared = {method.upper() for method in operations}
+        for method in {"GET", "POST", "PUT", "DELETE", "PATCH", "TRACE", "OPTIONS"} - declared:
+            response = live.http.request(method, path)
+            assert response.status_code == 405, (method, path)
+            assert set(response.headers["allow"].replace(" ", "").split(",")) >= declared, (method, path)
+            assert response.headers["content-type"] == "application/problem+json"
 
 
 def test_unknown_routes_and_methods_are_problems(live: LiveService) -> None:
