@@ -31,6 +31,19 @@ class Settings(BaseSettings):
     queue_size: int = Field(16, ge=0, le=4096, description="requests allowed to wait for a slot; beyond it: 429")
     max_body_bytes: int = Field(64 << 20, ge=1024, description="largest accepted request body; beyond it: 413")
     max_entries: int = Field(32768, ge=1, description="largest accepted WC length N; beyond it: 413")
+    max_bytes_in_flight: int = Field(
+        256 << 20, ge=1024,
+        description="request bodies held at once, from their first byte to the answer (Content-Length; "
+        "max-body-bytes when not declared); beyond it: 429",
+    )  # fmt: skip
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="longest wait for the next chunk of a request body; beyond it: 408"
+    )
+    body_min_bytes_per_s: int = Field(
+        64 << 10, ge=0,
+        description="slowest average upload rate, enforced once an upload has run body-timeout-s; "
+        "below it: 408 (0: no minimum)",
+    )  # fmt: skip
     stream_min_bytes: int = Field(
         4 << 20, ge=0, description="frames at least this large are decoded while they arrive (smaller: after)"
     )
@@ -50,4 +63,6 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if any(size < 1 for size in self.warmup_sizes):
             raise ValueError("warmup_sizes: every size must be >= 1")
+        if self.max_bytes_in_flight < self.max_body_bytes:
+            raise ValueError("max_bytes_in_flight: must be >= max_body_bytes (or the largest bodies never fit)")
         return self

@@ -407,6 +407,34 @@ def test_metrics_count_exactly_what_was_served() -> None:
         assert service.stop() == 0
 
 
+def test_known_series_exist_from_startup_and_process_metrics_are_exposed() -> None:
+    """Every label combination the service can produce exists at 0 before its first increment
+    (rate() and increase() lose the first increments of a series born with them), and the
+    process' own resources are exposed (RSS, CPU, file descriptors)."""
+    service = LiveService().wait_ready()
+    try:
+        m = service.metrics()
+        edits = [("expand", "threshold", 1), ("expand", "threshold", 2)] + [
+            ("collapse", cause, lod) for cause in ("threshold", "budget", "make_room") for lod in (0, 1)
+        ]
+        for action, cause, lod in edits:
+            assert m[f'lensnet_edits_total{{action="{action}",cause="{cause}",lod="{lod}"}}'] == 0
+        assert sum(1 for key in m if key.startswith("lensnet_edits_total{")) == len(edits)
+        reasons = ("overload", "not_ready", "shutting_down", "deadline", "deadline_short", "too_large", "body_timeout")
+        for reason in reasons:
+            assert m[f'lensnet_requests_refused_total{{reason="{reason}"}}'] == 0
+        for endpoint in ("/v1/focus", "/v1/score"):
+            for status in (200, 400, 405, 406, 408, 413, 415, 422, 429, 499, 500, 503, 504):
+                assert m[f'lensnet_request_duration_seconds_count{{endpoint="{endpoint}",status="{status}"}}'] == 0
+        assert 'lensnet_request_duration_seconds_count{endpoint="/readyz",status="503"}' in m
+        for level in (0, 1, 2):
+            assert m[f'lensnet_entry_score_count{{lod="{level}"}}'] == 0
+        assert m["process_resident_memory_bytes"] > 50e6  # ONNX Runtime and numpy are loaded
+        assert m["process_open_fds"] > 0 and m["process_cpu_seconds_total"] > 0
+    finally:
+        assert service.stop() == 0
+
+
 def test_overload_answers_429_with_retry_after_and_clients_retry() -> None:
     service = LiveService("--max-concurrency", "1", "--queue-size", "0").wait_ready()
     try:

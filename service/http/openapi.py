@@ -7,7 +7,7 @@ request/response schemas are declared here and added to the generated document.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_type_hints
+from typing import Annotated, Any, Literal, get_type_hints
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -31,8 +31,9 @@ class ArrayObject(BaseModel):
     data: str = Field(description="base64")
 
 
-Embeddings = list[list[float]] | ArrayObject
-Integers = list[int] | ArrayObject
+# N >= 1 entries (and D >= 1 values each), as the service requires.
+Embeddings = Annotated[list[Annotated[list[float], Field(min_length=1)]], Field(min_length=1)] | ArrayObject
+Integers = Annotated[list[int], Field(min_length=1)] | ArrayObject
 
 
 class SnapshotArrays(BaseModel):
@@ -99,15 +100,24 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
+def problem_response(description: str, retry_after: bool = False) -> dict[str, Any]:
+    """An OpenAPI response that is a problem+json document (with `Retry-After` for 429/503)."""
+    response: dict[str, Any] = {"description": description, "content": {PROBLEM: {"schema": _ref(Problem)}}}
+    if retry_after:
+        response["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1}, "description": "seconds"}}
+    return response
+
+
 def _operation(name: str, summary: str, request: type[BaseModel], response: type[BaseModel]) -> dict[str, Any]:
     frame_body = {"schema": {"type": "string", "format": "binary"}, "example": "(see README: binary frame)"}
     errors = {
-        str(code): {"description": text, "content": {PROBLEM: {"schema": _ref(Problem)}}}
+        str(code): problem_response(text, retry_after=code in (429, 503))
         for code, text in (
-            (400, "malformed body or header"), (406, "unacceptable Accept"), (413, "body or N too large"),
+            (400, "malformed body or header"), (405, "method other than POST (Allow)"), (406, "unacceptable Accept"),
+            (408, "request body too slow (the connection is closed)"), (413, "body or N too large"),
             (415, "unsupported Content-Type"), (422, "invalid field: shape, dtype, layout, option, non-finite"),
-            (429, "overloaded (Retry-After)"), (500, "model error"), (503, "not ready or shutting down (Retry-After)"),
-            (504, "deadline exceeded"),
+            (429, "overloaded (Retry-After)"), (500, "internal or model error"),
+            (503, "not ready or shutting down (Retry-After)"), (504, "deadline exceeded"),
         )
     }  # fmt: skip
     return {
@@ -122,8 +132,8 @@ def _operation(name: str, summary: str, request: type[BaseModel], response: type
                 "name": "X-Request-Timeout-Ms",
                 "in": "header",
                 "required": False,
-                "schema": {"type": "number"},
-                "description": "deadline in ms from arrival; a request that cannot make it gets 504",
+                "schema": {"type": "number", "exclusiveMinimum": 0},
+                "description": "deadline in ms from arrival (finite, > 0); a request that cannot make it gets 504",
             }
         ],
         "responses": {
