@@ -312,7 +312,7 @@ def referenced_metric_names(text: str) -> set[str]:
 
 def test_every_referenced_metric_is_exposed_by_the_service(stack: Stack) -> None:
     exposed = exposed_metric_names(stack)
-    (adapter,) = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    (adapter,) = yaml.safe_load((DEPLOY / "helm" / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
     sources = {
         "dashboard": " ".join(
             [target["expr"] for _, _, target in dashboard_targets()]
@@ -418,7 +418,7 @@ def test_alerts_react_to_the_live_traffic(stack: Stack) -> None:
 
 def test_adapter_rule_serves_the_hpa_metric(stack: Stack) -> None:
     """The Prometheus adapter rule, rendered as the adapter would for the HPA's pod query."""
-    (rule,) = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    (rule,) = yaml.safe_load((DEPLOY / "helm" / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
     series = stack.prometheus.get("/api/v1/series", params={"match[]": rule["seriesQuery"]}).json()["data"]
     assert series and {s["pod"] for s in series} == {POD}
     metric = re.fullmatch(r"(\w+)\{.*\}", rule["seriesQuery"]).group(1)
