@@ -51,7 +51,7 @@ class Settings(BaseSettings):
         16,
         ge=0,
         le=4096,
-        description="requests allowed to wait for a slot; beyond it: 429",
+        description="requests admitted besides the running ones (uploading or waiting for a slot); beyond it: 429",
         json_schema_extra=_shown_as("N"),
     )
     max_body_bytes: int = Field(
