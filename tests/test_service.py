@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import hashlib
 import json
 import shutil
 import socket
@@ -545,3 +546,64 @@ def test_intra_op_spinning_is_what_the_settings_say(spinning: bool) -> None:
     options = scorer.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
     assert options.intra_op_num_threads == 2
+
+
+def faulty_artifact(directory: Path) -> Path:
+    """The bundled artifact with its fp32 graph replaced by one that has a real fault: its score is
+    tanh(embedding[0]) + 0 * 1 / (embedding[0] - 7), NaN for an entry whose first value is exactly
+    7 (well within the served range), otherwise finite (so it loads and warms up)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shutil.copytree(BUNDLED, directory)
+    f = helper.make_tensor_value_info
+    nodes = [
+        helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("axis", TensorProto.INT64, [1], [0])),
+        helper.make_node("Constant", [], ["seven"], value=helper.make_tensor("seven", TensorProto.FLOAT, [], [7.0])),
+        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])),
+        helper.make_node("Gather", ["embeddings", "axis"], ["first3"], axis=2),
+        helper.make_node("Squeeze", ["first3", "two"], ["first"]),
+        helper.make_node("Sub", ["first", "seven"], ["shifted"]),
+        helper.make_node("Reciprocal", ["shifted"], ["pole"]),
+        helper.make_node("Mul", ["pole", "zero"], ["fault"]),
+        helper.make_node("Tanh", ["first"], ["squashed"]),
+        helper.make_node("Add", ["squashed", "fault"], ["scores"]),
+        helper.make_node("IsNaN", ["first"], ["nan"]),
+        helper.make_node("IsInf", ["first"], ["inf"]),
+        helper.make_node("Or", ["nan", "inf"], ["non_finite"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "faulty",
+        [f("embeddings", TensorProto.FLOAT, ["batch", "n", 256]), f("lod", TensorProto.INT64, ["batch", "n"]),
+         f("positions", TensorProto.INT64, ["batch", "n"])],
+        [f("scores", TensorProto.FLOAT, ["batch", "n"]), f("non_finite", TensorProto.BOOL, ["batch", "n"])],
+        initializer=[helper.make_tensor("two", TensorProto.INT64, [1], [2])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model, full_check=True)
+    graph_file = directory / "lensnet.fp32.onnx"
+    graph_file.write_bytes(model.SerializeToString())
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"]["lensnet.fp32.onnx"] = {
+        "size": graph_file.stat().st_size,
+        "sha256": hashlib.sha256(graph_file.read_bytes()).hexdigest(),
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def test_non_finite_scores_from_inputs_in_range_are_a_model_error(tmp_path: Path) -> None:
+    """The other side of the served range: a graph that fails on a finite, in-range input is a
+    model fault (500 model-error, counted), not the client's (422)."""
+    service = LiveService("--model-dir", str(faulty_artifact(tmp_path / "faulty")), "--precision", "fp32").wait_ready()
+    try:
+        embeddings, lod, positions = snapshot(64, seed=13, dtype=np.float32)
+        body = frame_body(embeddings, lod, positions, options={"w_max": 64})
+        assert service.http.post("/v1/focus", content=body, headers={"content-type": FRAME}).status_code == 200
+        embeddings[9, 0] = 7.0
+        body = frame_body(embeddings, lod, positions, options={"w_max": 64})
+        response = service.http.post("/v1/focus", content=body, headers={"content-type": FRAME})
+        assert response.status_code == 500 and response.json()["type"] == "urn:lensnet:problem:model-error"
+        assert service.metrics()["lensnet_model_errors_total"] == 1
+    finally:
+        assert service.stop() == 0
