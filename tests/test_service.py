@@ -334,6 +334,11 @@ def test_openapi_describes_what_the_service_accepts(live: LiveService) -> None:
     assert schemas["FocusOptions"]["properties"]["max_edits"]["anyOf"][0]["maximum"] == 1024
     for name in ("embeddings", "lod", "positions"):  # N >= 1
         assert schemas["FocusRequest"]["properties"][name]["anyOf"][0]["minItems"] == 1
+    for name in ("FocusRequest", "ScoreRequest"):  # the loaded model's D and LOD range
+        arrays = schemas[name]["properties"]
+        assert arrays["embeddings"]["anyOf"][0]["items"] | {"items": None} == {
+            "type": "array", "minItems": 256, "maxItems": 256, "items": None}  # fmt: skip
+        assert (arrays["lod"]["anyOf"][0]["items"]["minimum"], arrays["lod"]["anyOf"][0]["items"]["maximum"]) == (0, 2)
     (timeout,) = document["paths"]["/v1/focus"]["post"]["parameters"]
     assert timeout["schema"] == {"type": "number", "exclusiveMinimum": 0}
     for code in ("408", "429", "503"):

@@ -353,5 +353,6 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
-    openapi.install(app)  # documents /v1/focus and /v1/score, served by FocusApp
+    config = service.manifest.config
+    openapi.install(app, config.embed_dim, config.max_lod)  # documents /v1/focus and /v1/score, served by FocusApp
     return FocusApp(app, service)

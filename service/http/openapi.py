@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from lensnet_client.frame import MEDIA_TYPE as FRAME
-from lensnet_client.layout import Edit
+from lensnet_client.layout import POSITION_LIMIT, Edit
 
 from ..core.allocator import REJECT_REASONS
 from ..core.codec import EMBEDDING_DTYPES, INDEX_DTYPES
@@ -156,8 +156,18 @@ OPERATIONS = {
 }
 
 
-def install(app: FastAPI) -> None:
-    """Add the operations and schemas above to the generated OpenAPI document."""
+def _pin_to_model(schemas: dict[str, Any], embed_dim: int, max_lod: int) -> None:
+    """State the loaded model's D (values per embedding row) and LOD range in the request schemas."""
+    for name in ("FocusRequest", "ScoreRequest"):
+        properties = schemas[name]["properties"]
+        properties["embeddings"]["anyOf"][0]["items"].update(minItems=embed_dim, maxItems=embed_dim)
+        properties["lod"]["anyOf"][0]["items"].update(minimum=0, maximum=max_lod)
+        properties["positions"]["anyOf"][0]["items"].update(minimum=0, exclusiveMaximum=POSITION_LIMIT)
+
+
+def install(app: FastAPI, embed_dim: int, max_lod: int) -> None:
+    """Add the operations and schemas above to the generated OpenAPI document, for a model of
+    `embed_dim` and `max_lod`."""
 
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -169,6 +179,7 @@ def install(app: FastAPI) -> None:
                 schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 schemas.update(schema.pop("$defs", {}))
                 schemas[model.__name__] = schema
+            _pin_to_model(schemas, embed_dim, max_lod)
             app.openapi_schema = document
         return app.openapi_schema
 
