@@ -7,7 +7,6 @@ multiprocess mode (PROMETHEUS_MULTIPROC_DIR) aggregates them at scrape time.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
@@ -16,6 +15,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
     multiprocess,
@@ -33,6 +33,17 @@ __all__ = ["CONTENT_TYPE", "Metrics"]
 SCORED = ("/v1/focus", "/v1/score", "/v2/infer")
 ENDPOINTS = (*SCORED, "/v1/feedback", "/v1/model", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
              "/metrics", "/docs", "other")  # fmt: skip
+# The statuses each endpoint can answer: their series exist from startup at 0, so the first
+# increments count in rate()/increase() (a series born at its first increment loses them).
+SCORED_STATUSES = (200, 400, 405, 406, 408, 413, 415, 422, 429, 499, 500, 503, 504)
+STATUSES = {
+    **dict.fromkeys(SCORED, SCORED_STATUSES),
+    "/v1/feedback": (200, 400, 405, 413, 415, 422, 429, 500),
+    "/healthz": (200, 503), "/readyz": (200, 503), "/v1/model": (200,), "/metrics": (200,), "/docs": (200,),
+    "/v2/health/live": (200, 400), "/v2/health/ready": (200, 400), "other": (404, 405),
+}  # fmt: skip
+REFUSAL_REASONS = ("overload", "not_ready", "shutting_down", "deadline", "deadline_short", "too_large", "body_timeout")
+EDIT_CAUSES = {"expand": ("threshold",), "collapse": ("threshold", "budget", "make_room")}
 STAGES = ("admit", "receive", "queue", "decode", "model", "allocate", "telemetry", "encode")
 # Sub-millisecond resolution, with the budget edge added by Metrics (3 ms by default).
 LATENCY_BUCKETS = (
@@ -56,6 +67,7 @@ def score_buckets() -> tuple[float, ...]:
 class Metrics:
     def __init__(self, budget_s: float, max_lod: int) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)  # process_*: RSS, CPU seconds, open fds, start time
         self.budget_s = budget_s
         self.score_edges = np.asarray(score_buckets(), dtype=np.float64)
         self.max_lod = max_lod
@@ -90,8 +102,8 @@ class Metrics:
         )
         self.refused = Counter(
             "lensnet_requests_refused_total",
-            "Requests refused before scoring: overload (429), not_ready/shutting_down (503), deadline (504), "
-            "too_large (413).",
+            "Requests refused before scoring: overload (429), not_ready/shutting_down (503), deadline (504; "
+            "deadline_short: shorter than the latency budget), too_large (413), body_timeout (408).",
             ["reason"],
             registry=r,
         )
@@ -121,15 +133,24 @@ class Metrics:
         self.model_errors = Counter(
             "lensnet_model_errors_total", "Inferences that failed or produced non-finite scores.", registry=r
         )
-        for reason in ("overload", "not_ready", "shutting_down", "deadline", "too_large"):
+        for reason in REFUSAL_REASONS:
             self.refused.labels(reason=reason)
         # Children resolved once: `labels()` costs microseconds a call on the request path.
         self._score_by_lod = [self.scores.labels(lod=str(level)) for level in range(max_lod + 1)]
         self._stage = {stage: self.stages.labels(stage=stage) for stage in STAGES}
         self._rejected = {reason: self.rejections.labels(reason=reason) for reason in REJECT_REASONS}
         self._clamped = {action: self.clamps.labels(action=action) for action in ("expand", "collapse")}
-        self._edits: dict[tuple[str, str, int], Any] = {}
-        self._requests: dict[tuple[str, int], Any] = {}
+        self._edits = {
+            (action, cause, level): self.edits.labels(action=action, cause=cause, lod=str(level))
+            for action, causes in EDIT_CAUSES.items()
+            for cause in causes
+            for level in (range(1, max_lod + 1) if action == "expand" else range(max_lod))  # the level acted on
+        }
+        self._requests = {
+            (endpoint, status): self.requests.labels(endpoint=endpoint, status=str(status))
+            for endpoint, statuses in STATUSES.items()
+            for status in statuses
+        }
         self._over_budget = {endpoint: self.over_budget.labels(endpoint=endpoint) for endpoint in SCORED}
         self.model_ready.set(0)
         self._init_policy()
@@ -292,5 +313,6 @@ class Metrics:
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            ProcessCollector(registry=registry)  # prometheus-client cannot sum these: the answering worker's
             return generate_latest(registry)
         return generate_latest(self.registry)

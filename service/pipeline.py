@@ -14,18 +14,20 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lensnet_client import frame
 from lensnet_client import oip as oip_request
-from lensnet_client.layout import Layout, SnapshotError, synthetic_layout
+from lensnet_client.layout import POSITION_LIMIT, Layout, SnapshotError, synthetic_layout
 from model_export.artifact import Manifest
 
 from .core import codec, oip, problems
 from .core.allocator import (
+    MAX_COOLDOWN_STEPS,
+    MAX_EDITS_LIMIT,
     Aggregation,
     Allocation,
     AllocatorOptions,
@@ -44,19 +46,26 @@ from .shadow import ShadowScorer
 log = logging.getLogger("lensnet.pipeline")
 Fields = TypeVar("Fields", bound=BaseModel)
 MAX_HISTORY = 1024  # entries; the client's History keeps at most this many
+# Embedding magnitudes every precision serves: the fp16 graph's input range. Beyond it the fp32
+# graph may still give finite scores (then they are answered); when it overflows instead, the
+# input is refused (422), so only inputs within it can be a model fault (500 model-error).
+SERVED_MAGNITUDE = float(np.finfo(np.float16).max)
 
 
 class FocusOptions(BaseModel):
-    """Allocator options; omitted ones take the allocator defaults (README, "The allocator")."""
+    """Allocator options; omitted ones take the allocator defaults (README, "The allocator"). The
+    bounds are the allocator's, stated here too so that the OpenAPI document shows them."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    w_max: int = Field(description="WC budget in entries (required); over it, the least useful blocks collapse")
-    tau_expand: float | None = Field(None, description="expand when score >= tau_expand; 0 < tau <= 1 (0.5)")
-    tau_collapse: float | None = Field(None, description="collapse when block score <= -tau_collapse (0.5)")
-    max_edits: int | None = Field(None, description="edits per step, 1…1024 (8)")
+    w_max: int = Field(ge=1, description="WC budget in entries (required); over it, the least useful blocks collapse")
+    tau_expand: float | None = Field(None, gt=0, le=1, description="expand when score >= tau_expand (0.5)")
+    tau_collapse: float | None = Field(None, gt=0, le=1, description="collapse when block score <= -tau_collapse (0.5)")
+    max_edits: int | None = Field(None, ge=1, le=MAX_EDITS_LIMIT, description="edits per step (8)")
     aggregation: Aggregation | None = Field(None, description="block score from children: mean | max | min (mean)")
-    protect_recent: int | None = Field(None, description="newest tokens never collapsed (0)")
-    cooldown_steps: int | None = Field(None, description="hysteresis window in focus steps, 0…1024 (2)")
+    protect_recent: int | None = Field(None, ge=0, description="newest tokens never collapsed (0)")
+    cooldown_steps: int | None = Field(
+        None, ge=0, le=MAX_COOLDOWN_STEPS, description="hysteresis window in focus steps (2)"
+    )
 
 
 class HistoryEntry(BaseModel):
@@ -64,9 +73,16 @@ class HistoryEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     action: Literal["expand", "collapse"]
-    lod: int = Field(description="level of the gist node the edit removed (expand) or created (collapse)")
-    position: int = Field(description="that node's span start, in tokens")
-    age: int = Field(description="focus steps ago (1 = the previous step)")
+    # The bounds are checked with the history (allocator.cooldown_keys); the schema states them.
+    lod: int = Field(
+        description="level of the gist node the edit removed (expand) or created (collapse), 1 … max LOD",
+        json_schema_extra={"minimum": 1},
+    )
+    position: int = Field(
+        description="that node's span start, in tokens (a multiple of B**lod)",
+        json_schema_extra={"minimum": 0, "exclusiveMaximum": POSITION_LIMIT},
+    )
+    age: int = Field(description="focus steps ago (1 = the previous step)", json_schema_extra={"minimum": 1})
 
 
 class FocusFields(BaseModel):
@@ -126,16 +142,65 @@ def _fields(model: type[Fields], fields: dict[str, Any]) -> Fields:
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
-        raise validation_problem(exc) from exc
+        raise validation_problem(exc, model) from exc
 
 
-def validation_problem(exc: ValidationError) -> problems.Problem:
-    """The 422 naming the first invalid field of a pydantic validation error."""
+def validation_problem(exc: ValidationError, model: type[BaseModel]) -> problems.Problem:
+    """The 422 naming the first invalid field of `model`'s validation error, in the service's words."""
     error = exc.errors()[0]
     where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
     where = where or "body"
     got = repr(error.get("input"))[:80] if error["type"] != "missing" else "nothing"
-    return problems.invalid(where, error["msg"], got, f"{where}: {error['msg']}, got {got}")
+    return problems.invalid(where, _expected(model, error), got)
+
+
+# What a field of each kind must be, in the service's words rather than pydantic's.
+_KINDS: dict[Any, str] = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_EXPECTED = {
+    "int_type": "an integer", "int_from_float": "an integer", "float_type": "a number", "bool_type": "true or false",
+    "string_type": "a string", "model_type": "an object", "dict_type": "an object", "list_type": "a list",
+}  # fmt: skip
+_BOUNDS = {
+    "greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
+    "less_than_equal": ("<=", "le"), "less_than": ("<", "lt"),
+}  # fmt: skip
+
+
+def _expected(model: type[BaseModel], error: Any) -> str:
+    """`expected` for a pydantic error on `model`: what the field at `error["loc"]` must be."""
+    kind, context = error["type"], error.get("ctx") or {}
+    parent: Any = model
+    for part in error["loc"][:-1]:  # the model holding the field (list indices keep the item model)
+        parent = _item_model(parent.model_fields[part].annotation) if isinstance(part, str) else parent
+    name = error["loc"][-1] if error["loc"] else None
+    if kind == "missing":
+        return _describe(parent.model_fields[name].annotation)
+    if kind == "extra_forbidden":
+        known = ", ".join(parent.model_fields)
+        return f"one of the fields {known}" if known else "no fields besides the arrays"
+    if kind == "literal_error":
+        return f"one of {context.get('expected')}"
+    if kind == "too_long":
+        return f"at most {context.get('max_length')} items"
+    if kind in _BOUNDS:  # the field's whole range, not only the bound it missed
+        metadata = parent.model_fields[name].metadata
+        return " and ".join(f"{sign} {getattr(m, key)}" for sign, key in _BOUNDS.values() for m in metadata
+                            if getattr(m, key, None) is not None)  # fmt: skip
+    return _EXPECTED.get(kind, error["msg"])
+
+
+def _item_model(annotation: Any) -> Any:
+    """A model annotation as is; `list[Model]` as `Model`."""
+    args = [arg for arg in get_args(annotation) if isinstance(arg, type) and issubclass(arg, BaseModel)]
+    return args[0] if args else annotation
+
+
+def _describe(annotation: Any) -> str:
+    """A field's type in words: an object with its required fields, or a plain kind."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        required = [name for name, field in annotation.model_fields.items() if field.is_required()]
+        return "an object with " + ", ".join(required) if required else "an object"
+    return _KINDS.get(annotation, str(annotation))
 
 
 class Pipeline:
@@ -188,10 +253,12 @@ class Pipeline:
         if non_finite.any():  # the graph checks its input: no extra pass over N x D on the hot path
             row = int(np.argmax(non_finite))
             got = "NaN or inf"
-            if (snapshot.sent_dtype, snapshot.embeddings.dtype.name) == ("float32", "float16"):
-                got += " (or a value beyond float16's range, ±65504)"  # the conversion turned it into inf
+            sent, served = np.finfo(snapshot.sent_dtype), np.finfo(snapshot.embeddings.dtype)
+            if sent.max > served.max:  # the conversion to the graph's dtype turned it into inf
+                got += f" (or a value beyond {served.dtype.name}'s range, ±{float(served.max):.6g})"
             raise problems.invalid(f"embeddings[{row}]", "finite values", got, index=row)
         if not np.isfinite(scores).all():
+            _refuse_beyond_served_range(snapshot.embeddings)  # the client's input overflowed inside the graph
             if self.metrics:
                 self.metrics.model_errors.inc()
             raise problems.Problem(500, "model-error", "Model error", "the model produced non-finite scores")
@@ -345,6 +412,17 @@ class _Stages:
     def done(self, name: str) -> None:
         now = time.perf_counter()
         self.timings[name], self.last = now - self.last, now
+
+
+def _refuse_beyond_served_range(embeddings: np.ndarray) -> None:
+    """422 for the first row holding a value beyond the served range, if any. Only runs once the
+    scores came out non-finite from finite inputs, so the hot path pays nothing for it."""
+    peaks = np.abs(embeddings).max(axis=1)
+    beyond = np.flatnonzero(peaks > SERVED_MAGNITUDE)
+    if beyond.size:
+        row = int(beyond[0])
+        expected = f"values within ±{SERVED_MAGNITUDE:g} (the range served on every precision)"
+        raise problems.invalid(f"embeddings[{row}]", expected, f"a value of {float(peaks[row]):.3g}", index=row)
 
 
 def _snapshot_problem(exc: SnapshotError) -> problems.Problem:

@@ -11,6 +11,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
 
 
+def _shown_as(metavar: str) -> dict[str, str]:
+    """How --help shows a setting's value (service/cli.py), in place of its Python type."""
+    return {"metavar": metavar}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LENSNET_",
@@ -20,7 +25,7 @@ class Settings(BaseSettings):
         extra="forbid",
     )
 
-    model_dir: Path = Field(BUNDLED_MODEL, description="model artifact directory (default: the bundled demo model)")
+    model_dir: Path = Field(BUNDLED_MODEL, description="model artifact directory", json_schema_extra=_shown_as("DIR"))
     precision: Literal["auto", "fp32", "fp16"] = Field(
         "auto",
         description="graph to run: auto = the artifact graph that runs fastest on this machine's execution provider "
@@ -34,28 +39,93 @@ class Settings(BaseSettings):
         ge=1,
         description="after scoring a WC at least this long, ONNX Runtime's CPU arena frees its unused memory",
     )
-    host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in containers)")
-    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
-    workers: int = Field(1, ge=1, le=64, description="server processes, each with its own model session")
-    max_concurrency: int = Field(1, ge=1, le=256, description="inferences running at once per process")
-    queue_size: int = Field(16, ge=0, le=4096, description="requests allowed to wait for a slot; beyond it: 429")
-    max_body_bytes: int = Field(64 << 20, ge=1024, description="largest accepted request body; beyond it: 413")
+    host: str = Field(
+        "127.0.0.1",
+        description="interface to listen on (0.0.0.0 in containers)",
+        json_schema_extra=_shown_as("ADDRESS"),
+    )
+    port: int = Field(
+        8000, ge=0, le=65535, description="TCP port (0 = any free port)", json_schema_extra=_shown_as("PORT")
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes, each with its own model session",
+        json_schema_extra=_shown_as("N"),
+    )
+    max_concurrency: int = Field(
+        1, ge=1, le=256, description="inferences running at once per process", json_schema_extra=_shown_as("N")
+    )
+    queue_size: int = Field(
+        16,
+        ge=0,
+        le=4096,
+        description="requests admitted besides the running ones (uploading or waiting for a slot); beyond it: 429",
+        json_schema_extra=_shown_as("N"),
+    )
+    max_body_bytes: int = Field(
+        64 << 20,
+        ge=1024,
+        description="largest accepted request body; beyond it: 413",
+        json_schema_extra=_shown_as("BYTES"),
+    )
     max_entries: int = Field(
-        16384, ge=1, description="largest accepted WC length N; beyond it: 413 (memory grows ~150 bytes x N x D)"
+        16384,
+        ge=1,
+        description="largest accepted WC length N; beyond it: 413 (memory grows ~150 bytes x N x D)",
+        json_schema_extra=_shown_as("N"),
     )
+    max_bytes_in_flight: int = Field(
+        256 << 20, ge=1024,
+        description="request bodies held at once, from their first byte to the answer (Content-Length; "
+        "max-body-bytes when not declared); beyond it: 429",
+        json_schema_extra=_shown_as("BYTES"),
+    )  # fmt: skip
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="longest wait for the next chunk of a request body; beyond it: 408",
+        json_schema_extra=_shown_as("SECONDS"),
+    )
+    body_min_bytes_per_s: int = Field(
+        64 << 10, ge=0,
+        description="slowest average upload rate, enforced once an upload has run body-timeout-s; "
+        "below it: 408 (0: no minimum)",
+        json_schema_extra=_shown_as("BYTES_PER_S"),
+    )  # fmt: skip
     stream_min_bytes: int = Field(
-        4 << 20, ge=0, description="frames at least this large are decoded while they arrive (smaller: after)"
+        4 << 20,
+        ge=0,
+        description="frames at least this large are decoded while they arrive (smaller: after)",
+        json_schema_extra=_shown_as("BYTES"),
     )
-    latency_budget_ms: float = Field(3.0, gt=0, description="server-side budget; slower requests are counted")
+    latency_budget_ms: float = Field(
+        3.0, gt=0, description="server-side budget; slower requests are counted", json_schema_extra=_shown_as("MS")
+    )
     default_timeout_ms: float | None = Field(
-        None, gt=0, description="deadline for requests without an X-Request-Timeout-Ms header (none: no deadline)"
+        None,
+        gt=0,
+        description="deadline for requests without an X-Request-Timeout-Ms header (null: none)",
+        json_schema_extra=_shown_as("MS"),
     )
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = one per core)")
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads (0 = one per core)", json_schema_extra=_shown_as("N")
+    )
     intra_op_spinning: bool = Field(
         False, description="let ONNX Runtime's idle intra-op threads spin (off: they leave the cores to the server)"
     )
-    warmup_sizes: list[int] = Field([64, 512, 2048], description="WC lengths run once before /readyz turns ready")
-    shutdown_grace_s: float = Field(20.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    warmup_sizes: list[int] = Field(
+        [64, 512, 2048],
+        description="WC lengths run once before /readyz turns ready: comma-separated, or a JSON list",
+        json_schema_extra=_shown_as("N,N,..."),
+    )
+    shutdown_grace_s: float = Field(
+        20.0,
+        ge=0,
+        description="on SIGTERM, how long in-flight requests may finish",
+        json_schema_extra=_shown_as("SECONDS"),
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     decision_memory_size: int = Field(
         65536, ge=1, le=1 << 24, description="focus decisions remembered for feedback (the oldest are forgotten)"
@@ -94,4 +164,6 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if any(size < 1 for size in self.warmup_sizes):
             raise ValueError("warmup_sizes: every size must be >= 1")
+        if self.max_bytes_in_flight < self.max_body_bytes:
+            raise ValueError("max_bytes_in_flight: must be >= max_body_bytes (or the largest bodies never fit)")
         return self

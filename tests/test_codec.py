@@ -193,7 +193,7 @@ def test_json_arrays_come_out_in_the_graph_dtype() -> None:
     reader.feed(text.encode()[10:], more=False)
     request = reader.finish()
     assert request.fields == {"x": 1} and request.style == "list"
-    assert request.snapshot.sent_dtype == "float32"
+    assert request.snapshot.sent_dtype == "float64"  # JSON numbers
     assert np.array_equal(request.snapshot.embeddings, embeddings.astype(np.float16))
 
 

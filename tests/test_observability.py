@@ -334,7 +334,7 @@ def referenced_metric_names(text: str) -> set[str]:
 
 def test_every_referenced_metric_is_exposed_by_the_service(stack: Stack) -> None:
     exposed = exposed_metric_names(stack)
-    (adapter,) = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    (adapter,) = yaml.safe_load((DEPLOY / "helm" / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
     sources = {
         "dashboard": " ".join(
             [target["expr"] for _, _, target in dashboard_targets()]
@@ -355,13 +355,13 @@ def test_prometheus_counts_exactly_the_traffic_sent(stack: Stack) -> None:
     scoring = f'lensnet_request_duration_seconds_count{{job="{JOB}",endpoint=~"/v1/(focus|score)"}}'
     result = stack.query(f"sum by (endpoint, status) ({scoring})", at=stack.at)
     seen = {(s["metric"]["endpoint"], int(s["metric"]["status"])): int(float(s["value"][1])) for s in result}
-    assert seen == dict(stack.sent)
+    assert {key: count for key, count in seen.items() if count} == dict(stack.sent)  # the rest exist at 0
     refused = stack.query(f'lensnet_requests_refused_total{{job="{JOB}"}}', at=stack.at)
     by_reason = {s["metric"]["reason"]: int(float(s["value"][1])) for s in refused}
     statuses = Counter({status: n for (_, status), n in stack.sent.items()})
-    assert by_reason == {
-        "overload": statuses[429], "too_large": statuses[413], "deadline": statuses[504],
-        "not_ready": 0, "shutting_down": 0,
+    assert by_reason == {  # the 504s come from a 0.001 ms deadline: shorter than the latency budget
+        "overload": statuses[429], "too_large": statuses[413], "deadline_short": statuses[504], "deadline": 0,
+        "not_ready": 0, "shutting_down": 0, "body_timeout": 0,
     }  # fmt: skip
 
 
@@ -397,14 +397,15 @@ def test_recording_rule_records_the_live_service(stack: Stack, record: str) -> N
 
 
 # The demo model on CPU answers (nearly) every request slower than 3 ms, 2 of the ~50 scoring
-# requests are 504s and more than 5 % are 429s: those alerts go pending (their `for` keeps them
+# requests are 504s on deadlines shorter than the budget (the client's, not paged on) and more than
+# 5 % are 429s: the latency and overload alerts go pending (their `for` keeps them
 # from firing in a short test). The model is ready and healthy, and the drift alerts have no
 # day-long baseline yet.
 EXPECTED_ALERTS = {
     "LensNetLatencyP99OverBudget": "pending",
     "LensNetLatencySLOFastBurn": "pending",
     "LensNetLatencySLOSlowBurn": "pending",
-    "LensNetHighErrorRatio": "pending",
+    "LensNetHighErrorRatio": "inactive",  # its only 5xx are 504s on 0.001 ms deadlines: the client's
     "LensNetOverloaded": "pending",
     "LensNetClampRateSpike": "inactive",
     "LensNetScoreMedianShift": "inactive",
@@ -413,6 +414,8 @@ EXPECTED_ALERTS = {
     "LensNetModelErrors": "inactive",
     "LensNetPolicyPolarityFlipped": "inactive",
     "LensNetPolicyCorrelationWeak": "inactive",
+    "LensNetTargetDown": "inactive",
+    "LensNetDown": "inactive",
 }
 
 
@@ -442,7 +445,7 @@ def test_alerts_react_to_the_live_traffic(stack: Stack) -> None:
 
 def test_adapter_rule_serves_the_hpa_metric(stack: Stack) -> None:
     """The Prometheus adapter rule, rendered as the adapter would for the HPA's pod query."""
-    (rule,) = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    (rule,) = yaml.safe_load((DEPLOY / "helm" / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
     series = stack.prometheus.get("/api/v1/series", params={"match[]": rule["seriesQuery"]}).json()["data"]
     assert series and {s["pod"] for s in series} == {POD}
     metric = re.fullmatch(r"(\w+)\{.*\}", rule["seriesQuery"]).group(1)

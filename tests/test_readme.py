@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,18 @@ def test_python_example(live: LiveService) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert [line.split()[0] for line in lines] == ["0", "1", "2"] and "->" in lines[0]
+
+
+BLOCK = re.compile(r"```(?:bash|sh|console)\n(.*?)```", re.DOTALL)
+
+
+@pytest.mark.parametrize("readme", ["README.md", "deploy/README.md"])
+def test_commands_from_the_virtualenv_are_called_by_their_venv_path(readme: str) -> None:
+    """Nothing puts .venv/bin on PATH: a README command that the venv installs (lensnet-export,
+    hadolint, pytest, …) is written .venv/bin/<name>, so it runs as written in a fresh shell."""
+    venv_bin = Path(sys.executable).parent
+    for block in BLOCK.findall((REPO / readme).read_text()):
+        for line in block.splitlines():
+            words = line.strip().split()
+            if words and not words[0].startswith(("#", ".venv/", "scripts/", "/")):
+                assert not (venv_bin / words[0]).exists(), f"{readme}: `{line.strip()}` needs .venv/bin/{words[0]}"

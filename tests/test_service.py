@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import hashlib
 import json
 import shutil
 import socket
@@ -138,6 +139,17 @@ def test_score_endpoint(live: LiveService) -> None:
     assert np.abs(arrays["scores"] - graph_scores(embeddings.astype(np.float32), lod, positions)).max() <= 1e-6
 
 
+def json_text(value: object) -> bytes:
+    """`value` as JSON, but with every string written out as JSON text rather than quoted."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, list):
+        return b"[" + b",".join(json_text(item) for item in value) + b"]"
+    if isinstance(value, dict):
+        return b"{" + b",".join(json.dumps(k).encode() + b":" + json_text(v) for k, v in value.items()) + b"}"
+    return json.dumps(value).encode()
+
+
 def _bad_requests() -> list[tuple[str, bytes, dict[str, str], int, str, str | None]]:
     """(name, body, headers, status, problem type suffix, field)."""
     e, lod, pos = snapshot(64, seed=4)
@@ -160,7 +172,16 @@ def _bad_requests() -> list[tuple[str, bytes, dict[str, str], int, str, str | No
         return (b"LNF1" + len(text).to_bytes(4, "little") + text).ljust(4096, b" ")
 
     huge = {"dtype": "float16", "shape": [2**40, 2**40], "offset": 0, "nbytes": 0}
+    e_json = [[repr(float(v)) for v in row] for row in e.tolist()]  # numbers as JSON text, to splice others in
+    extreme = e.astype(np.float32)
+    extreme[5:9] = 3e38  # finite float32, far beyond the served range
+
+    def json_with(**literals: object) -> bytes:
+        """A JSON body whose string values are written as JSON text (numbers no Python float holds)."""
+        return json_text({"embeddings": e_json, "lod": lod.tolist(), "positions": pos.tolist(), **ok, **literals})
+
     deep = {"dtype": "float16", "shape": [1] * 65, "offset": 0, "nbytes": 2}
+
     return [
         ("broken json", b'{"embeddings": [', j, 400, "malformed-body", "body"),
         ("json array not object", b"[1, 2]", j, 422, "invalid-field", "body"),
@@ -221,6 +242,27 @@ def _bad_requests() -> list[tuple[str, bytes, dict[str, str], int, str, str | No
          "history[0].position"),
         ("bad deadline header", frame_body(e, lod, pos, **ok), {**f, "x-request-timeout-ms": "soon"}, 400,
          "invalid-header", "X-Request-Timeout-Ms"),
+        # Every numeric conversion: numbers no float or integer type holds, non-numbers, extremes.
+        ("330-digit integer embedding", json_with(embeddings=[["9" * 330, *row[1:]] for row in e_json]), j, 422,
+         "invalid-field", "embeddings[0]"),
+        ("json number beyond float32", json_with(embeddings=[*e_json[:3], ["1e39"] * 256, *e_json[4:]]), j, 422,
+         "invalid-field", "embeddings[3]"),
+        ("string embeddings", json.dumps({"embeddings": [["1.0"] * 256] * 64, "lod": lod.tolist(),
+                                          "positions": pos.tolist(), **ok}).encode(), j, 422, "invalid-field",
+         "embeddings"),
+        ("boolean embeddings", json.dumps({"embeddings": [[True] * 256] * 64, "lod": lod.tolist(),
+                                           "positions": pos.tolist(), **ok}).encode(), j, 422, "invalid-field",
+         "embeddings"),
+        ("null in embeddings", json_with(embeddings=[*e_json[:7], ["null"] * 256, *e_json[8:]]), j, 422,
+         "invalid-field", "embeddings[7]"),
+        ("330-digit integer lod", json_with(lod=["9" * 330] * 64), j, 422, "invalid-field", "lod"),
+        ("float32 rows of 3e38", frame_body(extreme, lod, pos, **ok), f, 422, "invalid-field", "embeddings[5]"),
+        ("330-digit integer option", json_with(options={"w_max": "9" * 330, "max_edits": "9" * 330}), j, 422,
+         "invalid-field", "options.max_edits"),
+        ("infinite deadline header", frame_body(e, lod, pos, **ok), {**f, "x-request-timeout-ms": "1e400"}, 400,
+         "invalid-header", "X-Request-Timeout-Ms"),
+        ("NaN deadline header", frame_body(e, lod, pos, **ok), {**f, "x-request-timeout-ms": "nan"}, 400,
+         "invalid-header", "X-Request-Timeout-Ms"),
     ]  # fmt: skip
 
 
@@ -244,6 +286,71 @@ def test_bad_input_gets_a_precise_problem_and_the_service_keeps_serving(
         "/v1/focus", content=frame_body(*snapshot(64, seed=6), options={"w_max": 64}), headers={"content-type": FRAME}
     )
     assert good.status_code == 200
+
+
+def test_extreme_finite_embeddings_are_the_clients_not_a_model_error(live: LiveService) -> None:
+    """Finite float32 values far beyond the served range overflow inside the graph: a 422 naming
+    the row and the range, never a 500 model-error (which would page as a model fault)."""
+    embeddings, lod, positions = snapshot(64, seed=11, dtype=np.float32)
+    embeddings[12, :] = -3e38
+    before = live.metrics()["lensnet_model_errors_total"]
+    body = frame_body(embeddings, lod, positions, options={"w_max": 64})
+    response = live.http.post("/v1/focus", content=body, headers={"content-type": FRAME})
+    problem = response.json()
+    assert response.status_code == 422, response.text
+    assert (problem["field"], problem["index"]) == ("embeddings[12]", 12)
+    assert "65504" in problem["expected"] and problem["got"] == "a value of 3e+38"
+    assert live.metrics()["lensnet_model_errors_total"] == before
+    embeddings[12, :] = 6e4  # within the range: served
+    body = frame_body(embeddings, lod, positions, options={"w_max": 64})
+    assert live.http.post("/v1/focus", content=body, headers={"content-type": FRAME}).status_code == 200
+
+
+def test_missing_and_wrong_fields_are_worded_like_the_rest(live: LiveService) -> None:
+    e, lod, pos = snapshot(64, seed=12)
+    expectations = {
+        frame_body(e, lod, pos): ("options", "an object with w_max", "nothing"),
+        frame_body(e, lod, pos, options={}): ("options.w_max", "an integer", "nothing"),
+        frame_body(e, lod, pos, options={"w_max": 0}): ("options.w_max", ">= 1", "0"),
+        frame_body(e, lod, pos, options={"w_max": 9, "tau_expand": 0}): ("options.tau_expand", "> 0 and <= 1", "0"),
+        frame_body(e, lod, pos, options={"w_max": 9, "aggregation": "avg"}): (
+            "options.aggregation", "one of 'mean', 'max' or 'min'", "'avg'"),
+        frame_body(e, lod, pos, options={"w_max": 9}, return_scores="yes"): ("return_scores", "true or false", "'yes'"),
+        frame_body(e, lod, pos, options={"w_max": 9}, history=[{"action": "expand"}]): (
+            "history[0].lod", "an integer", "nothing"),
+    }  # fmt: skip
+    for body, (field, expected, got) in expectations.items():
+        problem = live.http.post("/v1/focus", content=body, headers={"content-type": FRAME}).json()
+        assert (problem["field"], problem["expected"], problem["got"]) == (field, expected, got)
+        assert problem["detail"] == f"{field}: expected {expected}, got {got}"
+
+
+def test_openapi_describes_what_the_service_accepts(live: LiveService) -> None:
+    document = live.http.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    assert set(document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert live.http.get("/metrics").headers["content-type"].startswith("text/plain")
+    assert schemas["FocusOptions"]["properties"]["w_max"]["minimum"] == 1
+    assert schemas["FocusOptions"]["properties"]["max_edits"]["anyOf"][0]["maximum"] == 1024
+    for name in ("embeddings", "lod", "positions"):  # N >= 1
+        assert schemas["FocusRequest"]["properties"][name]["anyOf"][0]["minItems"] == 1
+    for name in ("FocusRequest", "ScoreRequest"):  # the loaded model's D and LOD range
+        arrays = schemas[name]["properties"]
+        assert arrays["embeddings"]["anyOf"][0]["items"] | {"items": None} == {
+            "type": "array", "minItems": 256, "maxItems": 256, "items": None}  # fmt: skip
+        assert (arrays["lod"]["anyOf"][0]["items"]["minimum"], arrays["lod"]["anyOf"][0]["items"]["maximum"]) == (0, 2)
+    (timeout,) = document["paths"]["/v1/focus"]["post"]["parameters"]
+    assert timeout["schema"] == {"type": "number", "exclusiveMinimum": 0}
+    for code in ("408", "429", "503"):
+        assert code in document["paths"]["/v1/focus"]["post"]["responses"]
+    # Every method a path does not declare: 405 with Allow naming the ones it does.
+    for path, operations in document["paths"].items():
+        declared = {method.upper() for method in operations}
+        for method in {"GET", "POST", "PUT", "DELETE", "PATCH", "TRACE", "OPTIONS"} - declared:
+            response = live.http.request(method, path)
+            assert response.status_code == 405, (method, path)
+            assert set(response.headers["allow"].replace(" ", "").split(",")) >= declared, (method, path)
+            assert response.headers["content-type"] == "application/problem+json"
 
 
 def test_unknown_routes_and_methods_are_problems(live: LiveService) -> None:
@@ -302,6 +409,34 @@ def test_metrics_count_exactly_what_was_served() -> None:
         assert m["lensnet_model_ready"] == 1
         assert any(k.startswith("lensnet_model_info{") and 'precision="fp32"' in k for k in m)
         assert 'lensnet_request_duration_seconds_bucket{endpoint="/v1/focus",le="0.003",status="200"}' in m
+    finally:
+        assert service.stop() == 0
+
+
+def test_known_series_exist_from_startup_and_process_metrics_are_exposed() -> None:
+    """Every label combination the service can produce exists at 0 before its first increment
+    (rate() and increase() lose the first increments of a series born with them), and the
+    process' own resources are exposed (RSS, CPU, file descriptors)."""
+    service = LiveService().wait_ready()
+    try:
+        m = service.metrics()
+        edits = [("expand", "threshold", 1), ("expand", "threshold", 2)] + [
+            ("collapse", cause, lod) for cause in ("threshold", "budget", "make_room") for lod in (0, 1)
+        ]
+        for action, cause, lod in edits:
+            assert m[f'lensnet_edits_total{{action="{action}",cause="{cause}",lod="{lod}"}}'] == 0
+        assert sum(1 for key in m if key.startswith("lensnet_edits_total{")) == len(edits)
+        reasons = ("overload", "not_ready", "shutting_down", "deadline", "deadline_short", "too_large", "body_timeout")
+        for reason in reasons:
+            assert m[f'lensnet_requests_refused_total{{reason="{reason}"}}'] == 0
+        for endpoint in ("/v1/focus", "/v1/score"):
+            for status in (200, 400, 405, 406, 408, 413, 415, 422, 429, 499, 500, 503, 504):
+                assert m[f'lensnet_request_duration_seconds_count{{endpoint="{endpoint}",status="{status}"}}'] == 0
+        assert 'lensnet_request_duration_seconds_count{endpoint="/readyz",status="503"}' in m
+        for level in (0, 1, 2):
+            assert m[f'lensnet_entry_score_count{{lod="{level}"}}'] == 0
+        assert m["process_resident_memory_bytes"] > 50e6  # ONNX Runtime and numpy are loaded
+        assert m["process_open_fds"] > 0 and m["process_cpu_seconds_total"] > 0
     finally:
         assert service.stop() == 0
 
@@ -416,3 +551,64 @@ def test_intra_op_spinning_is_what_the_settings_say(spinning: bool) -> None:
     options = scorer.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
     assert options.intra_op_num_threads == 2
+
+
+def faulty_artifact(directory: Path) -> Path:
+    """The bundled artifact with its fp32 graph replaced by one that has a real fault: its score is
+    tanh(embedding[0]) + 0 * 1 / (embedding[0] - 7), NaN for an entry whose first value is exactly
+    7 (well within the served range), otherwise finite (so it loads and warms up)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shutil.copytree(BUNDLED, directory)
+    f = helper.make_tensor_value_info
+    nodes = [
+        helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("axis", TensorProto.INT64, [1], [0])),
+        helper.make_node("Constant", [], ["seven"], value=helper.make_tensor("seven", TensorProto.FLOAT, [], [7.0])),
+        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])),
+        helper.make_node("Gather", ["embeddings", "axis"], ["first3"], axis=2),
+        helper.make_node("Squeeze", ["first3", "two"], ["first"]),
+        helper.make_node("Sub", ["first", "seven"], ["shifted"]),
+        helper.make_node("Reciprocal", ["shifted"], ["pole"]),
+        helper.make_node("Mul", ["pole", "zero"], ["fault"]),
+        helper.make_node("Tanh", ["first"], ["squashed"]),
+        helper.make_node("Add", ["squashed", "fault"], ["scores"]),
+        helper.make_node("IsNaN", ["first"], ["nan"]),
+        helper.make_node("IsInf", ["first"], ["inf"]),
+        helper.make_node("Or", ["nan", "inf"], ["non_finite"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "faulty",
+        [f("embeddings", TensorProto.FLOAT, ["batch", "n", 256]), f("lod", TensorProto.INT64, ["batch", "n"]),
+         f("positions", TensorProto.INT64, ["batch", "n"])],
+        [f("scores", TensorProto.FLOAT, ["batch", "n"]), f("non_finite", TensorProto.BOOL, ["batch", "n"])],
+        initializer=[helper.make_tensor("two", TensorProto.INT64, [1], [2])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model, full_check=True)
+    graph_file = directory / "lensnet.fp32.onnx"
+    graph_file.write_bytes(model.SerializeToString())
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"]["lensnet.fp32.onnx"] = {
+        "size": graph_file.stat().st_size,
+        "sha256": hashlib.sha256(graph_file.read_bytes()).hexdigest(),
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def test_non_finite_scores_from_inputs_in_range_are_a_model_error(tmp_path: Path) -> None:
+    """The other side of the served range: a graph that fails on a finite, in-range input is a
+    model fault (500 model-error, counted), not the client's (422)."""
+    service = LiveService("--model-dir", str(faulty_artifact(tmp_path / "faulty")), "--precision", "fp32").wait_ready()
+    try:
+        embeddings, lod, positions = snapshot(64, seed=13, dtype=np.float32)
+        body = frame_body(embeddings, lod, positions, options={"w_max": 64})
+        assert service.http.post("/v1/focus", content=body, headers={"content-type": FRAME}).status_code == 200
+        embeddings[9, 0] = 7.0
+        body = frame_body(embeddings, lod, positions, options={"w_max": 64})
+        response = service.http.post("/v1/focus", content=body, headers={"content-type": FRAME})
+        assert response.status_code == 500 and response.json()["type"] == "urn:lensnet:problem:model-error"
+        assert service.metrics()["lensnet_model_errors_total"] == 1
+    finally:
+        assert service.stop() == 0

@@ -68,6 +68,38 @@ def test_two_workers_share_a_port_aggregate_metrics_and_stop_cleanly() -> None:
         for seed in range(6):
             client.focus(*snapshot(64, seed=seed), w_max=64)
     assert service.metrics()['lensnet_request_duration_seconds_count{endpoint="/v1/focus",status="200"}'] == 6
-    log = service.log()
+    deadline = time.monotonic() + 60  # /readyz answered by one worker says nothing of the other
+    while service.log().count("lensnet.service: ready") < 2:  # both workers loaded the model
+        assert time.monotonic() < deadline, service.log()
+        time.sleep(0.1)
     assert service.stop(timeout=60) == 0
-    assert log.count("lensnet.service: ready") == 2  # both workers loaded the model
+
+
+def test_an_upload_unfinished_when_the_grace_period_ends_gets_a_503_problem() -> None:
+    """No CancelledError traceback, no 500 text/plain: a problem+json 503, one log line, exit 0."""
+    service = LiveService("--shutdown-grace-s", "1").wait_ready()
+    arrays = dict(zip(("embeddings", "lod", "positions"), snapshot(64), strict=True))
+    body = frame.pack({"options": {"w_max": 64}}, arrays)
+    head = (
+        f"POST /v1/focus HTTP/1.1\r\nHost: x\r\nContent-Type: {frame.MEDIA_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", service.port)) as upload:
+        upload.sendall(head.encode() + body[:100])  # and never the rest
+        deadline = time.monotonic() + 10
+        while service.metrics().get("lensnet_in_flight_requests", 0) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        service.process.send_signal(signal.SIGTERM)
+        upload.settimeout(15)
+        answer = b""
+        while chunk := upload.recv(65536):
+            answer += chunk
+    text = answer.decode(errors="replace")
+    assert text.startswith("HTTP/1.1 503"), text[:300]
+    assert "content-type: application/problem+json" in text.lower()
+    assert '"type": "urn:lensnet:problem:shutting-down"' in text
+    assert service.process.wait(timeout=30) == 0
+    log = service.log()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+    assert log.count("grace period over") == 1
+    assert service.stop() == 0

@@ -42,7 +42,7 @@ class Snapshot:
     embeddings: np.ndarray  # [N, D] in the graph's dtype
     lod: np.ndarray  # [N], integer
     positions: np.ndarray  # [N], integer
-    sent_dtype: str  # the embeddings' dtype on the wire (float32 for JSON lists)
+    sent_dtype: str  # the embeddings' dtype on the wire (float64 for JSON lists: JSON numbers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,13 +127,14 @@ class JsonReader:
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge int literals, deep nesting
             raise problems.malformed("body", "a JSON object", f"invalid JSON ({exc})") from exc
         if not isinstance(fields, dict):
-            raise problems.invalid("body", "a JSON object", type(fields).__name__)
+            raise problems.invalid("body", "a JSON object", _json_kind(fields))
         style: ArrayStyle = "base64" if isinstance(fields.get("embeddings"), dict) else "list"
         arrays = {name: _json_array(fields.pop(name), name) for name in ARRAY_FIELDS if name in fields}
         _check_arrays({name: (array.dtype, array.shape) for name, array in arrays.items()}, self.embed_dim,
                       self.max_entries)  # fmt: skip
         embeddings = arrays["embeddings"]
-        snapshot = Snapshot(convert(embeddings, self.dtype), arrays["lod"], arrays["positions"], embeddings.dtype.name)
+        sent = "float64" if style == "list" else embeddings.dtype.name  # JSON numbers, before float32
+        snapshot = Snapshot(convert(embeddings, self.dtype), arrays["lod"], arrays["positions"], sent)
         return DecodedRequest(snapshot, fields, style)
 
 
@@ -333,23 +334,59 @@ def _malformed(error: frame.FrameError) -> problems.Problem:
 
 
 def _json_array(value: Any, name: str) -> np.ndarray:
+    """A JSON list as an array: embeddings as float32 (numbers beyond its range become inf, refused
+    later with the other non-finite values), `lod`/`positions` as 64-bit integers. Anything else
+    (strings, booleans, null, integers beyond 64 bits in an index array) is a 422, never a crash."""
     if isinstance(value, dict):
         return _base64_array(value, name)
     if not isinstance(value, list):
-        raise problems.invalid(name, "a list or a {dtype, shape, data} object", type(value).__name__)
+        raise problems.invalid(name, "a list or a {dtype, shape, data} object", _json_kind(value))
     try:
-        array = np.asarray(value, dtype=np.float32) if name == "embeddings" else np.asarray(value)
+        array = np.asarray(value)
     except (ValueError, TypeError) as exc:
         raise problems.invalid(
             name, "a rectangular array of numbers", "a ragged or non-numeric list", str(exc)
         ) from exc
-    if name == "embeddings":
-        return array
     if not array.size:
-        return array.astype(np.int64)  # json [] has no dtype; let the shape check speak
+        return array.astype(np.float32 if name == "embeddings" else np.int64)  # [] has no dtype; the shape check speaks
+    if name == "embeddings":
+        if array.dtype.kind == "O":  # integers beyond 64 bits, or null among the numbers
+            array = _wide_floats(array)
+        if array.dtype.kind not in "iuf":
+            raise problems.invalid(name, "numbers", _element_kind(array))
+        with np.errstate(over="ignore"):  # beyond float32: inf, refused as non-finite
+            return array.astype(np.float32)
     if array.dtype.kind not in "iu":
-        raise problems.invalid(name, "integers", f"values of type {array.dtype}")
+        raise problems.invalid(name, "integers", _element_kind(array))
     return array
+
+
+def _wide_floats(array: np.ndarray) -> np.ndarray:
+    """An object array from JSON (only integers too wide for 64 bits make one, or null/mixed
+    values) as float64; an integer beyond float64 is as out of range as inf, so it becomes inf."""
+    out = np.empty(array.shape, dtype=np.float64)
+    flat = out.reshape(-1)
+    for i, item in enumerate(array.reshape(-1).tolist()):
+        if type(item) not in (int, float):
+            row = int(np.unravel_index(i, array.shape)[0])
+            raise problems.invalid(f"embeddings[{row}]", "numbers", _json_kind(item), index=row)
+        try:
+            flat[i] = float(item)
+        except OverflowError:
+            flat[i] = math.inf
+    return out
+
+
+def _element_kind(array: np.ndarray) -> str:
+    """What a non-numeric JSON array holds, in JSON's words."""
+    if array.dtype.kind == "O":
+        return "integers beyond 64 bits or non-numbers"
+    return {"U": "strings", "b": "booleans", "f": "non-integer numbers"}.get(array.dtype.kind, f"{array.dtype} values")
+
+
+def _json_kind(item: Any) -> str:
+    names = {str: "a string", bool: "a boolean", type(None): "null", list: "a list", dict: "an object"}
+    return names.get(type(item), type(item).__name__)
 
 
 def _base64_array(value: dict[str, Any], name: str) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
@@ -34,6 +36,7 @@ from ..shadow import ShadowScorer, check_compatible
 from ..traces import TraceWriter
 from . import feedback, openapi, v2
 from .admission import Admission
+from .upload import declared_length, read_body
 
 log = logging.getLogger("lensnet.service")
 TIMEOUT_HEADER = "x-request-timeout-ms"
@@ -43,7 +46,10 @@ REFUSALS = {
     "shutting-down": "shutting_down",
     "deadline-exceeded": "deadline",
     "too-large": "too_large",
+    "body-timeout": "body_timeout",
 }
+TIMEOUT_EXPECTED = "a finite number of milliseconds > 0"
+ABANDON_WAIT_S = 2.0  # after the grace period: how long the 503s to cancelled requests may take to leave
 
 
 class Service:
@@ -52,7 +58,7 @@ class Service:
     def __init__(self, settings: Settings, manifest: Manifest) -> None:
         self.settings, self.manifest = settings, manifest
         self.metrics = Metrics(settings.latency_budget_ms / 1e3, manifest.config.max_lod)
-        self.admission = Admission(settings.max_concurrency, settings.queue_size)
+        self.admission = Admission(settings.max_concurrency, settings.queue_size, settings.max_bytes_in_flight)
         self.executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="lensnet-infer")
         self.policy = PolicyHealth(settings, self.metrics)
         self.pipeline: Pipeline | None = None
@@ -118,8 +124,11 @@ class Service:
     async def drain(self) -> None:
         """Stop taking work, then wait (up to the grace period) for admitted work to finish."""
         self.metrics.model_ready.set(0)
-        finished = await self.admission.drain(self.settings.shutdown_grace_s)
-        log.info("drained" if finished else "grace period over with requests still running")
+        if await self.admission.drain(self.settings.shutdown_grace_s):
+            log.info("drained")
+            return
+        cancelled = await self.admission.abandon(ABANDON_WAIT_S)
+        log.warning("grace period over: answered 503 to the %d requests still in flight", cancelled)
 
     async def serve(self, request: Request, wire: Wire) -> Response:
         """Answer a scoring endpoint; every failure leaves as a Problem (refusals counted)."""
@@ -128,8 +137,18 @@ class Service:
                 return await self._serve(request, wire)
         except problems.Problem as problem:
             if problem.slug in REFUSALS:
-                self.metrics.refused.labels(reason=REFUSALS[problem.slug]).inc()
+                self.metrics.refused.labels(reason=self._refusal_reason(problem, request)).inc()
             raise
+        except asyncio.CancelledError:
+            if not self.admission.abandoned:
+                raise  # the server's own cancellation: nothing to answer
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            self.metrics.refused.labels(reason=REFUSALS["shutting-down"]).inc()
+            problem = problems.unavailable(
+                "shutting-down", "Shutting down", "the shutdown grace period ended before the request finished", 1
+            )
+            problem.headers["Connection"] = "close"
+            raise problem from None
         except ClientDisconnect:  # gone mid-upload: nobody to answer (499 in the request metrics)
             log.info("client disconnected before its request body was read")
             raise problems.Problem(
@@ -150,25 +169,25 @@ class Service:
         length = declared_length(request, self.settings.max_body_bytes)
         body, respond_as = wire.negotiate(request, pipeline, self.settings, length)
         deadline = self._deadline(request, arrival)
-        self.admission.check_capacity()  # refuse before buffering a body we would refuse anyway
-        reading = time.perf_counter()
-        await read_body(request, body, self.settings.max_body_bytes)
-        received = time.perf_counter()
-        timings = {"admit": reading - arrival, "receive": received - reading}
-        self.metrics.queued.inc()
-        admitted = False
-        try:
-            async with self.admission.slot(deadline):
-                admitted = True
-                self.metrics.queued.dec()
-                timings["queue"] = time.perf_counter() - received
-                loop = asyncio.get_running_loop()
-                reply = await loop.run_in_executor(
-                    self.executor, wire.run, pipeline, Call(body, respond_as, deadline, timings)
-                )
-        finally:
-            if not admitted:
-                self.metrics.queued.dec()
+        # A place from before the first body byte is read: refuse what we would refuse anyway unread.
+        with self.admission.place(self.settings.max_body_bytes if length is None else length):
+            reading = time.perf_counter()
+            await read_body(request, body, self.settings)
+            received = time.perf_counter()
+            timings = {"admit": reading - arrival, "receive": received - reading}
+            self.metrics.queued.inc()
+            admitted = False
+            try:
+                async with self.admission.slot(deadline):
+                    admitted = True
+                    self.metrics.queued.dec()
+                    timings["queue"] = time.perf_counter() - received
+                    call = Call(body, respond_as, deadline, timings)
+                    loop = asyncio.get_running_loop()
+                    reply = await loop.run_in_executor(self.executor, wire.run, pipeline, call)
+            finally:
+                if not admitted:
+                    self.metrics.queued.dec()
         self.metrics.observe_stages(timings)
         timings["total"] = time.perf_counter() - arrival
         server_timing = ", ".join(f"{stage};dur={seconds * 1e3:.3f}" for stage, seconds in timings.items())
@@ -176,6 +195,8 @@ class Service:
         return Response(reply.content, media_type=reply.media_type, headers=headers)
 
     def _deadline(self, request: Request, arrival: float) -> float | None:
+        """The request's deadline (perf_counter time) from X-Request-Timeout-Ms: a finite number
+        of milliseconds > 0. Notes whether it is shorter than the latency budget (`_refusal_reason`)."""
         raw = request.headers.get(TIMEOUT_HEADER)
         if raw is None:
             timeout_ms = self.settings.default_timeout_ms
@@ -183,23 +204,23 @@ class Service:
             try:
                 timeout_ms = float(raw)
             except ValueError:
-                timeout_ms = -1.0
-            if not timeout_ms > 0:
-                detail = f"X-Request-Timeout-Ms: expected milliseconds > 0, got {raw}"
+                timeout_ms = math.nan
+            if not 0 < timeout_ms < math.inf:
+                got = raw if len(raw) <= 80 else raw[:77] + "..."
                 raise problems.Problem(
-                    400, "invalid-header", "Invalid header", detail,
-                    field="X-Request-Timeout-Ms", expected="a number > 0", got=raw,
+                    400, "invalid-header", "Invalid header", f"X-Request-Timeout-Ms: expected {TIMEOUT_EXPECTED}, "
+                    f"got {got}", field="X-Request-Timeout-Ms", expected=TIMEOUT_EXPECTED, got=got,
                 )  # fmt: skip
+        request.state.short_deadline = timeout_ms is not None and timeout_ms < self.settings.latency_budget_ms
         return None if timeout_ms is None else arrival + timeout_ms / 1e3
 
-
-def declared_length(request: Request, limit: int) -> int | None:
-    """The body's Content-Length, if sent; 413 at once when it exceeds `limit`."""
-    declared = request.headers.get("content-length")
-    length = int(declared) if declared is not None and declared.isdigit() else None
-    if length is not None and length > limit:
-        raise problems.too_large("body", f"{limit} bytes", f"{declared} bytes (Content-Length)")
-    return length
+    @staticmethod
+    def _refusal_reason(problem: problems.Problem, request: Request) -> str:
+        """The refusal's reason label; a 504 whose deadline was shorter than the latency budget is the
+        client's choice (`deadline_short`), not a fault of the service (`deadline`)."""
+        if problem.slug == "deadline-exceeded" and getattr(request.state, "short_deadline", False):
+            return "deadline_short"
+        return REFUSALS[problem.slug]
 
 
 def negotiate_v1(
@@ -224,22 +245,6 @@ class Wire:
     negotiate: Callable[[Request, Pipeline, Settings, int | None], tuple[codec.BodyReader, str]]
     run: Callable[[Pipeline, Call], Reply]
     render: Callable[[problems.Problem, str], Response]
-
-
-async def read_body(request: Request, body: codec.BodyReader, limit: int) -> None:
-    """Feed the body to its reader as it arrives (a large frame is decoded on the way); 413 as
-    soon as it exceeds `limit` bytes."""
-    size, more = 0, True
-    while more:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk, more = message.get("body", b""), message.get("more_body", False)
-        size += len(chunk)
-        if size > limit:
-            raise problems.too_large("body", f"{limit} bytes", f"more than {limit} bytes")
-        body.feed(chunk, more)
-    body.close()  # an incomplete frame is refused before it waits for a slot
 
 
 class FocusApp:
@@ -344,8 +349,9 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
         problem = problems.Problem(
-            exc.status_code, "http-error", str(exc.detail), f"{request.method} {request.url.path}: {exc.detail}"
-        )
+            exc.status_code, "http-error", str(exc.detail), f"{request.method} {request.url.path}: {exc.detail}",
+            headers=dict(exc.headers or {}),  # e.g. Allow on a 405
+        )  # fmt: skip
         return problem_response(problem, request.url.path)
 
     @app.exception_handler(Exception)
@@ -383,20 +389,29 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
             "parity": {k: v for k, v in m.parity.model_dump().items() if k != "cases"},
         }
 
-    @app.get("/healthz", summary="Liveness: the process answers (503 once the model failed to load: restart it)")
+    @app.get(
+        "/healthz", summary="Liveness: the process answers (503 once the model failed to load: restart it)",
+        responses={503: openapi.problem_response("the model failed to load")},
+    )  # fmt: skip
     async def healthz() -> Response:
         if service.load_error:
             raise problems.Problem(503, "model-failed", "Model failed to load", service.load_error)
         return Response(b'{"status":"alive"}', media_type="application/json")
 
-    @app.get("/readyz", summary="Readiness: model loaded, checksums verified, warmed up, not draining")
+    @app.get(
+        "/readyz", summary="Readiness: model loaded, checksums verified, warmed up, not draining",
+        responses={503: openapi.problem_response("loading, failed or draining (`state` says which)")},
+    )  # fmt: skip
     async def readyz() -> Response:
         if service.status != "ready":
             detail = service.load_error or f"model {service.status}"
             raise problems.Problem(503, "not-ready", "Not ready", detail, state=service.status)
         return Response(b'{"status":"ready"}', media_type="application/json")
 
-    @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
+    @app.get(
+        "/metrics", summary="Prometheus metrics (text exposition format)", response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )  # fmt: skip
     async def metrics() -> Response:
         # The correlation gauges as of now, computed off the event loop in the policy's thread.
         await asyncio.get_running_loop().run_in_executor(service.policy.executor, service.policy.refresh)
@@ -405,5 +420,6 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
     app.include_router(v2.router(service))  # its infer route only answers other model names
     feedback.install(app, service.policy, settings.feedback_max_items, settings.max_body_bytes)
 
-    openapi.install(app)  # documents /v1/focus and /v1/score, served by FocusApp
+    config = service.manifest.config
+    openapi.install(app, config.embed_dim, config.max_lod)  # documents /v1/focus and /v1/score, served by FocusApp
     return FocusApp(app, service)

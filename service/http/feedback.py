@@ -58,7 +58,7 @@ def install(app: FastAPI, policy: PolicyHealth, max_items: int, max_body_bytes: 
             error = exc.errors()[0]
             if error["type"] == "json_invalid":
                 raise problems.malformed("body", "a JSON document", error["msg"][:120]) from exc
-            raise validation_problem(exc) from exc
+            raise validation_problem(exc, model) from exc
         return policy.feedback(batch.items)  # type: ignore[attr-defined]
 
     @app.post(

@@ -7,14 +7,14 @@ request/response schemas are declared here and added to the generated document.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_type_hints
+from typing import Annotated, Any, Literal, get_type_hints
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from lensnet_client.frame import MEDIA_TYPE as FRAME
-from lensnet_client.layout import Edit
+from lensnet_client.layout import POSITION_LIMIT, Edit
 
 from ..core.allocator import REJECT_REASONS
 from ..core.codec import EMBEDDING_DTYPES, INDEX_DTYPES
@@ -31,8 +31,9 @@ class ArrayObject(BaseModel):
     data: str = Field(description="base64")
 
 
-Embeddings = list[list[float]] | ArrayObject
-Integers = list[int] | ArrayObject
+# N >= 1 entries (and D >= 1 values each), as the service requires.
+Embeddings = Annotated[list[Annotated[list[float], Field(min_length=1)]], Field(min_length=1)] | ArrayObject
+Integers = Annotated[list[int], Field(min_length=1)] | ArrayObject
 
 
 class SnapshotArrays(BaseModel):
@@ -101,16 +102,25 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
 
 
 ERRORS = {
-    400: "malformed body or header", 406: "unacceptable Accept", 413: "body or N too large",
+    400: "malformed body or header", 405: "method other than POST (Allow)", 406: "unacceptable Accept",
+    408: "request body too slow (the connection is closed)", 413: "body or N too large",
     415: "unsupported Content-Type", 422: "invalid field: shape, dtype, layout, option, non-finite",
-    429: "overloaded (Retry-After)", 500: "model error", 503: "not ready or shutting down (Retry-After)",
+    429: "overloaded (Retry-After)", 500: "internal or model error", 503: "not ready or shutting down (Retry-After)",
     504: "deadline exceeded",
 }  # fmt: skip
 
 
+def problem_response(description: str, retry_after: bool = False) -> dict[str, Any]:
+    """An OpenAPI response that is a problem+json document (with `Retry-After` for 429/503)."""
+    response: dict[str, Any] = {"description": description, "content": {PROBLEM: {"schema": _ref(Problem)}}}
+    if retry_after:
+        response["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1}, "description": "seconds"}}
+    return response
+
+
 def problem_responses(codes: tuple[int, ...]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI responses for these error statuses, each an RFC 9457 problem."""
-    return {str(code): {"description": ERRORS[code], "content": {PROBLEM: {"schema": _ref(Problem)}}} for code in codes}
+    return {str(code): problem_response(ERRORS[code], retry_after=code in (429, 503)) for code in codes}
 
 
 def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -131,7 +141,7 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 def _operation(name: str, summary: str, request: type[BaseModel], response: type[BaseModel]) -> dict[str, Any]:
     frame_body = {"schema": {"type": "string", "format": "binary"}, "example": "(see README: binary frame)"}
-    errors = problem_responses((400, 406, 413, 415, 422, 429, 500, 503, 504))
+    errors = problem_responses((400, 405, 406, 408, 413, 415, 422, 429, 500, 503, 504))
     return {
         "summary": summary,
         "operationId": name,
@@ -144,8 +154,8 @@ def _operation(name: str, summary: str, request: type[BaseModel], response: type
                 "name": "X-Request-Timeout-Ms",
                 "in": "header",
                 "required": False,
-                "schema": {"type": "number"},
-                "description": "deadline in ms from arrival; a request that cannot make it gets 504",
+                "schema": {"type": "number", "exclusiveMinimum": 0},
+                "description": "deadline in ms from arrival (finite, > 0); a request that cannot make it gets 504",
             }
         ],
         "responses": {
@@ -168,8 +178,18 @@ OPERATIONS = {
 }
 
 
-def install(app: FastAPI) -> None:
-    """Add the operations and schemas above to the generated OpenAPI document."""
+def _pin_to_model(schemas: dict[str, Any], embed_dim: int, max_lod: int) -> None:
+    """State the loaded model's D (values per embedding row) and LOD range in the request schemas."""
+    for name in ("FocusRequest", "ScoreRequest"):
+        properties = schemas[name]["properties"]
+        properties["embeddings"]["anyOf"][0]["items"].update(minItems=embed_dim, maxItems=embed_dim)
+        properties["lod"]["anyOf"][0]["items"].update(minimum=0, maximum=max_lod)
+        properties["positions"]["anyOf"][0]["items"].update(minimum=0, exclusiveMaximum=POSITION_LIMIT)
+
+
+def install(app: FastAPI, embed_dim: int, max_lod: int) -> None:
+    """Add the operations and schemas above to the generated OpenAPI document, for a model of
+    `embed_dim` and `max_lod`."""
 
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -181,6 +201,7 @@ def install(app: FastAPI) -> None:
                 schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 schemas.update(schema.pop("$defs", {}))
                 schemas[model.__name__] = schema
+            _pin_to_model(schemas, embed_dim, max_lod)
             app.openapi_schema = document
         return app.openapi_schema
 
