@@ -26,9 +26,15 @@ from service.core.allocator import DEFAULT_TAU_COLLAPSE, DEFAULT_TAU_EXPAND, REJ
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
-ENDPOINTS = ("/v1/focus", "/v1/score", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "other")
-SCORED = ("/v1/focus", "/v1/score")
-STAGES = ("admit", "receive", "queue", "decode", "model", "allocate", "telemetry", "encode")
+SESSION_CREATE, SESSION_STEP, SESSION = "/v1/sessions", "/v1/sessions/{id}/focus", "/v1/sessions/{id}"
+ENDPOINTS = (
+    "/v1/focus", "/v1/score", SESSION_CREATE, SESSION_STEP, SESSION, "/v1/model", "/healthz", "/readyz", "/metrics",
+    "/docs", "other",
+)  # fmt: skip
+SCORED = ("/v1/focus", "/v1/score", SESSION_CREATE, SESSION_STEP)
+STAGES = ("admit", "receive", "queue", "decode", "apply", "model", "allocate", "telemetry", "encode")
+EVICTION_REASONS = ("count", "memory", "ttl")
+RESYNC_REASONS = ("not_found", "version")
 # Sub-millisecond resolution, with the budget edge added by Metrics (3 ms by default).
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005,
@@ -109,6 +115,30 @@ class Metrics:
         self.model_errors = Counter(
             "lensnet_model_errors_total", "Inferences that failed or produced non-finite scores.", registry=r
         )
+        self.sessions_active = Gauge(
+            "lensnet_sessions_active", "Focus sessions held.", registry=r, multiprocess_mode="livesum"
+        )
+        self.session_bytes = Gauge(
+            "lensnet_session_bytes", "Bytes of session state held (embeddings in the graph's dtype, metadata).",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.session_evictions = Counter(
+            "lensnet_session_evictions_total", "Sessions dropped by a bound: count, memory or ttl (idle).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.session_creates = Counter("lensnet_sessions_created_total", "Focus sessions created.", registry=r)
+        self.session_steps = Counter("lensnet_session_steps_total", "Session steps answered.", registry=r)
+        self.session_resyncs = Counter(
+            "lensnet_session_resyncs_total",
+            "Session calls the client must recover from with a full upload: not_found (404: unknown, evicted, "
+            "another process) or version (409).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in EVICTION_REASONS:
+            self.session_evictions.labels(reason=reason)
+        for reason in RESYNC_REASONS:
+            self.session_resyncs.labels(reason=reason)
         for reason in ("overload", "not_ready", "shutting_down", "deadline", "too_large"):
             self.refused.labels(reason=reason)
         # Children resolved once: `labels()` costs microseconds a call on the request path.
@@ -167,6 +197,10 @@ class Metrics:
                 self._rejected[reason].inc(count)
         if not allocation.budget_met:
             self.budget_unmet.inc()
+
+    def observe_sessions(self, active: int, held_bytes: int) -> None:
+        self.sessions_active.set(active)
+        self.session_bytes.set(held_bytes)
 
     def set_model(self, name: str, version: str, precision: str, provider: str, sha256: str) -> None:
         self.model_info.labels(name=name, version=version, precision=precision, provider=provider, sha256=sha256).set(1)

@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     intra_op_spinning: bool = Field(
         False, description="let ONNX Runtime's idle intra-op threads spin (off: they leave the cores to the server)"
     )
+    max_sessions: int = Field(
+        10000, ge=1, description="focus sessions held per process; beyond it the least recently used go"
+    )
+    session_memory_bytes: int = Field(
+        2 << 30, ge=1 << 20, description="bytes of session state (embeddings in the graph's dtype) held per process"
+    )
+    session_ttl_s: float = Field(600.0, gt=0, description="a session idle this long is dropped")
     warmup_sizes: list[int] = Field([64, 512, 2048], description="WC lengths run once before /readyz turns ready")
     shutdown_grace_s: float = Field(20.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

@@ -217,6 +217,7 @@ class Plan(NamedTuple):
     layout: Layout
     splices: list[tuple[int, int, np.ndarray]]  # (index, removed, created rows), ascending
     applied: list[Edit]
+    history: tuple[HistoryItem, ...]  # after this step (what its cooldown sees)
     length: int  # rows before the head trim
 
 
@@ -243,13 +244,13 @@ def plan(session: Session, delta: Delta, embed_dim: int) -> Plan:
     for edit in applied:
         splices.append((edit.index, edit.removed, delta.created[at : at + edit.added]))
         at += edit.added
-    return Plan(layout, splices, applied, lod.size + delta.trim_head)
+    return Plan(layout, splices, applied, record(session.history, applied), lod.size + delta.trim_head)
 
 
 def stage(session: Session, delta: Delta, planned: Plan) -> Step:
-    """Apply a planned delta to the session's rows (undoable) and age its history."""
+    """Apply a planned delta to the session's rows (undoable); `commit` or `rollback` ends it."""
     undo = session.rows.stage(planned.splices, delta.trim_head, delta.append_embeddings)
-    return Step(session, planned.layout, record(session.history, planned.applied), undo)
+    return Step(session, planned.layout, planned.history, undo)
 
 
 def record(history: Sequence[HistoryItem], applied: Sequence[Edit]) -> tuple[HistoryItem, ...]:

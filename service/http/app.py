@@ -24,12 +24,15 @@ from starlette.types import Message, Receive, Scope, Send
 from model_export.artifact import Manifest, load_manifest
 
 from ..core import codec, problems
+from ..core.sessions import SessionStore
 from ..metrics import CONTENT_TYPE, Metrics
 from ..pipeline import Call, Pipeline
 from ..runtime import Scorer
 from ..settings import Settings
 from . import openapi
 from .admission import Admission
+from .calls import CallSpec, Run, problem_response
+from .sessions import SessionEndpoints
 
 log = logging.getLogger("lensnet.service")
 TIMEOUT_HEADER = "x-request-timeout-ms"
@@ -50,6 +53,11 @@ class Service:
         self.metrics = Metrics(settings.latency_budget_ms / 1e3, manifest.config.max_lod)
         self.admission = Admission(settings.max_concurrency, settings.queue_size)
         self.executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="lensnet-infer")
+        evicted = self.metrics.session_evictions
+        self.sessions = SessionStore(
+            settings.max_sessions, settings.session_memory_bytes, settings.session_ttl_s,
+            on_evict=lambda reason: evicted.labels(reason=reason).inc(),
+        )  # fmt: skip
         self.pipeline: Pipeline | None = None
         self.load_error: str | None = None
 
@@ -66,7 +74,8 @@ class Service:
         try:
             s = self.settings
             scorer = Scorer(s.model_dir, self.manifest, s.precision, s.intra_op_threads, s.intra_op_spinning)
-            Pipeline(scorer, self.manifest, None, self.settings.max_entries).warmup(self.settings.warmup_sizes)
+            warm = SessionStore(len(s.warmup_sizes), s.session_memory_bytes, s.session_ttl_s)
+            Pipeline(scorer, self.manifest, None, s.max_entries, warm).warmup(s.warmup_sizes)
         except Exception:
             self.load_error = "the model failed to load; see the service log"
             log.exception("model failed to load")
@@ -74,7 +83,7 @@ class Service:
         graph = self.manifest.graphs[scorer.precision].file
         m = self.manifest.model
         self.metrics.set_model(m.name, m.version, scorer.precision, scorer.provider, self.manifest.files[graph].sha256)
-        self.pipeline = Pipeline(scorer, self.manifest, self.metrics, self.settings.max_entries)
+        self.pipeline = Pipeline(scorer, self.manifest, self.metrics, self.settings.max_entries, self.sessions)
         if not self.admission.draining:
             self.metrics.model_ready.set(1)
         log.info("ready: %s %s, %s on %s", m.name, m.version, scorer.precision, scorer.provider)
@@ -85,11 +94,12 @@ class Service:
         finished = await self.admission.drain(self.settings.shutdown_grace_s)
         log.info("drained" if finished else "grace period over with requests still running")
 
-    async def serve(self, request: Request, endpoint: str) -> Response:
-        """Answer /v1/<endpoint>; every failure leaves as a Problem (refusals counted)."""
+    async def serve(self, request: Request, run: Run, call: CallSpec | None = None) -> Response:
+        """Answer a scoring call with `run` (a Pipeline method); every failure leaves as a Problem
+        (refusals counted)."""
         try:
             async with self.admission.request():
-                return await self._serve(request, endpoint)
+                return await self._serve(request, run, call or CallSpec())
         except problems.Problem as problem:
             if problem.slug in REFUSALS:
                 self.metrics.refused.labels(reason=REFUSALS[problem.slug]).inc()
@@ -100,12 +110,12 @@ class Service:
                 499, "client-closed", "Client closed request", "the client disconnected before sending the whole body"
             ) from None
         except Exception as exc:  # a bug, not bad input: log it, answer 500, keep serving
-            log.exception("unhandled error on /v1/%s", endpoint)
+            log.exception("unhandled error on %s", request.url.path)
             raise problems.Problem(
                 500, "internal-error", "Internal error", "the request failed; see the service log"
             ) from exc
 
-    async def _serve(self, request: Request, endpoint: str) -> Response:
+    async def _serve(self, request: Request, run: Run, spec: CallSpec) -> Response:
         arrival = request.state.arrival
         pipeline = self.pipeline
         if pipeline is None:
@@ -115,12 +125,11 @@ class Service:
         respond_as = codec.response_media_type(request.headers.get("accept"), media)
         deadline = self._deadline(request, arrival)
         self.admission.check_capacity()  # refuse before buffering a body we would refuse anyway
-        body = body_reader(request, media, pipeline, self.settings)
+        body = body_reader(request, media, pipeline, self.settings, spec.schema)
         reading = time.perf_counter()
         await read_body(request, body, self.settings.max_body_bytes)
         received = time.perf_counter()
         timings = {"admit": reading - arrival, "receive": received - reading}
-        run = pipeline.focus if endpoint == "focus" else pipeline.score
         self.metrics.queued.inc()
         admitted = False
         try:
@@ -129,14 +138,16 @@ class Service:
                 self.metrics.queued.dec()
                 timings["queue"] = time.perf_counter() - received
                 loop = asyncio.get_running_loop()
-                content = await loop.run_in_executor(self.executor, run, Call(body, respond_as, deadline, timings))
+                call = Call(body, respond_as, deadline, timings, spec.session)
+                content = await loop.run_in_executor(self.executor, run, pipeline, call)
         finally:
             if not admitted:
                 self.metrics.queued.dec()
         self.metrics.observe_stages(timings)
         timings["total"] = time.perf_counter() - arrival
         server_timing = ", ".join(f"{stage};dur={seconds * 1e3:.3f}" for stage, seconds in timings.items())
-        return Response(content, media_type=respond_as, headers={"Server-Timing": server_timing})
+        headers = {"Server-Timing": server_timing, **spec.headers}
+        return Response(content, status_code=spec.status, media_type=respond_as, headers=headers)
 
     def _deadline(self, request: Request, arrival: float) -> float | None:
         raw = request.headers.get(TIMEOUT_HEADER)
@@ -156,7 +167,9 @@ class Service:
         return None if timeout_ms is None else arrival + timeout_ms / 1e3
 
 
-def body_reader(request: Request, media: str, pipeline: Pipeline, settings: Settings) -> codec.BodyReader:
+def body_reader(
+    request: Request, media: str, pipeline: Pipeline, settings: Settings, schema: codec.Schema
+) -> codec.BodyReader:
     """The reader for this request's body; 413 at once when Content-Length exceeds the limit."""
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
@@ -165,7 +178,13 @@ def body_reader(request: Request, media: str, pipeline: Pipeline, settings: Sett
         raise problems.too_large("body", f"{limit} bytes", f"{declared} bytes (Content-Length)")
     config = pipeline.config
     return codec.reader(
-        media, config.embed_dim, settings.max_entries, pipeline.scorer.input_dtype, length, settings.stream_min_bytes
+        media,
+        config.embed_dim,
+        settings.max_entries,
+        pipeline.scorer.input_dtype,
+        length,
+        settings.stream_min_bytes,
+        schema,
     )
 
 
@@ -193,7 +212,9 @@ class FocusApp:
 
     def __init__(self, api: FastAPI, service: Service) -> None:
         self.api, self.service, self.metrics = api, service, service.metrics
-        self.scoring = {f"/v1/{name}": ScoringEndpoint(service, name) for name in ("focus", "score")}
+        self.scoring = {"/v1/focus": ScoringEndpoint(service, Pipeline.focus),
+                        "/v1/score": ScoringEndpoint(service, Pipeline.score)}  # fmt: skip
+        self.sessions = SessionEndpoints(service)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan
@@ -202,7 +223,9 @@ class FocusApp:
         start = time.perf_counter()
         scope.setdefault("state", {})["arrival"] = start
         path = scope["path"]
-        endpoint = self.scoring.get(path)
+        endpoint, label = self.scoring.get(path), path
+        if endpoint is None and (template := self.sessions.template(path)):
+            endpoint, label = self.sessions, template
         counted = path.startswith("/v1/")  # probes and scrapes are not load
         status, recorded = 500, False
 
@@ -213,7 +236,7 @@ class FocusApp:
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 # Record before the last byte leaves, so a client never sees an uncounted answer.
                 recorded = True
-                self.metrics.observe_request(path, status, time.perf_counter() - start)
+                self.metrics.observe_request(label, status, time.perf_counter() - start)
             await send(message)
 
         if counted:
@@ -224,14 +247,14 @@ class FocusApp:
             if counted:
                 self.metrics.in_flight.dec()
             if not recorded:  # the app failed before answering
-                self.metrics.observe_request(path, status, time.perf_counter() - start)
+                self.metrics.observe_request(label, status, time.perf_counter() - start)
 
 
 class ScoringEndpoint:
     """/v1/focus or /v1/score: the service's answer or a problem, always."""
 
-    def __init__(self, service: Service, endpoint: str) -> None:
-        self.service, self.endpoint = service, endpoint
+    def __init__(self, service: Service, run: Run) -> None:
+        self.service, self.run = service, run
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -240,16 +263,10 @@ class ScoringEndpoint:
                     405, "http-error", "Method Not Allowed", f"{scope['method']} {scope['path']}: only POST",
                     headers={"Allow": "POST"},
                 )  # fmt: skip
-            response = await self.service.serve(Request(scope, receive), self.endpoint)
+            response = await self.service.serve(Request(scope, receive), self.run)
         except problems.Problem as problem:
             response = problem_response(problem, scope["path"])
         await response(scope, receive, send)
-
-
-def problem_response(problem: problems.Problem, instance: str) -> Response:
-    return Response(
-        problem.body(instance), status_code=problem.status, media_type=problems.MEDIA_TYPE, headers=problem.headers
-    )
 
 
 def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp:
