@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -172,13 +172,16 @@ class Pipeline:
         return {"model": self.model, "timings_ms": {k: round(v * 1e3, 4) for k, v in timings.items()}}
 
     def _allocator_inputs(
-        self, chosen: dict[str, Any], history: Sequence[HistoryItem]
+        self, chosen: dict[str, Any], history: Sequence[HistoryItem] | Callable[[int], Sequence[HistoryItem]]
     ) -> tuple[AllocatorOptions, Cooldown]:
-        """Options and history, validated before the model runs (a bad one must not cost an inference)."""
+        """Options and history, validated before the model runs (a bad one must not cost an inference).
+        `history` may be a function of the cooldown window (a session's: only the recent entries)."""
         try:
             options = AllocatorOptions(block_size=self.config.block_size, max_lod=self.config.max_lod, **chosen)
         except OptionsError as exc:
             raise problems.invalid(f"options.{exc.field}", exc.expected, repr(exc.got)) from exc
+        if callable(history):
+            history = history(options.cooldown_steps)
         try:
             return options, cooldown_keys(history, options)
         except SnapshotError as exc:
@@ -290,7 +293,7 @@ class Pipeline:
         chosen, history = fields.options.model_dump(exclude_none=True), _history(fields)
         inputs = self._allocator_inputs(chosen, history)
         rows = sessions.Rows(request.snapshot.embeddings)
-        session = sessions.Session(call.session or "", rows, layout, chosen, tuple(history))
+        session = sessions.Session(call.session or "", rows, layout, chosen, sessions.stamped(history))
         if not self.store.fits(None, session.nbytes):
             raise self._memory_problem(session.nbytes)
         stage.done("decode")
@@ -329,8 +332,10 @@ class Pipeline:
             n = planned.layout.lod.size
             if n > self.max_entries:
                 raise problems.too_large("resulting WC", f"{self.max_entries} entries", f"{n} entries")
+            version = session.version + 1
             inputs = self._allocator_inputs(
-                {**session.options, **fields.options.model_dump(exclude_none=True)}, planned.history
+                {**session.options, **fields.options.model_dump(exclude_none=True)},
+                lambda window: sessions.ages(planned.history, version, window),
             )
             growth = session.rows.growth(planned.length)
             if not self.store.fits(session, growth):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from lensnet_client import Edit, History, SnapshotError, synthetic_layout
 from service.core.allocator import HistoryItem, check_layout
-from service.core.sessions import Delta, DeltaError, Rows, Session, SessionStore, plan, record, stage
+from service.core.sessions import Delta, DeltaError, Rows, Session, SessionStore, ages, plan, record, stage, stamped
 
 D = 3
 
@@ -134,13 +134,16 @@ def test_a_staged_step_rolls_back_to_the_exact_session() -> None:
 
 
 def test_server_history_matches_the_client_history() -> None:
-    client, server = History(horizon=5000), ()
+    start = [HistoryItem("expand", 1, 64, 2), HistoryItem("collapse", 2, 0, 1)]
+    client, server = History(horizon=5000), stamped(start)
+    client._entries = [{"action": h.action, "lod": h.lod, "position": h.position, "age": h.age} for h in start[::-1]]
     rng = np.random.default_rng(1)
-    for _ in range(30):
+    for version in range(2, 40):
         edits = [Edit("collapse", 0, 4, 1, 0, 1, int(p) * 4, 4, -0.9, "threshold") for p in rng.integers(0, 99, 3)]
         client.record(edits)
-        server = record(server, edits)
-    assert [HistoryItem(**entry) for entry in client.entries()] == list(server)
+        server = record(server, edits, version)
+        assert [HistoryItem(**entry) for entry in client.entries()] == ages(server, version, 5000)
+    assert ages(server, 39, 2) == [HistoryItem(**entry) for entry in client.entries()[:6]]  # the cooldown window
 
 
 class Clock:

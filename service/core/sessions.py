@@ -176,7 +176,7 @@ class Session:
     rows: Rows
     layout: Layout
     options: dict[str, object]
-    history: tuple[HistoryItem, ...]
+    history: tuple[Stamped, ...]
     edits: tuple[Edit, ...] = ()
     version: int = 1
     created_at: float = field(default_factory=time.monotonic)
@@ -195,7 +195,7 @@ class Step:
 
     session: Session
     layout: Layout
-    history: tuple[HistoryItem, ...]
+    history: tuple[Stamped, ...]
     undo: Undo
 
     @property
@@ -217,7 +217,7 @@ class Plan(NamedTuple):
     layout: Layout
     splices: list[tuple[int, int, np.ndarray]]  # (index, removed, created rows), ascending
     applied: list[Edit]
-    history: tuple[HistoryItem, ...]  # after this step (what its cooldown sees)
+    history: tuple[Stamped, ...]  # after this step (what its cooldown sees)
     length: int  # rows before the head trim
 
 
@@ -244,7 +244,8 @@ def plan(session: Session, delta: Delta, embed_dim: int) -> Plan:
     for edit in applied:
         splices.append((edit.index, edit.removed, delta.created[at : at + edit.added]))
         at += edit.added
-    return Plan(layout, splices, applied, record(session.history, applied), lod.size + delta.trim_head)
+    history = record(session.history, applied, session.version + 1)
+    return Plan(layout, splices, applied, history, lod.size + delta.trim_head)
 
 
 def stage(session: Session, delta: Delta, planned: Plan) -> Step:
@@ -253,12 +254,42 @@ def stage(session: Session, delta: Delta, planned: Plan) -> Step:
     return Step(session, planned.layout, planned.history, undo)
 
 
-def record(history: Sequence[HistoryItem], applied: Sequence[Edit]) -> tuple[HistoryItem, ...]:
-    """The history after a focus step whose applied edits are `applied` (as the client's
-    `History.record`): they at age 1, the older ones a step older, beyond the cooldown horizon dropped."""
-    fresh = [HistoryItem(edit.action, edit.node_lod, edit.position, 1) for edit in applied]
-    aged = [HistoryItem(h.action, h.lod, h.position, h.age + 1) for h in history if h.age < MAX_COOLDOWN_STEPS]
-    return tuple((fresh + aged)[:MAX_HISTORY])
+class Stamped(NamedTuple):
+    """A history entry: the node an applied edit touched, and the session version of the step that applied it."""
+
+    action: str
+    lod: int
+    position: int
+    version: int
+
+
+def stamped(history: Sequence[HistoryItem]) -> tuple[Stamped, ...]:
+    """A creation's history (ages as of version 1), newest first."""
+    ordered = sorted(history, key=lambda item: item.age)[:MAX_HISTORY]
+    return tuple(Stamped(item.action, item.lod, item.position, 2 - item.age) for item in ordered)
+
+
+def record(history: tuple[Stamped, ...], applied: Sequence[Edit], version: int) -> tuple[Stamped, ...]:
+    """The history after the step that produced `version` applied `applied` (as the client's
+    `History.record`: newest first, at most MAX_HISTORY, nothing older than the cooldown horizon).
+    Entries keep their stamp, so a step costs O(edits), not O(history)."""
+    fresh = tuple(Stamped(edit.action, edit.node_lod, edit.position, version) for edit in applied)
+    kept = history[: MAX_HISTORY - len(fresh)]
+    cut = len(kept)
+    while cut and version - kept[cut - 1].version + 1 > MAX_COOLDOWN_STEPS:
+        cut -= 1
+    return fresh + kept[:cut]
+
+
+def ages(history: tuple[Stamped, ...], version: int, window: int) -> list[HistoryItem]:
+    """The entries at most `window` steps old at the step producing `version`, as the allocator's history."""
+    recent = []
+    for entry in history:
+        age = version - entry.version + 1
+        if age > window:
+            break
+        recent.append(HistoryItem(entry.action, entry.lod, entry.position, age))  # type: ignore[arg-type]
+    return recent
 
 
 class SessionStore:
