@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from lensnet_client import Edit, FocusClient, FocusResult, FocusSession, History, synthetic_layout
+from lensnet_client import FocusClient, FocusResult, FocusSession, History, edit_rows, synthetic_layout
 
 from .latency import free_port, model_dir, percentiles, server
 
@@ -37,15 +37,6 @@ B = 32
 OPTIONS = {"max_edits": 8, "tau_expand": 0.05, "tau_collapse": 0.05}
 STAGES = ("admit", "receive", "queue", "decode", "apply", "model", "allocate", "telemetry", "encode", "total")
 TARGET_NON_MODEL_MS, TARGET_RATIO_D1280, TARGET_BYTES = 0.5, 0.1, 64 << 10
-
-
-def splice(rows: np.ndarray, edits: tuple[Edit, ...], created: np.ndarray, tail: np.ndarray) -> np.ndarray:
-    """The caller's own copy of the WC after a step (numpy only)."""
-    pieces, cursor, at = [], 0, 0
-    for edit in edits:
-        pieces += [rows[cursor : edit.index], created[at : at + edit.added]]
-        cursor, at = edit.index + edit.removed, at + edit.added
-    return np.concatenate([*pieces, rows[cursor:], tail])
 
 
 def tail(session: FocusSession, k: int, d: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -87,7 +78,7 @@ def steady(url: str, n: int, d: int, steps: int, warmup: int, append: int, seed:
         for i in range(warmup + steps):
             created = rng.standard_normal((sum(e.added for e in result.edits), d)).astype(np.float16)
             delta = tail(session, append, d, rng)
-            wc = splice(wc, result.edits, created, delta["append_embeddings"])
+            wc = np.concatenate([edit_rows(wc, result.edits, created), delta["append_embeddings"]])
             history.record(result.edits)
             applied = len(result.edits)
             for path in ("step", "full"):
@@ -164,7 +155,9 @@ def soak(url: str, pid: int, sessions: int, steps: int, active: int, n: int, d: 
                 for session, state, last in wave:
                     created = rng.standard_normal((sum(e.added for e in last[0].edits), d)).astype(np.float16)
                     delta = tail(session, 16, d, rng)
-                    state["wc"] = splice(state["wc"], last[0].edits, created, delta["append_embeddings"])
+                    state["wc"] = np.concatenate(
+                        [edit_rows(state["wc"], last[0].edits, created), delta["append_embeddings"]]
+                    )
                     last[0] = session.step(created=created, **delta)
                 rss.append(rss_bytes(pid))
                 held.append(gauge(client, "lensnet_session_bytes"))

@@ -12,7 +12,16 @@ import httpx
 import numpy as np
 import pytest
 
-from lensnet_client import AsyncFocusClient, AsyncFocusSession, FocusClient, FocusError, FocusSession, History, frame
+from lensnet_client import (
+    AsyncFocusClient,
+    AsyncFocusSession,
+    FocusClient,
+    FocusError,
+    FocusSession,
+    History,
+    edit_rows,
+    frame,
+)
 
 from .live import LiveService, snapshot
 
@@ -161,11 +170,9 @@ def test_client_recovers_from_404_and_409_with_a_full_upload(live: LiveService) 
             append = tail_append(s.lod, s.positions, 8)
             applied = list(result.edits)
             # the caller applies the step to its own copy first (what `snapshot` returns)
-            pieces, cursor, at = [], 0, 0
-            for edit in applied:
-                pieces += [wc["embeddings"][cursor : edit.index], created[at : at + edit.added]]
-                cursor, at = edit.index + edit.removed, at + edit.added
-            wc["embeddings"] = np.concatenate([*pieces, wc["embeddings"][cursor:], append["append_embeddings"]])
+            wc["embeddings"] = np.concatenate(
+                [edit_rows(wc["embeddings"], applied, created), append["append_embeddings"]]
+            )
             history.record(applied)
             new = s.step(created=created, **append, return_scores=True)
             stateless = client.focus(wc["embeddings"], s.lod, s.positions, w_max=250, history=history,
@@ -265,11 +272,9 @@ def test_several_workers_on_one_port_never_answer_wrong() -> None:
                 for step in range(8):
                     created = created_for(result, step)
                     append = tail_append(session.lod, session.positions, 4, step)
-                    pieces, cursor, at = [], 0, 0
-                    for edit in result.edits:
-                        pieces += [wc["embeddings"][cursor : edit.index], created[at : at + edit.added]]
-                        cursor, at = edit.index + edit.removed, at + edit.added
-                    wc["embeddings"] = np.concatenate([*pieces, wc["embeddings"][cursor:], append["append_embeddings"]])
+                    wc["embeddings"] = np.concatenate(
+                        [edit_rows(wc["embeddings"], result.edits, created), append["append_embeddings"]]
+                    )
                     history.record(result.edits)
                     result = session.step(created=created, **append, return_scores=True)
                     stateless = sticky.focus(wc["embeddings"], session.lod, session.positions, w_max=190,

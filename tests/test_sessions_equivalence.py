@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lensnet_client import Edit, FocusClient, FocusResult, FocusSession, History, apply_edits
+from lensnet_client import Edit, FocusClient, FocusResult, FocusSession, History, apply_edits, edit_rows
 
 from .live import LiveService, snapshot
 
@@ -36,13 +36,8 @@ class Reference:
     def step(
         self, edits: list[Edit], created: np.ndarray, trim: int, rows: np.ndarray, lod: np.ndarray, pos: np.ndarray
     ) -> None:
-        pieces, cursor, at = [], 0, 0
-        for edit in sorted(edits, key=lambda e: e.index):
-            pieces += [self.embeddings[cursor : edit.index], created[at : at + edit.added]]
-            cursor, at = edit.index + edit.removed, at + edit.added
-        pieces.append(self.embeddings[cursor:])
         new_lod, new_pos = apply_edits(self.lod, self.positions, edits, B)
-        self.embeddings = np.concatenate([*pieces, rows])[trim:]
+        self.embeddings = np.concatenate([edit_rows(self.embeddings, edits, created), rows])[trim:]
         self.lod = np.concatenate([new_lod[trim:], lod])
         self.positions = np.concatenate([new_pos[trim:], pos])
 

@@ -9,7 +9,16 @@ with FocusClient("http://127.0.0.1:8000") as client:
 """
 
 from .client import AsyncFocusClient, FocusClient, FocusError, FocusResult, History, ScoreResult
-from .layout import Edit, Layout, SnapshotError, apply_edits, apply_step, synthetic_layout, validate_layout
+from .layout import (
+    Edit,
+    Layout,
+    SnapshotError,
+    apply_edits,
+    apply_step,
+    edit_rows,
+    synthetic_layout,
+    validate_layout,
+)
 from .session import AsyncFocusSession, FocusSession
 
 __all__ = [
@@ -26,6 +35,7 @@ __all__ = [
     "SnapshotError",
     "apply_edits",
     "apply_step",
+    "edit_rows",
     "synthetic_layout",
     "validate_layout",
 ]

@@ -174,6 +174,18 @@ def apply_edits(
     return np.concatenate(pieces_lod), np.concatenate(pieces_pos)
 
 
+def edit_rows(rows: np.ndarray, edits: Iterable[Edit], created: np.ndarray) -> np.ndarray:
+    """Per-entry rows (the caller's embeddings) after `edits`, as `apply_edits` changes the metadata:
+    each edit's `removed` rows give way to its `added` rows, taken from `created` in edit order."""
+    pieces, cursor, at = [], 0, 0
+    for edit in sorted(edits, key=lambda e: e.index):
+        pieces += [rows[cursor : edit.index], created[at : at + edit.added]]
+        cursor, at = edit.index + edit.removed, at + edit.added
+    if at != len(created):
+        raise ValueError(f"created: the edits create {at} rows, got {len(created)}")
+    return np.concatenate([*pieces, rows[cursor:]])
+
+
 def synthetic_layout(
     n: int,
     block_size: int,
