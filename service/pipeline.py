@@ -370,8 +370,10 @@ class Pipeline:
                               positions)  # fmt: skip
 
     def session_info(self, session_id: str) -> dict[str, Any]:
-        """GET /v1/sessions/{id}: what the session holds."""
-        session = self._session(session_id)
+        """GET /v1/sessions/{id}: what the session holds (a look, not a resync: a 404 is not counted)."""
+        session = self.store.get(session_id)
+        if session is None:
+            raise _not_found(session_id)
         now = time.monotonic()
         return {
             "session_id": session.id,

@@ -72,6 +72,15 @@ def test_create_answers_201_with_location_and_the_focus_answer(live: LiveService
     assert missing.status_code == 404 and missing.json()["type"] == "urn:lensnet:problem:session-not-found"
 
 
+def test_openapi_documents_the_session_endpoints(live: LiveService) -> None:
+    document = live.http.get("/openapi.json").json()
+    assert {"/v1/sessions", "/v1/sessions/{id}/focus", "/v1/sessions/{id}"} <= set(document["paths"])
+    assert "201" in document["paths"]["/v1/sessions"]["post"]["responses"]
+    assert {"404", "409"} <= set(document["paths"]["/v1/sessions/{id}/focus"]["post"]["responses"])
+    assert {"delete", "get"} <= set(document["paths"]["/v1/sessions/{id}"])
+    assert {"StepRequest", "SessionResponse", "SessionInfo"} <= set(document["components"]["schemas"])
+
+
 def test_failed_steps_leave_the_session_exactly_as_it_was(live: LiveService) -> None:
     embeddings, lod, positions = snapshot(300, seed=4)
     with FocusClient(live.url) as client, FocusSession(client, w_max=290) as session:
