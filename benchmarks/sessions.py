@@ -52,11 +52,18 @@ def non_model(result: FocusResult) -> float:
     return result.server_timing["total"] - result.server_timing["model"]
 
 
+def stages_without_model(result: FocusResult) -> float:
+    """The named stages but the model: what the service does itself, without the hand-offs
+    between the event loop and the inference thread that `non_model` also holds."""
+    return sum(ms for stage, ms in result.server_timing.items() if stage not in ("model", "total"))
+
+
 def summary(results: list[FocusResult], sizes: list[int], client_ms: list[float]) -> dict[str, Any]:
     stages = {s: percentiles([r.server_timing.get(s, 0.0) for r in results]) for s in STAGES}
     return {
         "request_bytes": percentiles(sizes),
         "non_model_ms": percentiles([non_model(r) for r in results]),
+        "stages_without_model_ms": percentiles([stages_without_model(r) for r in results]),
         "client_ms": percentiles(client_ms),
         "stages_ms": {s: v for s, v in stages.items() if v.get("max")},
     }
@@ -113,6 +120,9 @@ def steady(url: str, n: int, d: int, steps: int, warmup: int, append: int, seed:
         "answers_equal_to_full": f"{same}/{warmup + steps}",
         "step": report["step"], "full": report["full"],
         "non_model_ratio_p50": round(step_p50 / full_p50, 4),
+        "stages_without_model_ratio_p50": round(
+            report["step"]["stages_without_model_ms"]["p50"] / report["full"]["stages_without_model_ms"]["p50"], 4
+        ),
         "request_bytes_ratio_p50": round(step_bytes / full_bytes, 4),
         "step_bytes_without_created_p50": round(without_created),
         "targets": {

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lensnet_client import Edit, History, SnapshotError, synthetic_layout
+from lensnet_client import Edit, History, SnapshotError, edit_rows, synthetic_layout
 from service.core.allocator import HistoryItem, check_layout
 from service.core.sessions import Delta, DeltaError, Rows, Session, SessionStore, ages, plan, record, stage, stamped
 
@@ -177,3 +177,21 @@ def test_store_evicts_least_recently_used_beyond_count_memory_and_ttl() -> None:
     assert store.get("s0") is None and evicted == ["count", "memory", "ttl", "ttl"]
     assert store.bytes == 0 and len(store) == 0
     assert not store.remove("s3")
+
+
+def test_rows_adopt_a_writable_array_and_copy_a_read_only_one() -> None:
+    owned = np.zeros((4, D), np.float32)
+    assert Rows(owned).buffer is owned
+    frozen = np.frombuffer(bytes(4 * D * 4), dtype=np.float32).reshape(4, D)  # a base64 body's array
+    rows = Rows(frozen)
+    assert rows.buffer is not frozen and rows.buffer.flags.writeable
+    rows.stage([], 0, np.ones((2, D), np.float32))
+    assert rows.array.shape == (6, D)
+
+
+def test_edit_rows_refuses_created_rows_that_do_not_match() -> None:
+    edit = Edit("expand", 1, 1, 4, 1, 0, 4, 4, 0.9, "threshold")
+    rows = np.arange(3 * D, dtype=np.float32).reshape(3, D)
+    assert edit_rows(rows, [edit], np.zeros((4, D), np.float32)).shape == (6, D)
+    with pytest.raises(ValueError, match="create 4 rows, got 3"):
+        edit_rows(rows, [edit], np.zeros((3, D), np.float32))
