@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lensnet_client import Edit, History, SnapshotError, edit_rows, synthetic_layout
+from lensnet_client import Edit, History, SnapshotError, edit_rows, frame, synthetic_layout
+from service.core import codec, problems
 from service.core.allocator import HistoryItem, check_layout
 from service.core.sessions import Delta, DeltaError, Rows, Session, SessionStore, ages, plan, record, stage, stamped
 
@@ -195,3 +196,34 @@ def test_edit_rows_refuses_created_rows_that_do_not_match() -> None:
     assert edit_rows(rows, [edit], np.zeros((4, D), np.float32)).shape == (6, D)
     with pytest.raises(ValueError, match="create 4 rows, got 3"):
         edit_rows(rows, [edit], np.zeros((3, D), np.float32))
+
+
+@pytest.mark.parametrize("stream_min", [0, 1 << 30])  # decoded while it arrives / whole, in the inference thread
+def test_a_delta_frame_decodes_like_a_snapshot_frame(stream_min: int) -> None:
+    rng = np.random.default_rng(3)
+    arrays = {"created": rng.standard_normal((5, 8)).astype(np.float16),
+              "append_embeddings": rng.standard_normal((3, 8)).astype(np.float16),
+              "append_lod": np.zeros(3, np.int8), "append_positions": np.arange(100, 103)}  # fmt: skip
+    body = frame.pack({"version": 4, "applied": [0, 2]}, arrays)
+    reader = codec.reader(codec.FRAME, 8, 64, np.dtype(np.float32), len(body), stream_min, codec.DELTA)
+    for start in range(0, len(body), 7):
+        reader.feed(body[start : start + 7], more=start + 7 < len(body))
+    reader.close()
+    decoded = reader.finish()
+    assert decoded.fields == {"version": 4, "applied": [0, 2]}
+    for name, array in arrays.items():
+        expected = array.astype(np.float32) if array.dtype == np.float16 else array
+        assert decoded.arrays[name].dtype == expected.dtype and np.array_equal(decoded.arrays[name], expected)
+    empty = frame.pack({"version": 1}, {})
+    reader = codec.reader(codec.FRAME, 8, 64, np.dtype(np.float32), len(empty), stream_min, codec.DELTA)
+    reader.feed(empty, more=False)
+    reader.close()
+    assert reader.finish().arrays == {}
+
+
+def test_a_delta_needs_all_three_append_arrays() -> None:
+    body = frame.pack({"version": 1}, {"append_embeddings": np.zeros((2, 8), np.float16)})
+    reader = codec.reader(codec.FRAME, 8, 64, np.dtype(np.float32), len(body), 0, codec.DELTA)
+    with pytest.raises(problems.Problem) as error:
+        reader.feed(body, more=False)
+    assert error.value.status == 422 and error.value.extensions["field"] == "append_lod"
