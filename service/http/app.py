@@ -74,7 +74,7 @@ class Service:
         try:
             s = self.settings
             scorer = Scorer(s.model_dir, self.manifest, s.precision, s.intra_op_threads, s.intra_op_spinning)
-            warm = SessionStore(len(s.warmup_sizes), s.session_memory_bytes, s.session_ttl_s)
+            warm = SessionStore(1, s.session_memory_bytes, s.session_ttl_s)
             Pipeline(scorer, self.manifest, None, s.max_entries, warm).warmup(s.warmup_sizes)
         except Exception:
             self.load_error = "the model failed to load; see the service log"
