@@ -73,7 +73,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(args: list[str], url: str, ready_path: str) -> Iterator[None]:
+def server(args: list[str], url: str, ready_path: str) -> Iterator[subprocess.Popen[bytes]]:
     """A server subprocess, up until `ready_path` answers 200; stopped (SIGTERM) on exit."""
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen([sys.executable, *args], stdout=log, stderr=log, cwd=REPO)
@@ -86,7 +86,7 @@ def server(args: list[str], url: str, ready_path: str) -> Iterator[None]:
                 if time.monotonic() > deadline:
                     raise RuntimeError("server did not become ready")
                 time.sleep(0.2)
-            yield
+            yield process
         finally:
             process.terminate()
             process.wait(timeout=60)

@@ -29,22 +29,28 @@ from service.core.decisions import RESULTS, Matched
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
+SESSION_CREATE, SESSION_STEP, SESSION = "/v1/sessions", "/v1/sessions/{id}/focus", "/v1/sessions/{id}"
 # /v2/infer: Open Inference Protocol scoring, whatever the model name or version in its path.
-SCORED = ("/v1/focus", "/v1/score", "/v2/infer")
-ENDPOINTS = (*SCORED, "/v1/feedback", "/v1/model", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
-             "/metrics", "/docs", "other")  # fmt: skip
+SCORED = ("/v1/focus", "/v1/score", "/v2/infer", SESSION_CREATE, SESSION_STEP)
+ENDPOINTS = (*SCORED, SESSION, "/v1/feedback", "/v1/model", "/healthz", "/readyz", "/v2/health/live",
+             "/v2/health/ready", "/metrics", "/docs", "other")  # fmt: skip
 # The statuses each endpoint can answer: their series exist from startup at 0, so the first
 # increments count in rate()/increase() (a series born at its first increment loses them).
 SCORED_STATUSES = (200, 400, 405, 406, 408, 413, 415, 422, 429, 499, 500, 503, 504)
 STATUSES = {
     **dict.fromkeys(SCORED, SCORED_STATUSES),
+    SESSION_CREATE: (201, *SCORED_STATUSES[1:]),
+    SESSION_STEP: (*SCORED_STATUSES, 404, 409),
+    SESSION: (200, 204, 404, 405, 503),
     "/v1/feedback": (200, 400, 405, 413, 415, 422, 429, 500),
     "/healthz": (200, 503), "/readyz": (200, 503), "/v1/model": (200,), "/metrics": (200,), "/docs": (200,),
     "/v2/health/live": (200, 400), "/v2/health/ready": (200, 400), "other": (404, 405),
 }  # fmt: skip
 REFUSAL_REASONS = ("overload", "not_ready", "shutting_down", "deadline", "deadline_short", "too_large", "body_timeout")
 EDIT_CAUSES = {"expand": ("threshold",), "collapse": ("threshold", "budget", "make_room")}
-STAGES = ("admit", "receive", "queue", "decode", "model", "allocate", "telemetry", "encode")
+STAGES = ("admit", "receive", "queue", "decode", "apply", "model", "allocate", "telemetry", "encode")
+EVICTION_REASONS = ("count", "memory", "ttl")
+RESYNC_REASONS = ("not_found", "version")
 # Sub-millisecond resolution, with the budget edge added by Metrics (3 ms by default).
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005,
@@ -133,6 +139,30 @@ class Metrics:
         self.model_errors = Counter(
             "lensnet_model_errors_total", "Inferences that failed or produced non-finite scores.", registry=r
         )
+        self.sessions_active = Gauge(
+            "lensnet_sessions_active", "Focus sessions held.", registry=r, multiprocess_mode="livesum"
+        )
+        self.session_bytes = Gauge(
+            "lensnet_session_bytes", "Bytes of session state held (embeddings in the graph's dtype, metadata).",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.session_evictions = Counter(
+            "lensnet_session_evictions_total", "Sessions dropped by a bound: count, memory or ttl (idle).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.session_creates = Counter("lensnet_sessions_created_total", "Focus sessions created.", registry=r)
+        self.session_steps = Counter("lensnet_session_steps_total", "Session steps answered.", registry=r)
+        self.session_resyncs = Counter(
+            "lensnet_session_resyncs_total",
+            "Session calls the client must recover from with a full upload: not_found (404: unknown, evicted, "
+            "another process) or version (409).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in EVICTION_REASONS:
+            self.session_evictions.labels(reason=reason)
+        for reason in RESYNC_REASONS:
+            self.session_resyncs.labels(reason=reason)
         for reason in REFUSAL_REASONS:
             self.refused.labels(reason=reason)
         # Children resolved once: `labels()` costs microseconds a call on the request path.
@@ -305,6 +335,10 @@ class Metrics:
                 self._rejected[reason].inc(count)
         if not allocation.budget_met:
             self.budget_unmet.inc()
+
+    def observe_sessions(self, active: int, held_bytes: int) -> None:
+        self.sessions_active.set(active)
+        self.session_bytes.set(held_bytes)
 
     def set_model(self, name: str, version: str, precision: str, provider: str, sha256: str) -> None:
         self.model_info.labels(name=name, version=version, precision=precision, provider=provider, sha256=sha256).set(1)

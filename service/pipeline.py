@@ -2,10 +2,12 @@
 
     body → decode/validate → score (ONNX Runtime) → allocate → encode, telemetry on the side.
 
-Everything here is a snapshot → decision function: no connection state, so incremental
-sessions can later feed it without changing it. Each stage's time goes into `timings`. A
-`deadline` (perf_counter time) passed by the end of the model stage gives 504, with nothing
-recorded as returned.
+The stateless endpoints are snapshot → decision functions. Focus sessions (`open_session`,
+`step_session`) keep a WC per caller in `service.core.sessions`: a step decodes its delta, plans
+it against the session (checked like a full snapshot), applies it (`apply`, undoable), then runs
+the same stages as /v1/focus, and commits only once the answer is encoded, so a failed step
+leaves the session as it was. Each stage's time goes into `timings`. A `deadline` (perf_counter
+time) passed by the end of the model stage gives 504, with nothing recorded as returned.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypeVar, get_args
 
@@ -24,7 +27,7 @@ from lensnet_client import oip as oip_request
 from lensnet_client.layout import POSITION_LIMIT, Layout, SnapshotError, synthetic_layout
 from model_export.artifact import Manifest
 
-from .core import codec, oip, problems
+from .core import codec, oip, problems, sessions
 from .core.allocator import (
     MAX_COOLDOWN_STEPS,
     MAX_EDITS_LIMIT,
@@ -91,6 +94,25 @@ class FocusFields(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     options: FocusOptions
     history: list[HistoryEntry] = Field(default_factory=list, max_length=MAX_HISTORY)
+    return_scores: bool = False
+
+
+class StepOptions(FocusOptions):
+    """A session step's option overrides; omitted ones keep the session's (its creation options)."""
+
+    w_max: int | None = Field(None, description="WC budget in entries (the session's when omitted)")
+
+
+class StepFields(BaseModel):
+    """The non-array fields of a session step (POST /v1/sessions/{id}/focus)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    version: int = Field(description="the session's current version (the last answer's)")
+    applied: list[int] | None = Field(
+        None, max_length=MAX_EDITS_LIMIT, description="indices into the last answer's edits that were applied (all)"
+    )
+    trim_head: int = Field(0, ge=0, description="entries dropped from the head, after the applied edits")
+    options: StepOptions = Field(default_factory=StepOptions)
     return_scores: bool = False
 
 
@@ -213,9 +235,11 @@ class Pipeline:
         manifest: Manifest,
         metrics: Metrics | None,
         max_entries: int,
+        store: sessions.SessionStore,
         policy: PolicyHealth | None = None,
     ) -> None:
         self.scorer, self.manifest, self.metrics, self.max_entries = scorer, manifest, metrics, max_entries
+        self.store = store
         self.policy = policy
         self.shadow: ShadowScorer | None = None  # set once a --shadow-model-dir model has loaded
         self.config = manifest.config
@@ -267,20 +291,63 @@ class Pipeline:
     def _document(self, timings: dict[str, float]) -> dict[str, Any]:
         return {"model": self.model, "timings_ms": {k: round(v * 1e3, 4) for k, v in timings.items()}}
 
-    def _allocator_inputs(self, fields: FocusFields) -> tuple[AllocatorOptions, Cooldown]:
-        """Options and history, validated before the model runs (a bad one must not cost an inference)."""
+    def _allocator_inputs(
+        self, chosen: dict[str, Any], history: Sequence[HistoryItem] | Callable[[int], Sequence[HistoryItem]]
+    ) -> tuple[AllocatorOptions, Cooldown]:
+        """Options and history, validated before the model runs (a bad one must not cost an inference).
+        `history` may be a function of the cooldown window (a session's: only the recent entries)."""
         try:
-            options = AllocatorOptions(
-                block_size=self.config.block_size,
-                max_lod=self.config.max_lod,
-                **fields.options.model_dump(exclude_none=True),
-            )
+            options = AllocatorOptions(block_size=self.config.block_size, max_lod=self.config.max_lod, **chosen)
         except OptionsError as exc:
             raise problems.invalid(f"options.{exc.field}", exc.expected, repr(exc.got)) from exc
+        if callable(history):
+            history = history(options.cooldown_steps)
         try:
-            return options, cooldown_keys([HistoryItem(**entry.model_dump()) for entry in fields.history], options)
+            return options, cooldown_keys(history, options)
         except SnapshotError as exc:
             raise _snapshot_problem(exc) from exc
+
+    def _decide(
+        self, call: Call, stage: _Stages, snapshot: codec.Snapshot, layout: Layout, inputs: tuple[AllocatorOptions,
+        Cooldown], return_scores: bool, style: codec.ArrayStyle, extra: dict[str, Any],
+    ) -> tuple[Allocation, Reply]:  # fmt: skip
+        """The stages after decoding, shared by /v1/focus and session calls: model, allocate, telemetry
+        (with the shadow's sample and the decision id), encode."""
+        scores = self._score(snapshot, layout, call.deadline)
+        stage.done("model")
+        allocation = allocate(layout, scores, *inputs)
+        stage.done("allocate")
+        if self.shadow:  # hands over the arrays (copied if sampled), or drops the sample: never waits
+            self.shadow.offer(snapshot.embeddings, layout, *inputs, scores, allocation)
+        if self.metrics:
+            self.metrics.observe_scores(scores, layout.lod)
+            self.metrics.observe_allocation(allocation)
+        decision = self.decide(allocation, layout, scores, inputs[0], snapshot.embeddings)
+        stage.done("telemetry")
+        document = self._document(call.timings) | _allocation_document(allocation) | extra | decision
+        arrays = {"scores": scores} if return_scores else {}
+        content = codec.encode_response(document, arrays, call.respond_as, style)
+        stage.done("encode")
+        return allocation, Reply(content, call.respond_as, {})
+
+    def _session(self, session_id: str) -> sessions.Session:
+        session = self.store.get(session_id)
+        if session is None:
+            self._resync("not_found")
+            raise _not_found(session_id)
+        return session
+
+    def _resync(self, reason: str) -> None:
+        if self.metrics:
+            self.metrics.session_resyncs.labels(reason=reason).inc()
+
+    def _observe_store(self) -> None:
+        if self.metrics:
+            self.metrics.observe_sessions(len(self.store), self.store.bytes)
+
+    def _memory_problem(self, nbytes: int) -> problems.Problem:
+        limit = f"{self.store.memory_bytes} bytes of session state (--session-memory-bytes)"
+        return problems.too_large("session", limit, f"{nbytes} bytes")
 
     def warmup(self, sizes: list[int]) -> None:
         """A focus request per size, end to end (a frame with a history, the model, the allocator,
@@ -311,30 +378,151 @@ class Pipeline:
         reader.feed(body, more=False)
         reader.close()
         self.infer(Call(reader, codec.JSON, None, {}))
+        self._warm_session(min(64, self.max_entries), rng)
+
+    def _warm_session(self, n: int, rng: np.random.Generator) -> None:
+        """One small session, created and stepped once (all edits applied, 16 entries appended):
+        the session path's first-call costs (the model's, per size, are paid above)."""
+        cfg = self.config
+        lod, positions = synthetic_layout(n, cfg.block_size, cfg.max_lod, rng)
+        arrays = {"embeddings": rng.standard_normal((n, cfg.embed_dim)).astype(np.float16), "lod": lod,
+                  "positions": positions}  # fmt: skip
+        body = frame.pack({"options": {"w_max": n}}, arrays)
+        answer, _ = frame.unpack(self.open_session(self._warm_call(body, codec.SNAPSHOT, "warm")).content)
+        created = sum(edit["added"] for edit in answer["edits"])
+        start = int(positions[-1]) + cfg.block_size ** int(lod[-1])
+        delta = {
+            "created": rng.standard_normal((created, cfg.embed_dim)).astype(np.float16),
+            "append_embeddings": rng.standard_normal((16, cfg.embed_dim)).astype(np.float16),
+            "append_lod": np.zeros(16, dtype=np.int64),
+            "append_positions": np.arange(start, start + 16, dtype=np.int64),
+        }
+        self.step_session(self._warm_call(frame.pack({"version": 1}, delta), codec.DELTA, "warm"))
+        self.delete_session("warm")
+
+    def _warm_call(self, body: bytes, schema: codec.Schema, session_id: str) -> Call:
+        cfg = self.config
+        reader = codec.reader(codec.FRAME, cfg.embed_dim, self.max_entries, self.scorer.input_dtype, len(body), 0,
+                              schema)  # fmt: skip
+        reader.feed(body, more=False)
+        reader.close()
+        return Call(reader, codec.FRAME, None, {}, session_id)
 
     # -- endpoints --------------------------------------------------------------------------
 
     def focus(self, call: Call) -> Reply:
         stage = _Stages(call.timings)
         request, fields, layout = self._decode(call.reader, FocusFields)
-        options, cooldown = self._allocator_inputs(fields)
+        inputs = self._allocator_inputs(fields.options.model_dump(exclude_none=True), _history(fields))
         stage.done("decode")
-        scores = self._score(request.snapshot, layout, call.deadline)
-        stage.done("model")
-        allocation = allocate(layout, scores, options, cooldown)
-        stage.done("allocate")
-        if self.shadow:  # hands over references, or drops the sample: never waits
-            self.shadow.offer(request.snapshot.embeddings, layout, options, cooldown, scores, allocation)
+        return self._decide(call, stage, request.snapshot, layout, inputs, fields.return_scores, request.style, {})[1]
+
+    def open_session(self, call: Call) -> Reply:
+        """POST /v1/sessions: a /v1/focus call whose WC (and options, history) the process keeps
+        as session `call.session`, version 1."""
+        stage = _Stages(call.timings)
+        request, fields, layout = self._decode(call.reader, FocusFields)
+        chosen, history = fields.options.model_dump(exclude_none=True), _history(fields)
+        inputs = self._allocator_inputs(chosen, history)
+        rows = sessions.Rows(request.snapshot.embeddings)
+        session = sessions.Session(call.session or "", rows, layout, chosen, sessions.stamped(history))
+        if not self.store.fits(None, session.nbytes):
+            raise self._memory_problem(session.nbytes)
+        stage.done("decode")
+        extra = {"session_id": session.id, "version": 1}
+        allocation, reply = self._decide(
+            call, stage, request.snapshot, layout, inputs, fields.return_scores, request.style, extra
+        )
+        session.edits = allocation.edits
+        self.store.add(session)
         if self.metrics:
-            self.metrics.observe_scores(scores, layout.lod)
-            self.metrics.observe_allocation(allocation)
-        decision = self.decide(allocation, layout, scores, options, request.snapshot.embeddings)
-        stage.done("telemetry")
-        document = self._document(call.timings) | _allocation_document(allocation) | decision
-        arrays = {"scores": scores} if fields.return_scores else {}
-        content = codec.encode_response(document, arrays, call.respond_as, request.style)
-        stage.done("encode")
-        return Reply(content, call.respond_as, {})
+            self.metrics.session_creates.inc()
+        self._observe_store()
+        return reply
+
+    def step_session(self, call: Call) -> Reply:
+        """POST /v1/sessions/{id}/focus: apply the delta to the session's WC and answer like
+        /v1/focus for the result; all or nothing."""
+        stage = _Stages(call.timings)
+        request = call.reader.finish()
+        fields = _fields(StepFields, request.fields)
+        session = self._session(call.session or "")
+        if not session.lock.acquire(blocking=False):
+            self._resync("version")
+            raise _conflict(session, "another step of this session is in progress")
+        try:
+            if fields.version != session.version:
+                self._resync("version")
+                raise _conflict(session, f"version {fields.version} is not the session's current one")
+            delta = self._delta(request, fields)
+            try:
+                planned = sessions.plan(session, delta, self.config.embed_dim)
+            except SnapshotError as exc:
+                raise _snapshot_problem(exc) from exc
+            except sessions.DeltaError as exc:
+                raise problems.invalid(exc.field, exc.expected, exc.got, index=exc.index) from exc
+            n = planned.layout.lod.size
+            if n > self.max_entries:
+                raise problems.too_large("resulting WC", f"{self.max_entries} entries", f"{n} entries")
+            version = session.version + 1
+            inputs = self._allocator_inputs(
+                {**session.options, **fields.options.model_dump(exclude_none=True)},
+                lambda window: sessions.ages(planned.history, version, window),
+            )
+            growth = session.rows.growth(planned.length)
+            if not self.store.fits(session, growth):
+                raise self._memory_problem(session.nbytes + growth)
+            stage.done("decode")
+            step = sessions.stage(session, delta, planned)
+            stage.done("apply")
+            snapshot = codec.Snapshot(step.embeddings, planned.layout.lod, planned.layout.positions, "float32")
+            extra = {"session_id": session.id, "version": session.version + 1}
+            try:
+                allocation, reply = self._decide(
+                    call, stage, snapshot, planned.layout, inputs, fields.return_scores, request.style, extra
+                )
+            except BaseException:
+                step.rollback()
+                raise
+            step.commit(allocation.edits)
+        finally:
+            session.lock.release()
+        self.store.update(session)
+        if self.metrics:
+            self.metrics.session_steps.inc()
+        self._observe_store()
+        return reply
+
+    def _delta(self, request: codec.DecodedRequest, fields: StepFields) -> sessions.Delta:
+        arrays, d, dtype = request.arrays, self.config.embed_dim, self.scorer.input_dtype
+        rows = {name: arrays.get(name, np.empty((0, d), dtype)) for name in ("created", "append_embeddings")}
+        k = rows["append_embeddings"].shape[0]
+        lod, positions = (arrays.get(name, np.empty(k, np.int64)) for name in ("append_lod", "append_positions"))
+        return sessions.Delta(fields.applied, rows["created"], fields.trim_head, rows["append_embeddings"], lod,
+                              positions)  # fmt: skip
+
+    def session_info(self, session_id: str) -> dict[str, Any]:
+        """GET /v1/sessions/{id}: what the session holds (a look, not a resync: a 404 is not counted)."""
+        session = self.store.get(session_id)
+        if session is None:
+            raise _not_found(session_id)
+        now = time.monotonic()
+        return {
+            "session_id": session.id,
+            "version": session.version,
+            "n": int(session.layout.lod.size),
+            "bytes": session.nbytes,
+            "age_s": round(now - session.created_at, 3),
+            "idle_s": round(now - session.used_at, 3),
+            "options": session.options,
+            "history_entries": len(session.history),
+        }
+
+    def delete_session(self, session_id: str) -> None:
+        """DELETE /v1/sessions/{id}."""
+        if not self.store.remove(session_id):
+            raise _not_found(session_id)
+        self._observe_store()
 
     def decide(
         self,
@@ -393,6 +581,7 @@ class Call:
     respond_as: str
     deadline: float | None
     timings: dict[str, float]
+    session: str | None = None  # the session a session call creates or steps
 
 
 class Reply(NamedTuple):
@@ -423,6 +612,27 @@ def _refuse_beyond_served_range(embeddings: np.ndarray) -> None:
         row = int(beyond[0])
         expected = f"values within ±{SERVED_MAGNITUDE:g} (the range served on every precision)"
         raise problems.invalid(f"embeddings[{row}]", expected, f"a value of {float(peaks[row]):.3g}", index=row)
+
+
+def _history(fields: FocusFields) -> list[HistoryItem]:
+    return [HistoryItem(**entry.model_dump()) for entry in fields.history]
+
+
+def _not_found(session_id: str) -> problems.Problem:
+    return problems.Problem(
+        404, "session-not-found", "Session not found",
+        f"no session {session_id!r} in this process (never created, deleted, evicted, or held by another replica "
+        "or worker): create it again from the full snapshot",
+        session_id=session_id,
+    )  # fmt: skip
+
+
+def _conflict(session: sessions.Session, why: str) -> problems.Problem:
+    return problems.Problem(
+        409, "session-version-conflict", "Session version conflict",
+        f"{why}: the session is at version {session.version}; create it again from the full snapshot",
+        field="version", expected=str(session.version), current_version=session.version,
+    )  # fmt: skip
 
 
 def _snapshot_problem(exc: SnapshotError) -> problems.Problem:

@@ -93,7 +93,8 @@ class PolicyHealth:
         traced = self.tracer is not None and random.random() < self.trace_rate
         decision_id = self.memory.remember(allocation.edits, time.monotonic(), traced)
         if traced and self.tracer is not None:
-            kept = embeddings if self.trace_embeddings else None
+            # A copy: the live buffers (a session's rows) may change once the answer is out.
+            kept = embeddings.copy() if self.trace_embeddings and embeddings is not None else None
             self.tracer.offer(
                 DecisionRecord(decision_id, time.time(), lod, positions, scores, allocation, options, kept)
             )

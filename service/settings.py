@@ -32,12 +32,17 @@ class Settings(BaseSettings):
         "(CUDA when available, else CPU), timed at startup on a WC of --auto-probe-entries entries",
     )
     auto_probe_entries: int = Field(
-        2048, ge=1, le=65536, description="WC length that --precision auto times each graph on"
+        8192,
+        ge=1,
+        le=65536,
+        description="WC length --precision auto times the candidate graphs on",
+        json_schema_extra=_shown_as("N"),
     )
     arena_shrink_entries: int = Field(
         8192,
         ge=1,
         description="after scoring a WC at least this long, ONNX Runtime's CPU arena frees its unused memory",
+        json_schema_extra=_shown_as("N"),
     )
     host: str = Field(
         "127.0.0.1",
@@ -115,6 +120,21 @@ class Settings(BaseSettings):
     intra_op_spinning: bool = Field(
         False, description="let ONNX Runtime's idle intra-op threads spin (off: they leave the cores to the server)"
     )
+    max_sessions: int = Field(
+        10000,
+        ge=1,
+        description="focus sessions held per process; beyond it the least recently used go",
+        json_schema_extra=_shown_as("N"),
+    )
+    session_memory_bytes: int = Field(
+        2 << 30,
+        ge=1 << 20,
+        description="bytes of session state (embeddings in the graph's dtype) held per process",
+        json_schema_extra=_shown_as("BYTES"),
+    )
+    session_ttl_s: float = Field(
+        600.0, gt=0, description="a session idle this long is dropped", json_schema_extra=_shown_as("SECONDS")
+    )
     warmup_sizes: list[int] = Field(
         [64, 512, 2048],
         description="WC lengths run once before /readyz turns ready: comma-separated, or a JSON list",
@@ -128,36 +148,95 @@ class Settings(BaseSettings):
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     decision_memory_size: int = Field(
-        65536, ge=1, le=1 << 24, description="focus decisions remembered for feedback (the oldest are forgotten)"
+        65536,
+        ge=1,
+        le=1 << 24,
+        description="focus decisions remembered for feedback (the oldest are forgotten)",
+        json_schema_extra=_shown_as("N"),
     )
-    decision_memory_s: float = Field(600.0, gt=0, description="how long a decision is remembered for feedback")
-    feedback_max_items: int = Field(10000, ge=1, le=1 << 20, description="items accepted in one /v1/feedback batch")
+    decision_memory_s: float = Field(
+        600.0,
+        gt=0,
+        description="how long a decision is remembered for feedback",
+        json_schema_extra=_shown_as("SECONDS"),
+    )
+    feedback_max_items: int = Field(
+        10000,
+        ge=1,
+        le=1 << 20,
+        description="items accepted in one /v1/feedback batch",
+        json_schema_extra=_shown_as("N"),
+    )
     correlation_window_count: int = Field(
-        1000, ge=2, le=1 << 20, description="score-benefit correlation over the last this many feedback items"
+        1000,
+        ge=2,
+        le=1 << 20,
+        description="score-benefit correlation over the last this many feedback items",
+        json_schema_extra=_shown_as("N"),
     )
     correlation_window_s: float = Field(
-        600.0, gt=0, description="score-benefit correlation over the feedback of the last this many seconds"
+        600.0,
+        gt=0,
+        description="score-benefit correlation over the feedback of the last this many seconds",
+        json_schema_extra=_shown_as("SECONDS"),
     )
     shadow_model_dir: Path | None = Field(
-        None, description="a candidate artifact that scores a sampled share of focus requests off the request path"
+        None,
+        description="a candidate artifact that scores a sampled share of focus requests off the request path",
+        json_schema_extra=_shown_as("DIR"),
     )
-    shadow_sample_rate: float = Field(0.1, ge=0, le=1, description="share of focus requests offered to the shadow")
-    shadow_intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads of the shadow (0 = one per core)")
-    trace_dir: Path | None = Field(None, description="directory for the deployment traces (Parquet); none: off")
+    shadow_sample_rate: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="share of focus requests offered to the shadow",
+        json_schema_extra=_shown_as("FRACTION"),
+    )
+    shadow_intra_op_threads: int = Field(
+        1, ge=0, description="ONNX Runtime threads of the shadow (0 = one per core)", json_schema_extra=_shown_as("N")
+    )
+    trace_dir: Path | None = Field(
+        None, description="directory for the deployment traces (Parquet); none: off", json_schema_extra=_shown_as("DIR")
+    )
     trace_sample_rate: float = Field(
-        0.0, ge=0, le=1, description="share of focus decisions traced, with their feedback (0: off)"
+        0.0,
+        ge=0,
+        le=1,
+        description="share of focus decisions traced, with their feedback (0: off)",
+        json_schema_extra=_shown_as("FRACTION"),
     )
     trace_embeddings: bool = Field(False, description="also trace the snapshots' embeddings (large)")
     trace_queue_size: int = Field(
-        1024, ge=1, le=1 << 20, description="trace records waiting to be written; beyond it they are dropped (counted)"
+        1024,
+        ge=1,
+        le=1 << 20,
+        description="trace records waiting to be written; beyond it they are dropped (counted)",
+        json_schema_extra=_shown_as("N"),
     )
-    trace_file_rows: int = Field(10000, ge=1, description="a trace file is written once this many records are waiting")
+    trace_file_rows: int = Field(
+        10000,
+        ge=1,
+        description="a trace file is written once this many records are waiting",
+        json_schema_extra=_shown_as("N"),
+    )
     trace_flush_s: float = Field(
-        60.0, gt=0, description="... or this many seconds after the previous one, whichever comes first"
+        60.0,
+        gt=0,
+        description="... or this many seconds after the previous one, whichever comes first",
+        json_schema_extra=_shown_as("SECONDS"),
     )
-    trace_max_bytes: int = Field(1 << 30, ge=1, description="trace files kept on disk; the oldest are deleted beyond")
+    trace_max_bytes: int = Field(
+        1 << 30,
+        ge=1,
+        description="trace files kept on disk; the oldest are deleted beyond",
+        json_schema_extra=_shown_as("BYTES"),
+    )
     correlation_window_max_samples: int = Field(
-        20000, ge=2, le=1 << 22, description="at most this many (the newest) samples in the time window"
+        20000,
+        ge=2,
+        le=1 << 22,
+        description="at most this many (the newest) samples in the time window",
+        json_schema_extra=_shown_as("N"),
     )
 
     @model_validator(mode="after")

@@ -60,7 +60,8 @@ class ShadowScorer:
         if not self._busy.acquire(blocking=False):
             self.metrics.shadow_requests.labels(result="dropped").inc()
             return
-        self.executor.submit(self._run, embeddings, layout, options, cooldown, live_scores, live)
+        # A copy: the live buffers (a session's rows) may change once the answer is out.
+        self.executor.submit(self._run, embeddings.copy(), layout, options, cooldown, live_scores, live)
 
     def _run(
         self,

@@ -533,7 +533,9 @@ def k8s_resources() -> dict[str, dict[str, Any]]:
     return resources
 
 
-CORE_KINDS = ("Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler")
+CORE_KINDS = (
+    "Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "Ingress",
+)  # fmt: skip
 
 
 def test_kustomization_lists_every_manifest() -> None:
@@ -662,3 +664,17 @@ def test_service_monitor_scrapes_the_service_and_keeps_its_labels() -> None:
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == service["spec"]["ports"][0]["name"] and endpoint["path"] == "/metrics"
     assert endpoint["honorLabels"] is True, "the operator's `endpoint` target label would replace the service's"
+
+
+def test_session_ingress_hashes_the_client_s_routing_header_to_the_service() -> None:
+    from lensnet_client.session import ROUTING_HEADER
+
+    ingress, service = k8s_resources()["Ingress"], k8s_resources()["Service"]
+    hashed = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"]
+    assert hashed == "$http_" + ROUTING_HEADER.replace("-", "_")
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert (path["path"], path["pathType"]) == ("/v1/sessions", "Prefix")
+    backend = path["backend"]["service"]
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"]["name"] in {port["name"] for port in service["spec"]["ports"]}

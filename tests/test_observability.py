@@ -6,8 +6,8 @@ job mirrors the ServiceMonitor (deploy/k8s): the same job name, namespace/pod/en
 labels and honor_labels, so the queries are checked against the labels they get on Kubernetes.
 Known traffic covers every series the dashboard shows: focus and score requests (edits, clamps,
 scores at every LOD), 422s, 413s (too large), 429s (overload) and 504s (deadline), ΔNLL feedback
-(a healthy run; a polarity-flipped one in the last test), and a shadow model (the bundled one
-shadowing itself).
+(a healthy run; a polarity-flipped one in the last test), a shadow model (the bundled one
+shadowing itself), and a focus session (created, stepped, 409, deleted, 404).
 """
 
 from __future__ import annotations
@@ -156,6 +156,15 @@ def send_traffic(url: str, seed: int) -> Counter[tuple[str, int]]:
             assert post("/v1/focus", snapshot(rng, n, model) | {"options": {"w_max": 250}}) == 200
         for n in (64, 200, 380, 300):
             assert post("/v1/score", snapshot(rng, n, model)) == 200
+        # A focus session: created, stepped twice, a stale version (409), deleted, then unknown (404).
+        created = client.post("/v1/sessions", json=snapshot(rng, 200, model) | {"options": {"w_max": 250}})
+        assert created.status_code == 201
+        step = f"/v1/sessions/{created.json()['session_id']}/focus"
+        for version in (1, 2):
+            assert client.post(step, json={"version": version, "applied": []}).status_code == 200
+        assert client.post(step, json={"version": 1, "applied": []}).status_code == 409
+        assert client.delete(step.removesuffix("/focus")).status_code == 204
+        assert client.post(step, json={"version": 3, "applied": []}).status_code == 404
         invalid = snapshot(rng, 100, model)
         invalid["positions"] = [p + 1 for p in invalid["positions"]]  # misaligned spans
         assert post("/v1/score", invalid) == 422
@@ -416,6 +425,7 @@ EXPECTED_ALERTS = {
     "LensNetPolicyCorrelationWeak": "inactive",
     "LensNetTargetDown": "inactive",
     "LensNetDown": "inactive",
+    "LensNetSessionEvictionChurn": "inactive",
 }
 
 

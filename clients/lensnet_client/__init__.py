@@ -9,19 +9,33 @@ with FocusClient("http://127.0.0.1:8000") as client:
 """
 
 from .client import AsyncFocusClient, FocusClient, FocusError, FocusResult, History, ScoreResult
-from .layout import Edit, Layout, SnapshotError, apply_edits, synthetic_layout, validate_layout
+from .layout import (
+    Edit,
+    Layout,
+    SnapshotError,
+    apply_edits,
+    apply_step,
+    edit_rows,
+    synthetic_layout,
+    validate_layout,
+)
+from .session import AsyncFocusSession, FocusSession
 
 __all__ = [
     "AsyncFocusClient",
+    "AsyncFocusSession",
     "Edit",
     "FocusClient",
     "FocusError",
     "FocusResult",
+    "FocusSession",
     "History",
     "Layout",
     "ScoreResult",
     "SnapshotError",
     "apply_edits",
+    "apply_step",
+    "edit_rows",
     "synthetic_layout",
     "validate_layout",
 ]

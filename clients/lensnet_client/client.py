@@ -60,6 +60,9 @@ class FocusResult:
     scores: np.ndarray | None = field(default=None, repr=False)
     decision_id: str | None = None
     """Names this decision in `feedback` (the measured ΔNLL of its edits)."""
+    session_id: str | None = None
+    """Session calls only: the session and its version after this answer."""
+    version: int | None = None
 
 
 class History:
@@ -85,6 +88,11 @@ class History:
     def entries(self) -> list[dict[str, Any]]:
         return [dict(entry) for entry in self._entries]
 
+    def copy(self) -> History:
+        twin = History(self.horizon)
+        twin._entries = self.entries()
+        return twin
+
 
 def parse_server_timing(header: str | None) -> dict[str, float]:
     """`decode;dur=0.3, model;dur=1.2` → {"decode": 0.3, "model": 1.2} (milliseconds)."""
@@ -108,6 +116,12 @@ def _index_array(values: object, name: str) -> np.ndarray:
         raise ValueError(f"{name}: values beyond int64")
     small = array.size and array.min() >= 0 and array.max() <= np.iinfo(np.int8).max
     return array.astype(np.int8 if small else np.int64)
+
+
+def _float_array(values: object) -> np.ndarray:
+    """Embeddings as sent: float16 or float32 kept, anything else as float32."""
+    array = np.asarray(values)
+    return array if array.dtype in (np.float16, np.float32) else array.astype(np.float32)
 
 
 def _array_json(array: np.ndarray) -> dict[str, Any]:
@@ -139,14 +153,17 @@ class _Protocol:
         fields: dict[str, Any],
         deadline_ms: float | None,
     ) -> tuple[bytes, dict[str, str]]:
-        embeddings = np.asarray(embeddings)
-        if embeddings.dtype not in (np.float16, np.float32):
-            embeddings = embeddings.astype(np.float32)
         arrays = {
-            "embeddings": embeddings,
+            "embeddings": _float_array(embeddings),
             "lod": _index_array(lod, "lod"),
             "positions": _index_array(positions, "positions"),
         }
+        return self.pack(arrays, fields, deadline_ms)
+
+    def pack(
+        self, arrays: dict[str, np.ndarray], fields: dict[str, Any], deadline_ms: float | None
+    ) -> tuple[bytes, dict[str, str]]:
+        """A body of `fields` and `arrays` in this client's format, and its headers."""
         if self.format == "binary":
             content = frame.pack(fields, arrays)
         else:
@@ -184,6 +201,8 @@ class _Protocol:
             server_timing=parse_server_timing(response.headers.get("server-timing")),
             scores=scores,
             decision_id=document.get("decision_id"),
+            session_id=document.get("session_id"),
+            version=document.get("version"),
         )
 
     def feedback_request(self, items: Iterable[tuple[str, int, float]]) -> tuple[bytes, dict[str, str]]:

@@ -174,6 +174,18 @@ def apply_edits(
     return np.concatenate(pieces_lod), np.concatenate(pieces_pos)
 
 
+def edit_rows(rows: np.ndarray, edits: Iterable[Edit], created: np.ndarray) -> np.ndarray:
+    """Per-entry rows (the caller's embeddings) after `edits`, as `apply_edits` changes the metadata:
+    each edit's `removed` rows give way to its `added` rows, taken from `created` in edit order."""
+    pieces, cursor, at = [], 0, 0
+    for edit in sorted(edits, key=lambda e: e.index):
+        pieces += [rows[cursor : edit.index], created[at : at + edit.added]]
+        cursor, at = edit.index + edit.removed, at + edit.added
+    if at != len(created):
+        raise ValueError(f"created: the edits create {at} rows, got {len(created)}")
+    return np.concatenate([*pieces, rows[cursor:]])
+
+
 def synthetic_layout(
     n: int,
     block_size: int,
@@ -207,3 +219,36 @@ def synthetic_layout(
 def node_keys(lods: Sequence[int] | np.ndarray, positions: Sequence[int] | np.ndarray) -> np.ndarray:
     """A unique int64 key per tree node `(lod, position)`, for fast set membership."""
     return np.asarray(positions, dtype=np.int64) * 4 + np.asarray(lods, dtype=np.int64)
+
+
+def apply_step(
+    lod: np.ndarray,
+    positions: np.ndarray,
+    edits: Sequence[Edit],
+    applied: Sequence[int] | None,
+    trim_head: int,
+    append_lod: object,
+    append_positions: object,
+    block_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One session step's metadata change, as the service and the client both apply it: the
+    `applied` edits (indices into `edits`, the previous answer's; None = all), then `trim_head`
+    entries dropped from the head, then the appended entries at the tail. The result is not
+    validated (the caller checks it like a full snapshot); bad indices raise `SnapshotError`."""
+    chosen = range(len(edits)) if applied is None else applied
+    seen: set[int] = set()
+    for k, index in enumerate(chosen):
+        if not 0 <= index < len(edits) or index in seen:
+            expected = f"distinct indices into the previous answer's {len(edits)} edits"
+            raise SnapshotError("applied", f"applied[{k}]", expected, index, k)
+        seen.add(index)
+    new_lod, new_positions = apply_edits(lod, positions, [edits[i] for i in sorted(seen)], block_size)
+    if not 0 <= trim_head <= new_lod.size:
+        expected = f"0 <= trim_head <= {new_lod.size} (the entries left after the applied edits)"
+        raise SnapshotError("trim_head", "trim_head", expected, trim_head)
+    tail_lod = _as_int_vector(append_lod, "append_lod")
+    tail_positions = _as_int_vector(append_positions, "append_positions")
+    return (
+        np.concatenate([new_lod[trim_head:], tail_lod]),
+        np.concatenate([new_positions[trim_head:], tail_positions]),
+    )

@@ -15,6 +15,7 @@ import base64
 import binascii
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -30,8 +31,13 @@ MEDIA_TYPES = (JSON, FRAME)
 EMBEDDING_DTYPES = ("float16", "float32")
 INDEX_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32")
 ARRAY_FIELDS = ("embeddings", "lod", "positions")
+DELTA_FIELDS = ("created", "append_embeddings", "append_lod", "append_positions")  # a session step's arrays
 MAX_HEADER_BYTES = 1 << 20  # a frame's JSON header: options and up to 1,024 history entries fit in ~100 kB
-ALLOWED_DTYPES = {"embeddings": EMBEDDING_DTYPES, "lod": INDEX_DTYPES, "positions": INDEX_DTYPES}
+ALLOWED_DTYPES = {
+    "embeddings": EMBEDDING_DTYPES, "lod": INDEX_DTYPES, "positions": INDEX_DTYPES,
+    "created": EMBEDDING_DTYPES, "append_embeddings": EMBEDDING_DTYPES,
+    "append_lod": INDEX_DTYPES, "append_positions": INDEX_DTYPES,
+}  # fmt: skip
 _CONVERT = {("float16", "float32"): _bulk.half_to_float, ("float32", "float16"): _bulk.float_to_half}
 
 ArrayStyle = Literal["list", "base64", "frame"]
@@ -47,9 +53,28 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class DecodedRequest:
-    snapshot: Snapshot
+    arrays: dict[str, np.ndarray]  # float arrays in the graph's dtype
+    sent: dict[str, str]  # each array's dtype on the wire (float32 for JSON lists)
     fields: dict[str, Any]  # everything besides the arrays (options, history, …), validated later
     style: ArrayStyle  # how arrays came in, so they go back out the same way
+
+    @property
+    def snapshot(self) -> Snapshot:
+        embeddings, lod, positions = (self.arrays[name] for name in ARRAY_FIELDS)
+        return Snapshot(embeddings, lod, positions, self.sent["embeddings"])
+
+
+ArrayCheck = Callable[[dict[str, tuple[np.dtype, tuple[int, ...]]], int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Schema:
+    """The arrays a body may carry: their names, which are float rows [n, D] (converted to the
+    graph's dtype), and the check of their (dtype, shape)s against D and the N limit."""
+
+    arrays: tuple[str, ...]
+    floats: tuple[str, ...]
+    check: ArrayCheck
 
 
 class BodyReader(Protocol):
@@ -67,14 +92,16 @@ class BodyReader(Protocol):
 
 def reader(
     media_type: str, embed_dim: int, max_entries: int, dtype: np.dtype, declared_length: int | None,
-    stream_min_bytes: int,
+    stream_min_bytes: int, schema: Schema | None = None,
 ) -> BodyReader:  # fmt: skip
-    """The reader for a body of `media_type` whose embeddings the graph wants as `dtype`; a frame
-    of at least `stream_min_bytes` (or of unknown length) is decoded while it arrives."""
+    """The reader for a body of `media_type` (a snapshot, or what `schema` says) whose embeddings
+    the graph wants as `dtype`; a frame of at least `stream_min_bytes` (or of unknown length) is
+    decoded while it arrives."""
+    schema = schema or SNAPSHOT
     if media_type == FRAME:
         stream = declared_length is None or declared_length >= stream_min_bytes
-        return FrameReader(embed_dim, max_entries, dtype, declared_length, stream)
-    return JsonReader(embed_dim, max_entries, dtype)
+        return FrameReader(embed_dim, max_entries, dtype, declared_length, stream, schema)
+    return JsonReader(embed_dim, max_entries, dtype, schema)
 
 
 def request_media_type(content_type: str | None) -> str:
@@ -110,8 +137,8 @@ def response_media_type(accept: str | None, request_media: str) -> str:
 class JsonReader:
     """JSON bodies are parsed whole: chunks are kept until `finish`."""
 
-    def __init__(self, embed_dim: int, max_entries: int, dtype: np.dtype) -> None:
-        self.embed_dim, self.max_entries, self.dtype = embed_dim, max_entries, dtype
+    def __init__(self, embed_dim: int, max_entries: int, dtype: np.dtype, schema: Schema) -> None:
+        self.embed_dim, self.max_entries, self.dtype, self.schema = embed_dim, max_entries, dtype, schema
         self.chunks: list[bytes] = []
 
     def feed(self, chunk: bytes, more: bool) -> None:
@@ -128,14 +155,21 @@ class JsonReader:
             raise problems.malformed("body", "a JSON object", f"invalid JSON ({exc})") from exc
         if not isinstance(fields, dict):
             raise problems.invalid("body", "a JSON object", _json_kind(fields))
-        style: ArrayStyle = "base64" if isinstance(fields.get("embeddings"), dict) else "list"
-        arrays = {name: _json_array(fields.pop(name), name) for name in ARRAY_FIELDS if name in fields}
-        _check_arrays({name: (array.dtype, array.shape) for name, array in arrays.items()}, self.embed_dim,
-                      self.max_entries)  # fmt: skip
-        embeddings = arrays["embeddings"]
-        sent = "float64" if style == "list" else embeddings.dtype.name  # JSON numbers, before float32
-        snapshot = Snapshot(convert(embeddings, self.dtype), arrays["lod"], arrays["positions"], sent)
-        return DecodedRequest(snapshot, fields, style)
+        floats = self.schema.floats
+        style: ArrayStyle = "base64" if any(isinstance(fields.get(name), dict) for name in floats) else "list"
+        listed = {name for name in self.schema.arrays if isinstance(fields.get(name), list)}
+        arrays = {
+            name: _json_array(fields.pop(name), name, name in floats) for name in self.schema.arrays if name in fields
+        }
+        for name in floats:  # `[]`: no rows
+            if name in arrays and arrays[name].shape == (0,):
+                arrays[name] = arrays[name].reshape(0, self.embed_dim)
+        self.schema.check({name: (array.dtype, array.shape) for name, array in arrays.items()}, self.embed_dim,
+                          self.max_entries)  # fmt: skip
+        # JSON numbers are float64 on the wire, converted to float32 on reading.
+        sent = {name: "float64" if name in listed and name in floats else a.dtype.name for name, a in arrays.items()}
+        converted = {name: convert(array, self.dtype) if name in floats else array for name, array in arrays.items()}
+        return DecodedRequest(converted, sent, fields, style)
 
 
 class FrameReader:
@@ -148,9 +182,10 @@ class FrameReader:
     copy, no separate conversion pass."""
 
     def __init__(
-        self, embed_dim: int, max_entries: int, dtype: np.dtype, declared_length: int | None, stream: bool
-    ) -> None:
-        self.embed_dim, self.max_entries, self.dtype = embed_dim, max_entries, dtype
+        self, embed_dim: int, max_entries: int, dtype: np.dtype, declared_length: int | None, stream: bool,
+        schema: Schema,
+    ) -> None:  # fmt: skip
+        self.embed_dim, self.max_entries, self.dtype, self.schema = embed_dim, max_entries, dtype, schema
         self.declared_length = declared_length
         self.head = bytearray()  # prefix, header and padding, until the payload starts
         self.length: int | None = None  # of the JSON header
@@ -163,6 +198,7 @@ class FrameReader:
         self.specs: dict[str, frame.ArraySpec] = {}  # arrays in the payload
         self.inline: dict[str, np.ndarray] = {}  # arrays given in the header itself
         self.sinks: dict[str, _Sink] = {}
+        self.planned = False  # the header is read and its arrays allocated
         self.regions: list[tuple[int, int, _Sink]] = []  # (start, end, sink) in the payload, by start
 
     def feed(self, chunk: bytes, more: bool) -> None:
@@ -170,7 +206,7 @@ class FrameReader:
         if not self.stream:
             self.held.append(data)
             return
-        if not self.sinks:
+        if not self.planned:
             data = self._read_head(data)
         if more and not self.held:
             self._place(data)
@@ -190,12 +226,13 @@ class FrameReader:
         self._check_complete()
         for data in self.held:
             self._place(data)
-        embeddings, lod, positions = (self.sinks[name].array for name in ARRAY_FIELDS)
-        sent = (self.specs.get("embeddings") or self.inline["embeddings"]).dtype.name
-        return DecodedRequest(Snapshot(embeddings, lod, positions, sent), self.fields, "frame")
+        arrays = {name: sink.array for name, sink in self.sinks.items()}
+        sent = {name: spec.dtype.name for name, spec in self.specs.items()}
+        sent |= {name: array.dtype.name for name, array in self.inline.items()}
+        return DecodedRequest(arrays, sent, self.fields, "frame")
 
     def _check_complete(self) -> None:
-        if not self.sinks:
+        if not self.planned:
             self._truncated_head()
         payload = self.received + self.held_bytes
         for name, spec in self.specs.items():
@@ -218,7 +255,7 @@ class FrameReader:
 
     def _read_head(self, data: memoryview) -> memoryview:
         """Take header bytes from `data`; once the header is complete, plan the arrays. Returns the rest."""
-        while not self.sinks:
+        while not self.planned:
             want = 8 if self.length is None else self.start
             take = min(want - len(self.head), len(data))
             self.head += data[:take]
@@ -252,8 +289,9 @@ class FrameReader:
             self.fields, descriptors = frame.parse_header(memoryview(self.head)[8 : 8 + self.length])
         except frame.FrameError as exc:
             raise _malformed(exc) from exc
-        if unknown := sorted(set(descriptors) - set(ARRAY_FIELDS)):
-            raise problems.invalid(unknown[0], f"only the arrays {list(ARRAY_FIELDS)}", f"an array {unknown[0]!r}")
+        if unknown := sorted(set(descriptors) - set(self.schema.arrays)):
+            expected = f"only the arrays {list(self.schema.arrays)}"
+            raise problems.invalid(unknown[0], expected, f"an array {unknown[0]!r}")
         for name, raw in descriptors.items():
             if isinstance(raw, dict) and raw.get("dtype") not in ALLOWED_DTYPES[name]:
                 raise problems.invalid(f"{name}.dtype", " | ".join(ALLOWED_DTYPES[name]), repr(raw.get("dtype")))
@@ -266,20 +304,21 @@ class FrameReader:
         """Check the header's arrays (what each may hold, the shapes, D, N) and allocate their buffers."""
         self._describe()
         arrays = {name: (spec.dtype, spec.shape) for name, spec in self.specs.items()}
-        _check_arrays(arrays | {name: (a.dtype, a.shape) for name, a in self.inline.items()}, self.embed_dim,
-                      self.max_entries)  # fmt: skip
+        self.schema.check(arrays | {name: (a.dtype, a.shape) for name, a in self.inline.items()}, self.embed_dim,
+                          self.max_entries)  # fmt: skip
         if self.declared_length is not None:  # before allocating for a header that lies
             payload = self.declared_length - self.start
             for name, spec in self.specs.items():
                 if spec.offset + spec.nbytes > payload:
                     raise _malformed(frame.beyond(name, spec, payload))
         for name, spec in self.specs.items():
-            target = self.dtype if name == "embeddings" else spec.dtype
+            target = self.dtype if name in self.schema.floats else spec.dtype
             self.sinks[name] = _Sink(spec, np.empty(spec.shape, dtype=target))
         for name, array in self.inline.items():
-            self.sinks[name] = _Sink.holding(convert(array, self.dtype) if name == "embeddings" else array)
+            self.sinks[name] = _Sink.holding(convert(array, self.dtype) if name in self.schema.floats else array)
         spans = ((spec.offset, spec.offset + spec.nbytes, self.sinks[name]) for name, spec in self.specs.items())
         self.regions = sorted(spans, key=lambda region: region[:2])
+        self.planned = True
 
 
 class _Sink:
@@ -333,10 +372,10 @@ def _malformed(error: frame.FrameError) -> problems.Problem:
     return problems.malformed(error.field, error.expected, error.got)
 
 
-def _json_array(value: Any, name: str) -> np.ndarray:
-    """A JSON list as an array: embeddings as float32 (numbers beyond its range become inf, refused
-    later with the other non-finite values), `lod`/`positions` as 64-bit integers. Anything else
-    (strings, booleans, null, integers beyond 64 bits in an index array) is a 422, never a crash."""
+def _json_array(value: Any, name: str, floats: bool) -> np.ndarray:
+    """A JSON list as an array: float rows (`floats`) as float32 (numbers beyond its range become
+    inf, refused later with the other non-finite values), index arrays as 64-bit integers. Anything
+    else (strings, booleans, null, integers beyond 64 bits in an index array) is a 422, never a crash."""
     if isinstance(value, dict):
         return _base64_array(value, name)
     if not isinstance(value, list):
@@ -348,10 +387,10 @@ def _json_array(value: Any, name: str) -> np.ndarray:
             name, "a rectangular array of numbers", "a ragged or non-numeric list", str(exc)
         ) from exc
     if not array.size:
-        return array.astype(np.float32 if name == "embeddings" else np.int64)  # [] has no dtype; the shape check speaks
-    if name == "embeddings":
+        return array.astype(np.float32 if floats else np.int64)  # [] has no dtype; the shape check speaks
+    if floats:
         if array.dtype.kind == "O":  # integers beyond 64 bits, or null among the numbers
-            array = _wide_floats(array)
+            array = _wide_floats(array, name)
         if array.dtype.kind not in "iuf":
             raise problems.invalid(name, "numbers", _element_kind(array))
         with np.errstate(over="ignore"):  # beyond float32: inf, refused as non-finite
@@ -361,7 +400,7 @@ def _json_array(value: Any, name: str) -> np.ndarray:
     return array
 
 
-def _wide_floats(array: np.ndarray) -> np.ndarray:
+def _wide_floats(array: np.ndarray, name: str) -> np.ndarray:
     """An object array from JSON (only integers too wide for 64 bits make one, or null/mixed
     values) as float64; an integer beyond float64 is as out of range as inf, so it becomes inf."""
     out = np.empty(array.shape, dtype=np.float64)
@@ -369,7 +408,7 @@ def _wide_floats(array: np.ndarray) -> np.ndarray:
     for i, item in enumerate(array.reshape(-1).tolist()):
         if type(item) not in (int, float):
             row = int(np.unravel_index(i, array.shape)[0])
-            raise problems.invalid(f"embeddings[{row}]", "numbers", _json_kind(item), index=row)
+            raise problems.invalid(f"{name}[{row}]", "numbers", _json_kind(item), index=row)
         try:
             flat[i] = float(item)
         except OverflowError:
@@ -452,3 +491,33 @@ def encode_response(
         else:
             document[name] = array.tolist()
     return json.dumps(document, separators=(",", ":")).encode()
+
+
+def _check_delta(arrays: dict[str, tuple[np.dtype, tuple[int, ...]]], embed_dim: int, max_entries: int) -> None:
+    """A session step's arrays, all optional: `created` [M, D], and the appended entries'
+    `append_embeddings` [K, D], `append_lod` [K], `append_positions` [K] (all three or none)."""
+    appended = [name for name in DELTA_FIELDS[1:] if name in arrays]
+    if appended and len(appended) < 3:
+        missing = next(name for name in DELTA_FIELDS[1:] if name not in arrays)
+        raise problems.invalid(missing, "an array (append_* come together)", "nothing")
+    for name in ("created", "append_embeddings"):
+        if name in arrays:
+            dtype, shape = arrays[name]
+            if dtype.name not in EMBEDDING_DTYPES:
+                raise problems.invalid(f"{name}.dtype", " | ".join(EMBEDDING_DTYPES), dtype.name)
+            if len(shape) != 2 or shape[1] != embed_dim:
+                raise problems.invalid(f"{name}.shape", f"[rows, {embed_dim}]", str(list(shape)))
+            if shape[0] > max_entries:
+                raise problems.too_large(f"{name}.shape", f"{max_entries} entries", f"{shape[0]} entries")
+    if appended:
+        k = arrays["append_embeddings"][1][0]
+        for name in ("append_lod", "append_positions"):
+            dtype, shape = arrays[name]
+            if dtype.name not in INDEX_DTYPES:
+                raise problems.invalid(f"{name}.dtype", " | ".join(INDEX_DTYPES), dtype.name)
+            if tuple(shape) != (k,):
+                raise problems.invalid(f"{name}.shape", f"[{k}] (one per appended embedding)", str(list(shape)))
+
+
+SNAPSHOT = Schema(ARRAY_FIELDS, ("embeddings",), _check_arrays)
+DELTA = Schema(DELTA_FIELDS, ("created", "append_embeddings"), _check_delta)

@@ -56,7 +56,7 @@ class InferReader(codec.FrameReader):
             and header_length <= codec.MAX_HEADER_BYTES
             and (declared_length is None or declared_length >= stream_min_bytes)
         )
-        super().__init__(embed_dim, max_entries, dtype, declared_length, stream)
+        super().__init__(embed_dim, max_entries, dtype, declared_length, stream, codec.SNAPSHOT)
         self.binary = header_length is not None
         self.length = self.start = header_length
 

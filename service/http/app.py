@@ -12,10 +12,9 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -26,9 +25,10 @@ from starlette.types import Message, Receive, Scope, Send
 
 from model_export.artifact import Manifest, load_manifest
 
-from ..core import codec, problems
+from ..core import problems
+from ..core.sessions import SessionStore
 from ..metrics import CONTENT_TYPE, Metrics
-from ..pipeline import Call, Pipeline, Reply
+from ..pipeline import Call, Pipeline
 from ..policy import PolicyHealth
 from ..runtime import Scorer
 from ..settings import Settings
@@ -36,6 +36,8 @@ from ..shadow import ShadowScorer, check_compatible
 from ..traces import TraceWriter
 from . import feedback, openapi, v2
 from .admission import Admission
+from .calls import CallSpec, Wire, negotiate_v1, problem_response
+from .sessions import SessionEndpoints
 from .upload import declared_length, read_body
 
 log = logging.getLogger("lensnet.service")
@@ -61,6 +63,11 @@ class Service:
         self.admission = Admission(settings.max_concurrency, settings.queue_size, settings.max_bytes_in_flight)
         self.executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="lensnet-infer")
         self.policy = PolicyHealth(settings, self.metrics)
+        evicted = self.metrics.session_evictions
+        self.sessions = SessionStore(
+            settings.max_sessions, settings.session_memory_bytes, settings.session_ttl_s,
+            on_evict=lambda reason: evicted.labels(reason=reason).inc(),
+        )  # fmt: skip
         self.pipeline: Pipeline | None = None
         self.load_error: str | None = None
         self.shadow_manifest: Manifest | None = None
@@ -84,7 +91,8 @@ class Service:
                 s.model_dir, self.manifest, s.precision, s.intra_op_threads, s.intra_op_spinning,
                 probe_entries=s.auto_probe_entries, shrink_entries=s.arena_shrink_entries,
             )  # fmt: skip
-            Pipeline(scorer, self.manifest, None, self.settings.max_entries).warmup(self.settings.warmup_sizes)
+            warm = SessionStore(1, s.session_memory_bytes, s.session_ttl_s)
+            Pipeline(scorer, self.manifest, None, s.max_entries, warm).warmup(s.warmup_sizes)
         except Exception:
             self.load_error = "the model failed to load; see the service log"
             log.exception("model failed to load")
@@ -98,7 +106,7 @@ class Service:
                 queue_size=s.trace_queue_size, file_rows=s.trace_file_rows, flush_s=s.trace_flush_s,
                 max_bytes=s.trace_max_bytes,
             )  # fmt: skip
-        self.pipeline = Pipeline(scorer, self.manifest, self.metrics, self.settings.max_entries, self.policy)
+        self.pipeline = Pipeline(scorer, self.manifest, self.metrics, s.max_entries, self.sessions, self.policy)
         if not self.admission.draining:
             self.metrics.model_ready.set(1)
         log.info("ready: %s %s, %s on %s", m.name, m.version, scorer.precision, scorer.provider)
@@ -130,11 +138,11 @@ class Service:
         cancelled = await self.admission.abandon(ABANDON_WAIT_S)
         log.warning("grace period over: answered 503 to the %d requests still in flight", cancelled)
 
-    async def serve(self, request: Request, wire: Wire) -> Response:
+    async def serve(self, request: Request, wire: Wire, spec: CallSpec | None = None) -> Response:
         """Answer a scoring endpoint; every failure leaves as a Problem (refusals counted)."""
         try:
             async with self.admission.request():
-                return await self._serve(request, wire)
+                return await self._serve(request, wire, spec or CallSpec())
         except problems.Problem as problem:
             if problem.slug in REFUSALS:
                 self.metrics.refused.labels(reason=self._refusal_reason(problem, request)).inc()
@@ -160,7 +168,7 @@ class Service:
                 500, "internal-error", "Internal error", "the request failed; see the service log"
             ) from exc
 
-    async def _serve(self, request: Request, wire: Wire) -> Response:
+    async def _serve(self, request: Request, wire: Wire, spec: CallSpec) -> Response:
         arrival = request.state.arrival
         pipeline = self.pipeline
         if pipeline is None:
@@ -182,7 +190,7 @@ class Service:
                     admitted = True
                     self.metrics.queued.dec()
                     timings["queue"] = time.perf_counter() - received
-                    call = Call(body, respond_as, deadline, timings)
+                    call = Call(body, respond_as, deadline, timings, spec.session)
                     loop = asyncio.get_running_loop()
                     reply = await loop.run_in_executor(self.executor, wire.run, pipeline, call)
             finally:
@@ -191,8 +199,8 @@ class Service:
         self.metrics.observe_stages(timings)
         timings["total"] = time.perf_counter() - arrival
         server_timing = ", ".join(f"{stage};dur={seconds * 1e3:.3f}" for stage, seconds in timings.items())
-        headers = {"Server-Timing": server_timing} | reply.headers
-        return Response(reply.content, media_type=reply.media_type, headers=headers)
+        headers = {"Server-Timing": server_timing} | reply.headers | spec.headers
+        return Response(reply.content, status_code=spec.status, media_type=reply.media_type, headers=headers)
 
     def _deadline(self, request: Request, arrival: float) -> float | None:
         """The request's deadline (perf_counter time) from X-Request-Timeout-Ms: a finite number
@@ -223,30 +231,6 @@ class Service:
         return REFUSALS[problem.slug]
 
 
-def negotiate_v1(
-    request: Request, pipeline: Pipeline, settings: Settings, length: int | None
-) -> tuple[codec.BodyReader, str]:
-    """/v1: the body's reader by Content-Type (415 otherwise) and the answer's media type by Accept (406)."""
-    media = codec.request_media_type(request.headers.get("content-type"))
-    respond_as = codec.response_media_type(request.headers.get("accept"), media)
-    config = pipeline.config
-    reader = codec.reader(
-        media, config.embed_dim, settings.max_entries, pipeline.scorer.input_dtype, length, settings.stream_min_bytes
-    )
-    return reader, respond_as
-
-
-@dataclass(frozen=True, slots=True)
-class Wire:
-    """How one scoring endpoint speaks: its metrics label, how it reads a request (reader and
-    answer media type), which pipeline function answers, and how a problem is rendered."""
-
-    label: str
-    negotiate: Callable[[Request, Pipeline, Settings, int | None], tuple[codec.BodyReader, str]]
-    run: Callable[[Pipeline, Call], Reply]
-    render: Callable[[problems.Problem, str], Response]
-
-
 class FocusApp:
     """The ASGI app: request telemetry around everything; POST /v1/focus and /v1/score go
     straight to their endpoints (the hot path: no middleware stack, router, request models or
@@ -255,11 +239,12 @@ class FocusApp:
 
     def __init__(self, api: FastAPI, service: Service) -> None:
         self.api, self.service, self.metrics = api, service, service.metrics
-        v1 = {path: Wire(path, negotiate_v1, run, problem_response)
+        v1 = {path: Wire(path, negotiate_v1(), run, problem_response)
               for path, run in (("/v1/focus", Pipeline.focus), ("/v1/score", Pipeline.score))}  # fmt: skip
         infer = Wire(v2.INFER, v2.negotiate, Pipeline.infer, v2.error_response)
         wires = v1 | dict.fromkeys(v2.infer_paths(service.manifest), infer)
         self.scoring = {path: ScoringEndpoint(service, wire) for path, wire in wires.items()}
+        self.sessions = SessionEndpoints(service)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan
@@ -268,8 +253,10 @@ class FocusApp:
         start = time.perf_counter()
         scope.setdefault("state", {})["arrival"] = start
         path = scope["path"]
-        endpoint = self.scoring.get(path)
-        label = endpoint.wire.label if endpoint else path
+        endpoint: ScoringEndpoint | SessionEndpoints | None = self.scoring.get(path)
+        label = endpoint.wire.label if isinstance(endpoint, ScoringEndpoint) else path
+        if endpoint is None and (template := self.sessions.template(path)):
+            endpoint, label = self.sessions, template
         counted = endpoint is not None or path.startswith("/v1/")  # probes and scrapes are not load
         status, recorded = 500, False
 
@@ -311,12 +298,6 @@ class ScoringEndpoint:
         except problems.Problem as problem:
             response = self.wire.render(problem, scope["path"])
         await response(scope, receive, send)
-
-
-def problem_response(problem: problems.Problem, instance: str) -> Response:
-    return Response(
-        problem.body(instance), status_code=problem.status, media_type=problems.MEDIA_TYPE, headers=problem.headers
-    )
 
 
 def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp:

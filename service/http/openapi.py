@@ -19,7 +19,7 @@ from lensnet_client.layout import POSITION_LIMIT, Edit
 from ..core.allocator import REJECT_REASONS
 from ..core.codec import EMBEDDING_DTYPES, INDEX_DTYPES
 from ..core.problems import MEDIA_TYPE as PROBLEM
-from ..pipeline import FocusFields
+from ..pipeline import FocusFields, StepFields
 
 
 class ArrayObject(BaseModel):
@@ -44,6 +44,17 @@ class SnapshotArrays(BaseModel):
 
 class FocusRequest(SnapshotArrays, FocusFields):
     """A WC snapshot plus allocator options."""
+
+
+class DeltaArrays(BaseModel):
+    created: Embeddings | None = Field(None, description="[M, D] rows the applied edits create, in edit order")
+    append_embeddings: Embeddings | None = Field(None, description="[K, D] entries appended at the tail")
+    append_lod: Integers | None = Field(None, description="[K]")
+    append_positions: Integers | None = Field(None, description="[K], continuing the WC")
+
+
+class StepRequest(DeltaArrays, StepFields):
+    """A session step: the applied edits (with the rows they create), a head trim, appended entries."""
 
 
 class ScoreRequest(SnapshotArrays):
@@ -86,6 +97,22 @@ class FocusResponse(BaseModel):
     scores: list[float] | ArrayObject | None = Field(None, description="only with return_scores")
 
 
+class SessionResponse(FocusResponse):
+    session_id: str
+    version: int = Field(description="the session's version after this answer (send it with the next step)")
+
+
+class SessionInfo(BaseModel):
+    session_id: str
+    version: int
+    n: int
+    bytes: int
+    age_s: float
+    idle_s: float
+    options: dict[str, Any]
+    history_entries: int
+
+
 class Problem(BaseModel):
     type: str
     title: str
@@ -106,7 +133,7 @@ ERRORS = {
     408: "request body too slow (the connection is closed)", 413: "body or N too large",
     415: "unsupported Content-Type", 422: "invalid field: shape, dtype, layout, option, non-finite",
     429: "overloaded (Retry-After)", 500: "internal or model error", 503: "not ready or shutting down (Retry-After)",
-    504: "deadline exceeded",
+    504: "deadline exceeded", 404: "session not found: create it again", 409: "version conflict (current_version)",
 }  # fmt: skip
 
 
@@ -139,9 +166,16 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
     return resolve(schema)
 
 
-def _operation(name: str, summary: str, request: type[BaseModel], response: type[BaseModel]) -> dict[str, Any]:
+SESSION_ERRORS = (404, 409)
+
+
+def _operation(
+    name: str, summary: str, request: type[BaseModel], response: type[BaseModel], status: str = "200",
+    session: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     frame_body = {"schema": {"type": "string", "format": "binary"}, "example": "(see README: binary frame)"}
-    errors = problem_responses((400, 405, 406, 408, 413, 415, 422, 429, 500, 503, 504))
+    codes = (400, 405, 406, 408, 413, 415, 422, 429, 500, 503, 504) + (SESSION_ERRORS if session else ())
+    errors = problem_responses(codes)
     return {
         "summary": summary,
         "operationId": name,
@@ -150,16 +184,17 @@ def _operation(name: str, summary: str, request: type[BaseModel], response: type
             "content": {"application/json": {"schema": _ref(request)}, FRAME: frame_body},
         },
         "parameters": [
+            *([SESSION_ID] if session else []),
             {
                 "name": "X-Request-Timeout-Ms",
                 "in": "header",
                 "required": False,
                 "schema": {"type": "number", "exclusiveMinimum": 0},
                 "description": "deadline in ms from arrival (finite, > 0); a request that cannot make it gets 504",
-            }
+            },
         ],
         "responses": {
-            "200": {
+            status: {
                 "description": "OK (Server-Timing header: per-stage milliseconds)",
                 "content": {"application/json": {"schema": _ref(response)}, FRAME: frame_body},
             },
@@ -168,6 +203,7 @@ def _operation(name: str, summary: str, request: type[BaseModel], response: type
     }
 
 
+SESSION_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 OPERATIONS = {
     "/v1/focus": _operation(
         "focus", "Score a WC snapshot and return legal, budgeted edits", FocusRequest, FocusResponse
@@ -175,7 +211,28 @@ OPERATIONS = {
     "/v1/score": _operation(
         "score", "Score a WC snapshot (no allocation), for analysis and A/B checks", ScoreRequest, ScoreResponse
     ),
+    "/v1/sessions": _operation(
+        "open_session",
+        "Create a focus session from a full WC snapshot (answers like /v1/focus)",
+        FocusRequest,
+        SessionResponse,
+        status="201",
+    ),
+    "/v1/sessions/{id}/focus": _operation(
+        "step_session",
+        "Apply a delta to the session's WC and answer like /v1/focus for the result",
+        StepRequest,
+        SessionResponse,
+        session=True,
+    ),
 }
+MANAGEMENT = {
+    "get": {"summary": "What the session holds", "operationId": "session_info", "parameters": [SESSION_ID],
+            "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": _ref(SessionInfo)}}},
+                          "404": {"description": "session not found"}}},
+    "delete": {"summary": "Delete the session", "operationId": "delete_session", "parameters": [SESSION_ID],
+               "responses": {"204": {"description": "deleted"}, "404": {"description": "session not found"}}},
+}  # fmt: skip
 
 
 def _pin_to_model(schemas: dict[str, Any], embed_dim: int, max_lod: int) -> None:
@@ -195,9 +252,18 @@ def install(app: FastAPI, embed_dim: int, max_lod: int) -> None:
         if app.openapi_schema is None:
             document = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             scoring = {path: {"post": operation} for path, operation in OPERATIONS.items()}
-            document["paths"] = scoring | document["paths"]
+            document["paths"] = scoring | {"/v1/sessions/{id}": MANAGEMENT} | document["paths"]
             schemas = document.setdefault("components", {}).setdefault("schemas", {})
-            for model in (FocusRequest, ScoreRequest, FocusResponse, ScoreResponse, Problem):
+            models = (
+                FocusRequest,
+                ScoreRequest,
+                FocusResponse,
+                ScoreResponse,
+                StepRequest,
+                SessionResponse,
+                SessionInfo,
+            )
+            for model in (*models, Problem):
                 schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 schemas.update(schema.pop("$defs", {}))
                 schemas[model.__name__] = schema

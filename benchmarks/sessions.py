@@ -1,0 +1,235 @@
+"""Focus sessions: what a steady-state step costs next to a full snapshot, and a bounded soak.
+
+Steady state (per D): the real service (uvicorn on loopback) holds a session of N entries, driven
+by `FocusSession` with fp16 frames. Each step applies all of the previous answer's edits (at most
+8; low thresholds so that steps have edits) with the rows they create and appends 16 raw tokens.
+In the same run, right after each step, the same resulting WC goes whole to /v1/focus (and must
+get the same edits). Per path: request bytes, client-observed latency, the server's stages
+(Server-Timing) and `non_model` = the server's total minus its model stage, i.e. everything but
+`session.run` (admit, receive, queue, decode, apply, allocate, telemetry, encode). The model stage
+runs for real and is subtracted, not stubbed: on this 2-core CPU the current graph materialises
+N x N attention, so keep N <= 2,048 here and rerun with --n 8192 once the fused attention lands.
+
+Soak: --soak-sessions sessions x --soak-steps steps at a small N, --soak-active of them live at a
+time (conversations come and go), under --soak-memory-bytes: the service's RSS, the bytes-held
+gauge against the bound, evictions and resyncs.
+
+    python -m benchmarks.sessions [--n 2048] [--dims 256 1280] [--steps 100] [--no-soak] [--out r.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lensnet_client import FocusClient, FocusResult, FocusSession, History, edit_rows, synthetic_layout
+
+from .latency import free_port, model_dir, percentiles, server
+
+B = 32
+OPTIONS = {"max_edits": 8, "tau_expand": 0.05, "tau_collapse": 0.05}
+STAGES = ("admit", "receive", "queue", "decode", "apply", "model", "allocate", "telemetry", "encode", "total")
+TARGET_NON_MODEL_MS, TARGET_RATIO_D1280, TARGET_BYTES = 0.5, 0.1, 64 << 10
+
+
+def tail(session: FocusSession, k: int, d: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    end = int(session.positions[-1]) + B ** int(session.lod[-1])
+    return {
+        "append_embeddings": rng.standard_normal((k, d)).astype(np.float16),
+        "append_lod": np.zeros(k, np.int64),
+        "append_positions": np.arange(end, end + k, dtype=np.int64),
+    }
+
+
+def non_model(result: FocusResult) -> float:
+    return result.server_timing["total"] - result.server_timing["model"]
+
+
+def stages_without_model(result: FocusResult) -> float:
+    """The named stages but the model: what the service does itself, without the hand-offs
+    between the event loop and the inference thread that `non_model` also holds."""
+    return sum(ms for stage, ms in result.server_timing.items() if stage not in ("model", "total"))
+
+
+def summary(results: list[FocusResult], sizes: list[int], client_ms: list[float]) -> dict[str, Any]:
+    stages = {s: percentiles([r.server_timing.get(s, 0.0) for r in results]) for s in STAGES}
+    return {
+        "request_bytes": percentiles(sizes),
+        "non_model_ms": percentiles([non_model(r) for r in results]),
+        "stages_without_model_ms": percentiles([stages_without_model(r) for r in results]),
+        "client_ms": percentiles(client_ms),
+        "stages_ms": {s: v for s, v in stages.items() if v.get("max")},
+    }
+
+
+def steady(url: str, n: int, d: int, steps: int, warmup: int, append: int, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    lod, positions = synthetic_layout(n, B, 2, rng)
+    wc = rng.standard_normal((n, d)).astype(np.float16)
+    sizes: list[int] = []
+    hook = {"request": [lambda request: sizes.append(int(request.headers.get("content-length", 0)))]}
+    runs: dict[str, dict[str, list[Any]]] = {p: {"results": [], "bytes": [], "client": []} for p in ("step", "full")}
+    created_rows, edits_applied, same = [], [], 0
+    with FocusClient(url, timeout=300) as client:
+        client.http.event_hooks = hook
+        session = FocusSession(client, w_max=n, **OPTIONS)
+        history = History()
+        result = session.open(wc, lod, positions)
+        for i in range(warmup + steps):
+            created = rng.standard_normal((sum(e.added for e in result.edits), d)).astype(np.float16)
+            delta = tail(session, append, d, rng)
+            wc = np.concatenate([edit_rows(wc, result.edits, created), delta["append_embeddings"]])
+            history.record(result.edits)
+            applied = len(result.edits)
+            for path in ("step", "full"):
+                sizes.clear()
+                began = time.perf_counter()
+                if path == "step":
+                    answer = session.step(created=created, **delta)
+                else:
+                    answer = client.focus(wc, session.lod, session.positions, w_max=n, history=history, **OPTIONS)
+                elapsed = (time.perf_counter() - began) * 1e3
+                if i >= warmup:
+                    runs[path]["results"].append(answer)
+                    runs[path]["bytes"].append(sizes[-1])
+                    runs[path]["client"].append(elapsed)
+                if path == "step":
+                    step_answer = answer
+            same += step_answer.edits == answer.edits
+            if i >= warmup:
+                created_rows.append(created.shape[0])
+                edits_applied.append(applied)
+            result = step_answer
+        resyncs = session.resyncs
+        session.close()
+    report = {p: summary(r["results"], r["bytes"], r["client"]) for p, r in runs.items()}
+    step_p50, full_p50 = report["step"]["non_model_ms"]["p50"], report["full"]["non_model_ms"]["p50"]
+    step_bytes, full_bytes = report["step"]["request_bytes"]["p50"], report["full"]["request_bytes"]["p50"]
+    without_created = step_bytes - float(np.median(created_rows)) * d * 2
+    return {
+        "n": n, "d": d, "steps": steps, "append": append, "resyncs": resyncs,
+        "edits_applied_mean": round(float(np.mean(edits_applied)), 2),
+        "created_rows_mean": round(float(np.mean(created_rows)), 2),
+        "answers_equal_to_full": f"{same}/{warmup + steps}",
+        "step": report["step"], "full": report["full"],
+        "non_model_ratio_p50": round(step_p50 / full_p50, 4),
+        "stages_without_model_ratio_p50": round(
+            report["step"]["stages_without_model_ms"]["p50"] / report["full"]["stages_without_model_ms"]["p50"], 4
+        ),
+        "request_bytes_ratio_p50": round(step_bytes / full_bytes, 4),
+        "step_bytes_without_created_p50": round(without_created),
+        "targets": {
+            "step_bytes_without_created_le_64KiB": without_created <= TARGET_BYTES,
+            "step_non_model_p50_le_0.5ms": step_p50 <= TARGET_NON_MODEL_MS,
+            "non_model_ratio_le_0.1": step_p50 / full_p50 <= TARGET_RATIO_D1280,
+        },
+    }  # fmt: skip
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def gauge(client: FocusClient, name: str) -> float:
+    for line in client.http.get("/metrics").text.splitlines():
+        if line.startswith(name):
+            return float(line.rpartition(" ")[2])
+    raise RuntimeError(f"{name} not exposed")
+
+
+def soak(url: str, pid: int, sessions: int, steps: int, active: int, n: int, d: int, limit: int) -> dict[str, Any]:
+    """`sessions` sessions, `active` at a time, each stepped `steps` times round-robin (16 appended
+    tokens + the previous edits per step); the service's RSS and bytes held after every round."""
+    rng = np.random.default_rng(7)
+    rss, held, resyncs = [rss_bytes(pid)], [], 0
+    started = time.perf_counter()
+    with FocusClient(url, timeout=60) as client:
+        for first in range(0, sessions, active):
+            wave = []
+            for _ in range(min(active, sessions - first)):
+                lod, positions = synthetic_layout(n, B, 2, rng)
+                state = {"wc": rng.standard_normal((n, d)).astype(np.float16)}
+                session = FocusSession(client, w_max=n, snapshot=lambda state=state: state["wc"], **OPTIONS)
+                wave.append((session, state, [session.open(state["wc"], lod, positions)]))
+            for _ in range(steps):
+                for session, state, last in wave:
+                    created = rng.standard_normal((sum(e.added for e in last[0].edits), d)).astype(np.float16)
+                    delta = tail(session, 16, d, rng)
+                    state["wc"] = np.concatenate(
+                        [edit_rows(state["wc"], last[0].edits, created), delta["append_embeddings"]]
+                    )
+                    last[0] = session.step(created=created, **delta)
+                rss.append(rss_bytes(pid))
+                held.append(gauge(client, "lensnet_session_bytes"))
+            resyncs += sum(session.resyncs for session, _, _ in wave)
+        evictions = {
+            reason: gauge(client, f'lensnet_session_evictions_total{{reason="{reason}"}}')
+            for reason in ("count", "memory", "ttl")
+        }
+        active_end = gauge(client, "lensnet_sessions_active")
+    return {
+        "sessions": sessions, "steps_per_session": steps, "active_at_a_time": active, "n": n, "d": d,
+        "session_memory_bytes": limit, "seconds": round(time.perf_counter() - started, 1),
+        "rss_bytes": {"start": rss[0], "max": max(rss), "end": rss[-1]},
+        "bytes_held": {"max": max(held), "end": held[-1]}, "within_bound": max(held) <= limit,
+        "sessions_held_end": active_end, "evictions": evictions, "client_resyncs": resyncs,
+    }  # fmt: skip
+
+
+def serve_args(port: int, model: Path, extra: list[str]) -> list[str]:
+    return ["-m", "service", "--port", str(port), "--model-dir", str(model), "--max-entries", "16384",
+            "--warmup-sizes", "[64]", "--log-level", "warning", *extra]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=2048, help="WC entries (keep <= 2048 on a 2-core CPU for now)")
+    parser.add_argument("--dims", type=int, nargs="+", default=[256, 1280])
+    parser.add_argument("--steps", type=int, default=60, help="measured steps per D (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--append", type=int, default=16)
+    parser.add_argument("--no-soak", action="store_true")
+    parser.add_argument("--soak-sessions", type=int, default=1000)
+    parser.add_argument("--soak-steps", type=int, default=20)
+    parser.add_argument("--soak-active", type=int, default=100)
+    parser.add_argument("--soak-n", type=int, default=64)
+    parser.add_argument("--soak-memory-bytes", type=int, default=32 << 20)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    report: dict[str, Any] = {
+        "benchmark": "sessions", "machine": {"cpus": len(os.sched_getaffinity(0)),
+                                             "platform": platform.platform()},
+        "note": "model stage measured and subtracted (non_model = server total - model); N <= 2048 on this CPU",
+        "steady": [],
+    }  # fmt: skip
+    for d in args.dims:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with server(serve_args(port, model_dir(d), []), url, "/readyz"):
+            report["steady"].append(steady(url, args.n, d, args.steps, args.warmup, args.append, seed=d))
+        print(json.dumps(report["steady"][-1]), flush=True)
+    if not args.no_soak:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        extra = ["--session-memory-bytes", str(args.soak_memory_bytes), "--max-sessions", "100000"]
+        with server(serve_args(port, model_dir(256), extra), url, "/readyz") as process:
+            report["soak"] = soak(url, process.pid, args.soak_sessions, args.soak_steps, args.soak_active,
+                                  args.soak_n, 256, args.soak_memory_bytes)  # fmt: skip
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

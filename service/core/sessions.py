@@ -1,0 +1,379 @@
+"""Incremental focus sessions, the pure part: a session's working context held server-side, one
+step's delta applied to it all-or-nothing, and the bounded store the sessions live in.
+
+A step applies (in this order) the edits of the previous answer that the stack applied, with the
+rows they create; a head trim; the entries appended at the tail (`lensnet_client.layout.apply_step`
+states the metadata rule, shared with the client). The embeddings live in `Rows`: a buffer with
+spare capacity at the tail, changed in place (appends cost O(K·D); an edit moves only the rows
+after it, one `memmove` per kept segment) with an undo record, so a step that fails after its
+rows were staged (a model error, a missed deadline) leaves the session exactly as it was.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+from lensnet_client.layout import Edit, Layout, apply_step
+
+from .allocator import MAX_COOLDOWN_STEPS, HistoryItem, check_layout
+
+MAX_HISTORY = 1024  # entries kept for cooldown, newest first (as the client's History)
+EvictionReason = Literal["count", "memory", "ttl"]
+
+
+class Rows:
+    """[N, D] rows, contiguous, at `buffer[start : start + length]`; capacity grows by half when a
+    step does not fit (amortised O(D) per appended row) and shrinks once it is 4x too large."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.buffer = np.require(rows, requirements=["C", "W"])  # adopted, not copied, when it can be
+        self.start, self.length = 0, rows.shape[0]
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.buffer[self.start : self.start + self.length]
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
+
+    def growth(self, length: int) -> int:
+        """Extra bytes a step producing `length` rows (before its trim) needs beyond what is held."""
+        if self.start + length <= self.buffer.shape[0]:
+            return 0
+        return _capacity(length) * self.buffer[0].nbytes - self.nbytes
+
+    def stage(self, splices: Sequence[tuple[int, int, np.ndarray]], trim: int, append: np.ndarray) -> Undo:
+        """Replace `removed` rows at `index` by `rows` for each (index, removed, rows) (ascending,
+        disjoint), then drop `trim` rows from the head and append `append`. Returns the undo."""
+        undo = Undo(self, self.buffer, self.start, self.length)
+        pieces: list[tuple[int, int, np.ndarray | None]] = []  # (old start, old end) or inserted rows
+        cursor = 0
+        for index, removed, rows in splices:
+            pieces.append((cursor, index, None))
+            pieces.append((0, 0, rows))
+            cursor = index + removed
+        pieces.append((cursor, self.length, None))
+        pieces.append((0, 0, append))
+        total = sum(end - begin if rows is None else rows.shape[0] for begin, end, rows in pieces)
+        if self.start + total <= self.buffer.shape[0]:
+            self._in_place(pieces, splices, undo)
+            self.start += trim
+        else:
+            self._reallocate(pieces, trim, total - trim)
+        self.length = total - trim
+        return undo
+
+    def _in_place(
+        self, pieces: list[tuple[int, int, np.ndarray | None]], splices: Sequence[tuple[int, int, np.ndarray]],
+        undo: Undo,
+    ) -> None:  # fmt: skip
+        """Kept segments move by memmove (left-movers left to right, then right-movers right to
+        left: no move overwrites a segment not yet moved); the removed rows are saved for the undo."""
+        base = self.start
+        for index, removed, _ in splices:
+            undo.saved.append((base + index, self.buffer[base + index : base + index + removed].copy()))
+        moves, inserts, at = [], [], 0
+        for begin, end, rows in pieces:
+            if rows is not None:
+                inserts.append((base + at, rows))
+                at += rows.shape[0]
+                continue
+            if begin != at and end > begin:
+                moves.append((base + at, base + begin, end - begin))
+            at += end - begin
+        left = [move for move in moves if move[0] < move[1]]
+        right = [move for move in reversed(moves) if move[0] > move[1]]
+        for dst, src, count in left + right:
+            self._move(dst, src, count)
+            undo.moves.append((dst, src, count))
+        for dst, rows in inserts:
+            self.buffer[dst : dst + rows.shape[0]] = rows
+
+    def _reallocate(self, pieces: list[tuple[int, int, np.ndarray | None]], skip: int, length: int) -> None:
+        """Gather the pieces (the first `skip` rows left out) into a new buffer with room to grow."""
+        buffer = np.empty((_capacity(length), *self.buffer.shape[1:]), dtype=self.buffer.dtype)
+        at = -skip
+        for begin, end, rows in pieces:
+            source = self.array[begin:end] if rows is None else rows
+            lo = max(0, -at)
+            if lo < source.shape[0]:
+                buffer[at + lo : at + source.shape[0]] = source[lo:]
+            at += source.shape[0]
+        self.buffer, self.start = buffer, 0
+
+    def _move(self, dst: int, src: int, count: int) -> None:
+        row = self.buffer[0].nbytes
+        address = self.buffer.ctypes.data
+        ctypes.memmove(address + dst * row, address + src * row, count * row)
+
+    def shrink(self) -> None:
+        """Give memory back once the buffer holds 4x more rows than used (after many trims)."""
+        if self.buffer.shape[0] > 4 * _capacity(self.length):
+            self.buffer, self.start = self.array.copy(), 0
+
+
+def _capacity(length: int) -> int:
+    return length + length // 2 + 64
+
+
+@dataclass(slots=True)
+class Undo:
+    """What `Rows.stage` changed, to put back: the buffer (replaced when it grew), the moves
+    made, the rows they overwrote."""
+
+    rows: Rows
+    buffer: np.ndarray
+    start: int
+    length: int
+    moves: list[tuple[int, int, int]] = field(default_factory=list)  # (dst, src, count), in order
+    saved: list[tuple[int, np.ndarray]] = field(default_factory=list)
+
+    def apply(self) -> None:
+        rows = self.rows
+        if rows.buffer is self.buffer:
+            for dst, src, count in reversed(self.moves):
+                rows._move(src, dst, count)
+            for at, saved in self.saved:
+                rows.buffer[at : at + saved.shape[0]] = saved
+        rows.buffer, rows.start, rows.length = self.buffer, self.start, self.length
+
+
+class DeltaError(ValueError):
+    """A step's delta does not fit the session: `field`, what was `expected`, what was `got`."""
+
+    def __init__(self, field: str, expected: str, got: str, index: int | None = None) -> None:
+        super().__init__(f"{field}: expected {expected}, got {got}")
+        self.field, self.expected, self.got, self.index = field, expected, got, index
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """One step's change to a session's WC (arrays already in the graph's dtype / integers)."""
+
+    applied: Sequence[int] | None  # indices into the previous answer's edits; None = all
+    created: np.ndarray  # [M, D]: the rows the applied edits create, in edit order
+    trim_head: int
+    append_embeddings: np.ndarray  # [K, D]
+    append_lod: np.ndarray  # [K]
+    append_positions: np.ndarray  # [K]
+
+
+@dataclass(eq=False)
+class Session:
+    """A WC held for a caller: rows and metadata, the allocator defaults, the cooldown history,
+    the last answer's edits (what the next step's `applied` indexes), and its version."""
+
+    id: str
+    rows: Rows
+    layout: Layout
+    options: dict[str, object]
+    history: tuple[Stamped, ...]
+    edits: tuple[Edit, ...] = ()
+    version: int = 1
+    created_at: float = field(default_factory=time.monotonic)
+    used_at: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + self.layout.lod.nbytes + self.layout.positions.nbytes
+
+
+@dataclass(slots=True)
+class Step:
+    """A staged step: the resulting WC is in place (`embeddings`, `layout`), the session's
+    version and history are not yet changed; `commit` or `rollback` ends it."""
+
+    session: Session
+    layout: Layout
+    history: tuple[Stamped, ...]
+    undo: Undo
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        return self.session.rows.array
+
+    def commit(self, edits: tuple[Edit, ...]) -> None:
+        s = self.session
+        s.layout, s.history, s.edits, s.version = self.layout, self.history, edits, s.version + 1
+        s.rows.shrink()
+
+    def rollback(self) -> None:
+        self.undo.apply()
+
+
+class Plan(NamedTuple):
+    """A checked delta: the resulting WC's metadata, the row splices and the edits applied."""
+
+    layout: Layout
+    splices: list[tuple[int, int, np.ndarray]]  # (index, removed, created rows), ascending
+    applied: list[Edit]
+    history: tuple[Stamped, ...]  # after this step (what its cooldown sees)
+    length: int  # rows before the head trim
+
+
+def plan(session: Session, delta: Delta, embed_dim: int) -> Plan:
+    """Check a delta against the session without changing it: `SnapshotError` names the rule and
+    the index in the resulting WC (the same rules as a full snapshot), `DeltaError` rows that do not fit."""
+    old, edits = session.layout, session.edits
+    lod, positions = apply_step(
+        old.lod, old.positions, edits, delta.applied, delta.trim_head, delta.append_lod, delta.append_positions,
+        old.block_size,
+    )  # fmt: skip
+    applied = [edits[i] for i in sorted(range(len(edits)) if delta.applied is None else set(delta.applied))]
+    need = sum(edit.added for edit in applied)
+    if delta.created.shape != (need, embed_dim):
+        expected = f"[{need}, {embed_dim}] (the rows the {len(applied)} applied edits create)"
+        raise DeltaError("created.shape", expected, str(list(delta.created.shape)))
+    for name, rows in (("created", delta.created), ("append_embeddings", delta.append_embeddings)):
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():
+            row = int(np.argmin(finite))
+            raise DeltaError(f"{name}[{row}]", "finite values", "NaN or inf", row)
+    layout = check_layout(lod, positions, old.block_size, old.max_lod)
+    splices, at = [], 0
+    for edit in applied:
+        splices.append((edit.index, edit.removed, delta.created[at : at + edit.added]))
+        at += edit.added
+    history = record(session.history, applied, session.version + 1)
+    return Plan(layout, splices, applied, history, lod.size + delta.trim_head)
+
+
+def stage(session: Session, delta: Delta, planned: Plan) -> Step:
+    """Apply a planned delta to the session's rows (undoable); `commit` or `rollback` ends it."""
+    undo = session.rows.stage(planned.splices, delta.trim_head, delta.append_embeddings)
+    return Step(session, planned.layout, planned.history, undo)
+
+
+class Stamped(NamedTuple):
+    """A history entry: the node an applied edit touched, and the session version of the step that applied it."""
+
+    action: str
+    lod: int
+    position: int
+    version: int
+
+
+def stamped(history: Sequence[HistoryItem]) -> tuple[Stamped, ...]:
+    """A creation's history (ages as of version 1), newest first."""
+    ordered = sorted(history, key=lambda item: item.age)[:MAX_HISTORY]
+    return tuple(Stamped(item.action, item.lod, item.position, 2 - item.age) for item in ordered)
+
+
+def record(history: tuple[Stamped, ...], applied: Sequence[Edit], version: int) -> tuple[Stamped, ...]:
+    """The history after the step that produced `version` applied `applied` (as the client's
+    `History.record`: newest first, at most MAX_HISTORY, nothing older than the cooldown horizon).
+    Entries keep their stamp, so a step costs O(edits), not O(history)."""
+    fresh = tuple(Stamped(edit.action, edit.node_lod, edit.position, version) for edit in applied)
+    kept = history[: MAX_HISTORY - len(fresh)]
+    cut = len(kept)
+    while cut and version - kept[cut - 1].version + 1 > MAX_COOLDOWN_STEPS:
+        cut -= 1
+    return fresh + kept[:cut]
+
+
+def ages(history: tuple[Stamped, ...], version: int, window: int) -> list[HistoryItem]:
+    """The entries at most `window` steps old at the step producing `version`, as the allocator's history."""
+    recent = []
+    for entry in history:
+        age = version - entry.version + 1
+        if age > window:
+            break
+        recent.append(HistoryItem(entry.action, entry.lod, entry.position, age))  # type: ignore[arg-type]
+    return recent
+
+
+class SessionStore:
+    """The sessions of one process, least recently used first. Bounds: `max_sessions`,
+    `memory_bytes` (rows + metadata held), `ttl_s` idle; beyond one, the least recently used go
+    (`on_evict(reason)` is told). Thread-safe."""
+
+    def __init__(
+        self, max_sessions: int, memory_bytes: int, ttl_s: float,
+        on_evict: Callable[[EvictionReason], None] = lambda reason: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        self.max_sessions, self.memory_bytes, self.ttl_s = max_sessions, memory_bytes, ttl_s
+        self.on_evict, self.clock = on_evict, clock
+        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.held: dict[str, int] = {}  # bytes accounted per session
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def get(self, session_id: str) -> Session | None:
+        """The live session (now the most recently used), or None: unknown, deleted or evicted."""
+        with self.lock:
+            self._expire()
+            session = self.sessions.get(session_id)
+            if session is not None:
+                session.used_at = self.clock()
+                self.sessions.move_to_end(session_id)
+            return session
+
+    def fits(self, session: Session | None, extra: int) -> bool:
+        """Whether `extra` more bytes for `session` (None: a new one) fit the memory bound, evicting
+        other sessions (least recently used first) to make room; False if they never could."""
+        with self.lock:
+            own = self.held.get(session.id, 0) if session else 0
+            if own + extra > self.memory_bytes:
+                return False
+            self._evict_to(self.memory_bytes - extra, keep=session.id if session else None)
+            return True
+
+    def add(self, session: Session) -> None:
+        with self.lock:
+            session.used_at = self.clock()
+            self.sessions[session.id] = session
+            self._account(session)
+            self._evict_to(self.memory_bytes, keep=session.id)
+            while len(self.sessions) > self.max_sessions:
+                self._drop(next(iter(self.sessions)), "count")
+
+    def update(self, session: Session) -> None:
+        """A committed step changed the session's size."""
+        with self.lock:
+            if session.id in self.sessions:
+                self._account(session)
+                self._evict_to(self.memory_bytes, keep=session.id)
+
+    def remove(self, session_id: str) -> bool:
+        with self.lock:
+            self._expire()
+            if session_id not in self.sessions:
+                return False
+            self._drop(session_id, None)
+            return True
+
+    def _account(self, session: Session) -> None:
+        self.bytes += session.nbytes - self.held.get(session.id, 0)
+        self.held[session.id] = session.nbytes
+
+    def _expire(self) -> None:
+        horizon = self.clock() - self.ttl_s
+        while self.sessions and next(iter(self.sessions.values())).used_at < horizon:
+            self._drop(next(iter(self.sessions)), "ttl")
+
+    def _evict_to(self, limit: int, keep: str | None) -> None:
+        self._expire()
+        for session_id in [s for s in self.sessions if s != keep]:
+            if self.bytes <= limit:
+                return
+            self._drop(session_id, "memory")
+
+    def _drop(self, session_id: str, reason: EvictionReason | None) -> None:
+        del self.sessions[session_id]
+        self.bytes -= self.held.pop(session_id)
+        if reason:
+            self.on_evict(reason)

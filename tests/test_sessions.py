@@ -1,0 +1,296 @@
+"""Focus sessions over real HTTP: errors and all-or-nothing steps, bounds and their metrics, the
+client's recovery (sync and async), and several workers on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from lensnet_client import (
+    AsyncFocusClient,
+    AsyncFocusSession,
+    FocusClient,
+    FocusError,
+    FocusSession,
+    History,
+    edit_rows,
+    frame,
+)
+
+from .live import LiveService, snapshot
+
+FRAME = frame.MEDIA_TYPE
+D, B = 256, 32
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveService]:
+    service = LiveService("--max-entries", "2048", "--max-body-bytes", str(2 << 20)).wait_ready()
+    yield service
+    assert service.stop() == 0
+
+
+def tail_append(lod: np.ndarray, positions: np.ndarray, k: int, seed: int = 0) -> dict[str, Any]:
+    """k raw tokens continuing the WC (the kwargs of `FocusSession.step`)."""
+    end = int(positions[-1]) + B ** int(lod[-1])
+    rows = np.random.default_rng(seed).standard_normal((k, D)).astype(np.float16)
+    return {"append_embeddings": rows, "append_lod": np.zeros(k, np.int64),
+            "append_positions": np.arange(end, end + k, dtype=np.int64)}  # fmt: skip
+
+
+def created_for(result: Any, seed: int = 0) -> np.ndarray:
+    rows = sum(edit.added for edit in result.edits)
+    return np.random.default_rng(seed).standard_normal((rows, D)).astype(np.float16)
+
+
+def post_step(live: LiveService, session_id: str, fields: dict[str, Any], arrays: dict[str, Any]) -> httpx.Response:
+    return live.http.post(f"/v1/sessions/{session_id}/focus", content=frame.pack(fields, arrays),
+                          headers={"content-type": FRAME})  # fmt: skip
+
+
+def test_create_answers_201_with_location_and_the_focus_answer(live: LiveService) -> None:
+    embeddings, lod, positions = snapshot(200, seed=3)
+    body = frame.pack({"options": {"w_max": 180}}, {"embeddings": embeddings, "lod": lod, "positions": positions})
+    created = live.http.post("/v1/sessions", content=body, headers={"content-type": FRAME})
+    stateless = live.http.post("/v1/focus", content=body, headers={"content-type": FRAME})
+    assert created.status_code == 201
+    document, _ = frame.unpack(created.content)
+    assert created.headers["location"] == f"/v1/sessions/{document['session_id']}" and document["version"] == 1
+    expected, _ = frame.unpack(stateless.content)
+    assert document["edits"] == expected["edits"] and document["counters"] == expected["counters"]
+    info = live.http.get(created.headers["location"]).json()
+    assert (info["n"], info["version"], info["options"]) == (200, 1, {"w_max": 180})
+    assert info["bytes"] >= 200 * D * 4  # held in the graph's dtype (fp32 on the CPU)
+    assert live.http.delete(created.headers["location"]).status_code == 204
+    missing = live.http.get(created.headers["location"])
+    assert missing.status_code == 404 and missing.json()["type"] == "urn:lensnet:problem:session-not-found"
+
+
+def test_openapi_documents_the_session_endpoints(live: LiveService) -> None:
+    document = live.http.get("/openapi.json").json()
+    assert {"/v1/sessions", "/v1/sessions/{id}/focus", "/v1/sessions/{id}"} <= set(document["paths"])
+    assert "201" in document["paths"]["/v1/sessions"]["post"]["responses"]
+    assert {"404", "409"} <= set(document["paths"]["/v1/sessions/{id}/focus"]["post"]["responses"])
+    assert {"delete", "get"} <= set(document["paths"]["/v1/sessions/{id}"])
+    assert {"StepRequest", "SessionResponse", "SessionInfo"} <= set(document["components"]["schemas"])
+
+
+def test_failed_steps_leave_the_session_exactly_as_it_was(live: LiveService) -> None:
+    embeddings, lod, positions = snapshot(300, seed=4)
+    with FocusClient(live.url) as client, FocusSession(client, w_max=290) as session:
+        first = session.open(embeddings, lod, positions)
+        assert first.edits  # over budget: the next step has edits to apply
+        sid = session.state.session_id
+        assert sid is not None
+        before = live.http.get(f"/v1/sessions/{sid}").json()
+        append = tail_append(session.lod, session.positions, 4)
+        broken = dict(append, append_positions=append["append_positions"] + 1)  # a gap after the tail
+        bad_rows = dict(append, append_embeddings=np.full((4, D), np.nan, np.float16))
+        cases = [
+            ({"version": 1}, {"created": np.zeros((1, D), np.float16)}, 422, "created.shape"),
+            ({"version": 1, "applied": []}, broken, 422, f"positions[{first.length_before}]"),
+            ({"version": 1, "applied": []}, bad_rows, 422, "append_embeddings[0]"),
+            ({"version": 1, "applied": [99]}, {}, 422, "applied[0]"),
+            ({"version": 1, "applied": [], "trim_head": 300}, {}, 422, "lod"),  # nothing left
+            ({"version": 1, "applied": [], "bogus": 1}, {}, 422, "bogus"),
+            ({"version": 1, "applied": [], "options": {"max_edits": 0}}, {}, 422, "options.max_edits"),
+            ({"version": 2, "applied": []}, {}, 409, "version"),
+        ]
+        for fields, arrays, status, where in cases:
+            response = post_step(live, sid, fields, arrays)
+            assert response.status_code == status, (fields, response.text)
+            problem = response.json()
+            assert problem["field"].startswith(where), problem
+            if status == 409:
+                assert problem["current_version"] == 1
+            if fields.get("applied") == [] and where.startswith("positions["):
+                assert problem["rule"] == "contiguity" and problem["index"] == first.length_before
+        assert live.http.get(f"/v1/sessions/{sid}").json() | {"idle_s": 0, "age_s": 0} == before | {
+            "idle_s": 0, "age_s": 0,
+        }  # fmt: skip
+        # The session still answers its next step exactly like /v1/focus on the caller's copy.
+        result = session.step(created=created_for(first), **append, return_scores=True)
+        assert result.version == 2 and session.resyncs == 0
+
+
+def test_a_step_past_its_deadline_is_undone(live: LiveService) -> None:
+    """504 after the model ran: the delta was applied and is rolled back; the same step then succeeds."""
+    embeddings, lod, positions = snapshot(1500, seed=5)
+    with FocusClient(live.url, timeout=60) as client, FocusSession(client, w_max=1500) as session:
+        session.open(embeddings, lod, positions)
+        sid = session.state.session_id
+        model_ms = client.focus(embeddings, lod, positions, w_max=1500).server_timing["model"]
+        append = tail_append(session.lod, session.positions, 16)
+        late = 0
+        for _ in range(5):
+            try:
+                session.step(applied=[], **append, deadline_ms=model_ms / 3)
+            except FocusError as error:
+                assert error.status == 504
+                late += error.problem["detail"] == "the model finished after the deadline"
+            info = live.http.get(f"/v1/sessions/{sid}").json()
+            assert (info["version"], info["n"]) == (1, 1500)
+        assert late >= 1  # at least one step got as far as the model before its deadline passed
+        assert session.step(applied=[], **append).version == 2
+
+
+def test_session_calls_use_the_same_limits_and_json(live: LiveService) -> None:
+    too_big = live.http.post("/v1/sessions", content=b"x" * ((2 << 20) + 1), headers={"content-type": FRAME})
+    assert too_big.status_code == 413
+    assert live.http.get("/v1/sessions").status_code == 405
+    assert (
+        live.http.post("/v1/sessions/nope/focus", content=b"{}", headers={"content-type": "text/plain"}).status_code
+        == 415
+    )
+    embeddings, lod, positions = snapshot(64, seed=6)
+    body = {"embeddings": embeddings.astype(np.float32).tolist(), "lod": lod.tolist(), "positions": positions.tolist(),
+            "options": {"w_max": 64}}  # fmt: skip
+    created = live.http.post("/v1/sessions", json=body)
+    assert created.status_code == 201 and created.headers["content-type"] == "application/json"
+    sid = created.json()["session_id"]
+    end = int(positions[-1]) + B ** int(lod[-1])
+    step = {"version": 1, "applied": [], "created": [], "append_embeddings": [[0.5] * D] * 2, "append_lod": [0, 0],
+            "append_positions": [end, end + 1], "return_scores": True}  # fmt: skip
+    answer = live.http.post(f"/v1/sessions/{sid}/focus", json=step)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["version"] == 2 and len(answer.json()["scores"]) == 66
+
+
+def test_client_recovers_from_404_and_409_with_a_full_upload(live: LiveService) -> None:
+    embeddings, lod, positions = snapshot(256, seed=7)
+    wc = {"embeddings": embeddings}
+    history = History()
+    before = live.metrics()
+    with FocusClient(live.url) as client, FocusSession(client, w_max=250, snapshot=lambda: wc["embeddings"]) as s:
+        result = s.open(embeddings, lod, positions)
+        for conflict in ("delete", "version"):
+            sid = s.state.session_id
+            if conflict == "delete":
+                live.http.delete(f"/v1/sessions/{sid}")
+            else:  # someone else stepped the session: the client's version is stale
+                assert post_step(live, sid, {"version": s.state.version, "applied": []}, {}).status_code == 200
+            created = created_for(result)
+            append = tail_append(s.lod, s.positions, 8)
+            applied = list(result.edits)
+            # the caller applies the step to its own copy first (what `snapshot` returns)
+            wc["embeddings"] = np.concatenate(
+                [edit_rows(wc["embeddings"], applied, created), append["append_embeddings"]]
+            )
+            history.record(applied)
+            new = s.step(created=created, **append, return_scores=True)
+            stateless = client.focus(wc["embeddings"], s.lod, s.positions, w_max=250, history=history,
+                                     return_scores=True)  # fmt: skip
+            assert new.edits == stateless.edits and np.array_equal(new.scores, stateless.scores)
+            assert new.version == 1 and new.session_id != sid  # a fresh session
+            result = new
+        assert s.resyncs == 2
+    after = live.metrics()
+    for reason in ("not_found", "version"):
+        key = f'lensnet_session_resyncs_total{{reason="{reason}"}}'
+        assert after[key] - before.get(key, 0) == 1
+
+
+def test_client_without_a_snapshot_surfaces_the_404(live: LiveService) -> None:
+    embeddings, lod, positions = snapshot(64, seed=8)
+    with FocusClient(live.url) as client, FocusSession(client, w_max=64) as session:
+        session.open(embeddings, lod, positions)
+        live.http.delete(f"/v1/sessions/{session.state.session_id}")
+        with pytest.raises(FocusError) as error:
+            session.step(applied=[])
+        assert error.value.status == 404 and session.state.version == 1
+
+
+def test_async_session_steps_and_recovers(live: LiveService) -> None:
+    embeddings, lod, positions = snapshot(128, seed=9)
+
+    async def run() -> tuple[int, int]:
+        async with AsyncFocusClient(live.url) as client, AsyncFocusSession(client, w_max=120) as session:
+            result = await session.open(embeddings, lod, positions)
+            result = await session.step(created=created_for(result), applied=None)
+            return result.version or 0, session.resyncs
+
+    assert asyncio.run(run()) == (2, 0)
+
+
+def test_steps_and_sessions_are_counted(live: LiveService) -> None:
+    before = live.metrics()
+    embeddings, lod, positions = snapshot(100, seed=10)
+    with FocusClient(live.url) as client, FocusSession(client, w_max=100) as session:
+        result = session.open(embeddings, lod, positions)
+        for _ in range(3):
+            result = session.step(created=created_for(result), applied=None)
+        sid = session.state.session_id
+        held = live.http.get(f"/v1/sessions/{sid}").json()["bytes"]
+        during = live.metrics()
+    after = live.metrics()
+    assert during["lensnet_sessions_created_total"] - before.get("lensnet_sessions_created_total", 0) == 1
+    assert during["lensnet_session_steps_total"] - before.get("lensnet_session_steps_total", 0) == 3
+    assert during["lensnet_sessions_active"] - after["lensnet_sessions_active"] == 1  # closed: deleted
+    assert during["lensnet_session_bytes"] - after["lensnet_session_bytes"] == held
+    key = 'lensnet_request_duration_seconds_count{endpoint="/v1/sessions/{id}/focus",status="200"}'
+    assert during[key] - before.get(key, 0) == 3
+
+
+def test_bounds_evict_least_recently_used_and_refuse_what_never_fits() -> None:
+    service = LiveService("--max-sessions", "3", "--session-memory-bytes", str(1 << 20), "--session-ttl-s", "2")
+    service.wait_ready()
+    try:
+        with FocusClient(service.url) as client:
+            small = [FocusSession(client, w_max=64) for _ in range(4)]
+            for i, session in enumerate(small):
+                session.open(*snapshot(64, seed=i))
+            samples = service.metrics()
+            assert samples['lensnet_session_evictions_total{reason="count"}'] == 1
+            assert samples["lensnet_sessions_active"] == 3
+            assert service.http.get(f"/v1/sessions/{small[0].state.session_id}").status_code == 404
+            big = FocusSession(client, w_max=1000)
+            big.open(*snapshot(1000, seed=9))  # ~1 MB: every other session goes to make room
+            samples = service.metrics()
+            assert samples['lensnet_session_evictions_total{reason="memory"}'] == 3
+            assert samples["lensnet_sessions_active"] == 1 and samples["lensnet_session_bytes"] <= 1 << 20
+            with pytest.raises(FocusError) as error:
+                FocusSession(client, w_max=1100).open(*snapshot(1100, seed=9))
+            assert error.value.status == 413 and error.value.field == "session"
+            time.sleep(2.2)
+            assert service.http.get(f"/v1/sessions/{big.state.session_id}").status_code == 404
+            assert service.metrics()['lensnet_session_evictions_total{reason="ttl"}'] == 1
+    finally:
+        assert service.stop() == 0
+
+
+def test_several_workers_on_one_port_never_answer_wrong() -> None:
+    """A session lives in one worker. Over one keep-alive connection every call reaches it; with a
+    new connection per call, calls land on either worker: 404s are answered by re-creating the
+    session, and every answer still equals /v1/focus for the caller's WC."""
+    service = LiveService("--workers", "2").wait_ready()
+    try:
+        embeddings, lod, positions = snapshot(200, seed=11)
+        fresh = httpx.HTTPTransport(limits=httpx.Limits(max_keepalive_connections=0))
+        with FocusClient(service.url) as sticky, FocusClient(service.url, transport=fresh) as hopping:
+            for client, label in ((sticky, "keep-alive"), (hopping, "new connections")):
+                wc = {"embeddings": embeddings}
+                history = History()
+                session = FocusSession(client, w_max=190, snapshot=lambda wc=wc: wc["embeddings"])  # type: ignore[misc]
+                result = session.open(embeddings, lod, positions)
+                for step in range(8):
+                    created = created_for(result, step)
+                    append = tail_append(session.lod, session.positions, 4, step)
+                    wc["embeddings"] = np.concatenate(
+                        [edit_rows(wc["embeddings"], result.edits, created), append["append_embeddings"]]
+                    )
+                    history.record(result.edits)
+                    result = session.step(created=created, **append, return_scores=True)
+                    stateless = sticky.focus(wc["embeddings"], session.lod, session.positions, w_max=190,
+                                             history=history, return_scores=True)  # fmt: skip
+                    assert result.edits == stateless.edits, label
+                    assert np.array_equal(result.scores, stateless.scores), label
+                if client is sticky:
+                    assert session.resyncs == 0  # one connection, one worker: no ping-pong
+    finally:
+        assert service.stop() == 0

@@ -1,0 +1,229 @@
+"""Session state without HTTP: in-place row splices and their undo, delta planning errors, the
+server-side history, and the store's bounds (count, memory, idle TTL)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lensnet_client import Edit, History, SnapshotError, edit_rows, frame, synthetic_layout
+from service.core import codec, problems
+from service.core.allocator import HistoryItem, check_layout
+from service.core.sessions import Delta, DeltaError, Rows, Session, SessionStore, ages, plan, record, stage, stamped
+
+D = 3
+
+
+@st.composite
+def splice_steps(draw: st.DrawFn) -> list[tuple[list[tuple[int, int, int]], int, int, bool]]:
+    """Steps as (splices (index, removed, inserted), trim, appended, rolled back) over a WC whose length is tracked."""
+    n = first = draw(st.integers(1, 40))
+    steps = []
+    for _ in range(draw(st.integers(1, 8))):
+        splices, cursor = [], 0
+        for index in sorted(draw(st.lists(st.integers(0, n), max_size=4, unique=True))):
+            if index < cursor:
+                continue
+            removed = draw(st.integers(0, min(3, n - index)))
+            splices.append((index, removed, draw(st.integers(0, 4))))
+            cursor = index + removed
+        total = n + sum(inserted - removed for _, removed, inserted in splices)
+        appended = draw(st.integers(0, 70))
+        trim = draw(st.integers(0, total + appended)) if draw(st.booleans()) else 0
+        undo = draw(st.booleans())
+        steps.append((splices, trim, appended, undo))
+        if not undo:
+            n = total + appended - trim
+    return [(first, 0, 0, False), *steps]  # type: ignore[list-item]
+
+
+@settings(max_examples=300, deadline=None)
+@given(splice_steps(), st.integers(0, 2**16))
+def test_rows_splice_in_place_like_concatenate_and_undo_exactly(steps: list, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    (n, *_), *steps = steps
+    expected = rng.standard_normal((n, D)).astype(np.float32)
+    rows = Rows(expected.copy())
+    for splices, trim, appended, undo in steps:
+        pieces, cursor, planned = [], 0, []
+        for index, removed, inserted in splices:
+            new = rng.standard_normal((inserted, D)).astype(np.float32)
+            pieces += [expected[cursor:index], new]
+            planned.append((index, removed, new))
+            cursor = index + removed
+        tail = rng.standard_normal((appended, D)).astype(np.float32)
+        result = np.concatenate([*pieces, expected[cursor:], tail])[trim:]
+        before = rows.array.copy()
+        record_ = rows.stage(planned, trim, tail)
+        assert np.array_equal(rows.array, result)
+        if undo:
+            record_.apply()
+            assert np.array_equal(rows.array, before)
+        else:
+            expected = result
+            rows.shrink()
+            assert np.array_equal(rows.array, expected)
+
+
+def test_rows_grow_by_half_and_keep_appends_amortised() -> None:
+    rows = Rows(np.zeros((100, D), dtype=np.float32))
+    assert rows.growth(100) == 0 and rows.growth(101) > 0
+    copies = 0
+    for _ in range(200):
+        if rows.growth(rows.length + 16):
+            copies += 1
+        rows.stage([], 0, np.ones((16, D), dtype=np.float32))
+    assert rows.length == 100 + 200 * 16
+    assert copies <= 8  # capacity x1.5 each time: a handful of reallocations, not one per step
+    assert rows.buffer.shape[0] < 2 * rows.length
+
+
+def session_with(n: int, edits: tuple[Edit, ...] = (), seed: int = 0) -> Session:
+    rng = np.random.default_rng(seed)
+    lod, positions = synthetic_layout(n, 4, 2, rng)
+    rows = rng.standard_normal((n, D)).astype(np.float32)
+    return Session("s", Rows(rows), check_layout(lod, positions, 4, 2), {"w_max": n}, (), edits)
+
+
+def delta(**parts: object) -> Delta:
+    values: dict = {"applied": None, "created": np.empty((0, D), np.float32), "trim_head": 0,
+                    "append_embeddings": np.empty((0, D), np.float32), "append_lod": np.empty(0, np.int64),
+                    "append_positions": np.empty(0, np.int64)}  # fmt: skip
+    return Delta(**(values | parts))
+
+
+def test_a_delta_that_breaks_the_layout_names_the_rule_and_index_in_the_resulting_wc() -> None:
+    session = session_with(20)
+    end = int(session.layout.positions[-1]) + 4 ** int(session.layout.lod[-1])
+    with pytest.raises(SnapshotError) as error:
+        plan(session, delta(append_embeddings=np.zeros((2, D), np.float32), append_lod=np.array([0, 0]),
+                            append_positions=np.array([end, end + 2])), D)  # fmt: skip
+    assert (error.value.rule, error.value.index) == ("contiguity", 21)
+
+
+def test_delta_errors_for_rows_indices_and_trim() -> None:
+    session = session_with(20)
+    with pytest.raises(SnapshotError, match="applied"):
+        plan(session, delta(applied=[0]), D)  # no edits in the last answer
+    with pytest.raises(SnapshotError, match="trim_head"):
+        plan(session, delta(trim_head=21), D)
+    with pytest.raises(DeltaError, match=r"created.shape"):
+        plan(session, delta(created=np.zeros((1, D), np.float32)), D)
+    bad = np.zeros((2, D), np.float32)
+    bad[1, 2] = np.inf
+    end = int(session.layout.positions[-1]) + 4 ** int(session.layout.lod[-1])
+    with pytest.raises(DeltaError) as error:
+        plan(session, delta(append_embeddings=bad, append_lod=np.array([0, 0]),
+                            append_positions=np.array([end, end + 1])), D)  # fmt: skip
+    assert (error.value.field, error.value.index) == ("append_embeddings[1]", 1)
+
+
+def test_a_staged_step_rolls_back_to_the_exact_session() -> None:
+    lod, positions = synthetic_layout(20, 4, 2, np.random.default_rng(0))
+    level1 = int(np.flatnonzero(lod == 1)[0])
+    expand = Edit("expand", level1, 1, 4, 1, 0, int(positions[level1]), 4, 0.9, "threshold")
+    session = session_with(20, (expand,))
+    before = (session.rows.array.copy(), session.layout, session.history, session.version)
+    created = np.ones((4, D), np.float32)
+    step = stage(session, delta(created=created, trim_head=2), plan(session, delta(created=created, trim_head=2), D))
+    assert session.rows.length == 21
+    step.rollback()
+    assert np.array_equal(session.rows.array, before[0])
+    assert (session.layout, session.history, session.version) == before[1:]
+
+
+def test_server_history_matches_the_client_history() -> None:
+    start = [HistoryItem("expand", 1, 64, 2), HistoryItem("collapse", 2, 0, 1)]
+    client, server = History(horizon=5000), stamped(start)
+    client._entries = [{"action": h.action, "lod": h.lod, "position": h.position, "age": h.age} for h in start[::-1]]
+    rng = np.random.default_rng(1)
+    for version in range(2, 40):
+        edits = [Edit("collapse", 0, 4, 1, 0, 1, int(p) * 4, 4, -0.9, "threshold") for p in rng.integers(0, 99, 3)]
+        client.record(edits)
+        server = record(server, edits, version)
+        assert [HistoryItem(**entry) for entry in client.entries()] == ages(server, version, 5000)
+    assert ages(server, 39, 2) == [HistoryItem(**entry) for entry in client.entries()[:6]]  # the cooldown window
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_store_evicts_least_recently_used_beyond_count_memory_and_ttl() -> None:
+    evicted: list[str] = []
+    clock = Clock()
+    store = SessionStore(3, 10_000, 60.0, on_evict=evicted.append, clock=clock)
+    sessions = [session_with(20, seed=i) for i in range(5)]
+    for i, session in enumerate(sessions[:3]):
+        session.id = f"s{i}"
+        store.add(session)
+    assert store.get("s0") is sessions[0]  # s0 is now the most recently used
+    sessions[3].id = "s3"
+    store.add(sessions[3])
+    assert evicted == ["count"] and store.get("s1") is None and len(store) == 3
+    per = sessions[0].nbytes
+    assert store.bytes == 3 * per
+    store.memory_bytes = 3 * per - 1
+    assert store.fits(sessions[0], 0)  # makes room: the least recently used other one goes
+    assert evicted == ["count", "memory"] and store.get("s2") is None and store.bytes == 2 * per
+    assert not store.fits(None, store.memory_bytes + 1)  # could never fit: nothing evicted for it
+    assert len(store) == 2
+    clock.now = 61.0
+    assert store.get("s0") is None and evicted == ["count", "memory", "ttl", "ttl"]
+    assert store.bytes == 0 and len(store) == 0
+    assert not store.remove("s3")
+
+
+def test_rows_adopt_a_writable_array_and_copy_a_read_only_one() -> None:
+    owned = np.zeros((4, D), np.float32)
+    assert Rows(owned).buffer is owned
+    frozen = np.frombuffer(bytes(4 * D * 4), dtype=np.float32).reshape(4, D)  # a base64 body's array
+    rows = Rows(frozen)
+    assert rows.buffer is not frozen and rows.buffer.flags.writeable
+    rows.stage([], 0, np.ones((2, D), np.float32))
+    assert rows.array.shape == (6, D)
+
+
+def test_edit_rows_refuses_created_rows_that_do_not_match() -> None:
+    edit = Edit("expand", 1, 1, 4, 1, 0, 4, 4, 0.9, "threshold")
+    rows = np.arange(3 * D, dtype=np.float32).reshape(3, D)
+    assert edit_rows(rows, [edit], np.zeros((4, D), np.float32)).shape == (6, D)
+    with pytest.raises(ValueError, match="create 4 rows, got 3"):
+        edit_rows(rows, [edit], np.zeros((3, D), np.float32))
+
+
+@pytest.mark.parametrize("stream_min", [0, 1 << 30])  # decoded while it arrives / whole, in the inference thread
+def test_a_delta_frame_decodes_like_a_snapshot_frame(stream_min: int) -> None:
+    rng = np.random.default_rng(3)
+    arrays = {"created": rng.standard_normal((5, 8)).astype(np.float16),
+              "append_embeddings": rng.standard_normal((3, 8)).astype(np.float16),
+              "append_lod": np.zeros(3, np.int8), "append_positions": np.arange(100, 103)}  # fmt: skip
+    body = frame.pack({"version": 4, "applied": [0, 2]}, arrays)
+    reader = codec.reader(codec.FRAME, 8, 64, np.dtype(np.float32), len(body), stream_min, codec.DELTA)
+    for start in range(0, len(body), 7):
+        reader.feed(body[start : start + 7], more=start + 7 < len(body))
+    reader.close()
+    decoded = reader.finish()
+    assert decoded.fields == {"version": 4, "applied": [0, 2]}
+    for name, array in arrays.items():
+        expected = array.astype(np.float32) if array.dtype == np.float16 else array
+        assert decoded.arrays[name].dtype == expected.dtype and np.array_equal(decoded.arrays[name], expected)
+    empty = frame.pack({"version": 1}, {})
+    reader = codec.reader(codec.FRAME, 8, 64, np.dtype(np.float32), len(empty), stream_min, codec.DELTA)
+    reader.feed(empty, more=False)
+    reader.close()
+    assert reader.finish().arrays == {}
+
+
+def test_a_delta_needs_all_three_append_arrays() -> None:
+    body = frame.pack({"version": 1}, {"append_embeddings": np.zeros((2, 8), np.float16)})
+    reader = codec.reader(codec.FRAME, 8, 64, np.dtype(np.float32), len(body), 0, codec.DELTA)
+    with pytest.raises(problems.Problem) as error:
+        reader.feed(body, more=False)
+    assert error.value.status == 422 and error.value.extensions["field"] == "append_lod"
