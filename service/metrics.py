@@ -42,7 +42,7 @@ STATUSES = {
     SESSION_CREATE: (201, *SCORED_STATUSES[1:]),
     SESSION_STEP: (*SCORED_STATUSES, 404, 409),
     SESSION: (200, 204, 404, 405, 503),
-    "/v1/feedback": (200, 400, 405, 413, 415, 422, 429, 500),
+    "/v1/feedback": (200, 400, 405, 408, 413, 415, 422, 429, 499, 500),
     "/healthz": (200, 503), "/readyz": (200, 503), "/v1/model": (200,), "/metrics": (200,), "/docs": (200,),
     "/v2/health/live": (200, 400), "/v2/health/ready": (200, 400), "other": (404, 405),
 }  # fmt: skip

@@ -14,10 +14,12 @@ FRAME = frame.MEDIA_TYPE
 BODY = frame.pack({"options": {"w_max": 64}}, dict(zip(("embeddings", "lod", "positions"), snapshot(64), strict=True)))
 
 
-def start_upload(service: LiveService, length: int, first: bytes = b"") -> socket.socket:
-    """A connection that has sent the headers of a /v1/focus POST of `length` bytes and `first`."""
+def start_upload(
+    service: LiveService, length: int, first: bytes = b"", path: str = "/v1/focus", media: str = FRAME
+) -> socket.socket:
+    """A connection that has sent the headers of a POST to `path` of `length` bytes and `first`."""
     connection = socket.create_connection(("127.0.0.1", service.port))
-    head = f"POST /v1/focus HTTP/1.1\r\nHost: x\r\nContent-Type: {FRAME}\r\nContent-Length: {length}\r\n\r\n"
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {media}\r\nContent-Length: {length}\r\n\r\n"
     connection.sendall(head.encode() + first)
     return connection
 
@@ -60,6 +62,19 @@ def test_a_stalled_upload_times_out_with_408_and_is_counted() -> None:
         assert metrics['lensnet_requests_refused_total{reason="body_timeout"}'] == 1
         assert metrics['lensnet_request_duration_seconds_count{endpoint="/v1/focus",status="408"}'] == 1
         assert service.http.post("/v1/focus", content=BODY, headers={"content-type": FRAME}).status_code == 200
+    finally:
+        assert service.stop() == 0
+
+
+def test_a_stalled_feedback_upload_times_out_too() -> None:
+    """Every body is read within the same limits: /v1/feedback's JSON as well as the scoring frames."""
+    service = LiveService("--body-timeout-s", "0.5").wait_ready()
+    try:
+        with start_upload(service, 1000, b'{"items": [', "/v1/feedback", "application/json") as stalled:
+            status, headers, body = response_of(stalled, timeout=10)
+        assert status == 408 and '"type": "urn:lensnet:problem:body-timeout"' in body, body
+        assert headers["connection"] == "close"
+        assert service.metrics()['lensnet_request_duration_seconds_count{endpoint="/v1/feedback",status="408"}'] == 1
     finally:
         assert service.stop() == 0
 

@@ -399,7 +399,7 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(v2.router(service))  # its infer route only answers other model names
-    feedback.install(app, service.policy, settings.feedback_max_items, settings.max_body_bytes)
+    feedback.install(app, service.policy, settings)
 
     config = service.manifest.config
     openapi.install(app, config.embed_dim, config.max_lod)  # documents /v1/focus and /v1/score, served by FocusApp

@@ -1,10 +1,11 @@
 """POST /v1/feedback: a thin route over `PolicyHealth.feedback`.
 
-The body is JSON, read up to `--max-body-bytes` (413 beyond), then parsed and validated strictly
-(400 unparseable, 422 a wrong field, naming it) and matched in the policy's low-priority thread: at 10,000
-items/s that work would otherwise take CPU time from the model's threads and slow focus requests
-(README, "Policy health"). At most `MAX_PENDING` batches wait for it; beyond, 429 with
-Retry-After. A valid batch always answers 200 with one result per item.
+The body is JSON, read like every request body (413 beyond `--max-body-bytes`, 408 when too
+slow), then parsed and validated strictly (400 unparseable, 422 a wrong field, naming it) and
+matched in the policy's low-priority thread: at 10,000 items/s that work would otherwise take CPU
+time from the model's threads and slow focus requests (README, "Policy health"). At most
+`MAX_PENDING` batches wait for it; beyond, 429 with Retry-After. A valid batch always answers 200
+with one result per item.
 """
 
 from __future__ import annotations
@@ -19,36 +20,49 @@ from starlette.requests import ClientDisconnect
 from ..core import problems
 from ..pipeline import validation_problem
 from ..policy import FeedbackResponse, PolicyHealth, feedback_request
+from ..settings import Settings
 from .openapi import inline_schema, problem_responses
+from .upload import declared_length, read_body
 
 MAX_PENDING = 16  # feedback batches waiting for the feedback thread; beyond: 429
 
 
-async def read_json_body(request: Request, limit: int) -> bytes:
-    """The request's body, which must be JSON, at most `limit` bytes (413 as soon as it is over)."""
+class _WholeBody:
+    """A body kept whole for its pydantic model (feedback is not a snapshot: no codec reader)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def feed(self, chunk: bytes, more: bool) -> None:
+        self.chunks.append(chunk)
+
+    def close(self) -> None:
+        pass
+
+
+async def read_json_body(request: Request, settings: Settings) -> bytes:
+    """The request's body, which must be JSON, read like every other body (`upload.read_body`):
+    413 as soon as it is over --max-body-bytes, 408 when it arrives too slowly."""
     media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
     if media != "application/json":
         raise problems.Problem(
             415, "unsupported-media-type", "Unsupported Media Type", f"Content-Type: expected application/json, "
             f"got {media or 'nothing'}", field="Content-Type", expected="application/json", got=media or "nothing",
         )  # fmt: skip
-    chunks, size = [], 0
+    declared_length(request, settings.max_body_bytes)
+    body = _WholeBody()
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise problems.too_large("body", f"{limit} bytes", f"more than {limit} bytes")
-            chunks.append(chunk)
+        await read_body(request, body, settings)
     except ClientDisconnect:
         raise problems.Problem(
             499, "client-closed", "Client closed request", "the client disconnected before sending the whole body"
         ) from None
-    return b"".join(chunks)
+    return b"".join(body.chunks)
 
 
-def install(app: FastAPI, policy: PolicyHealth, max_items: int, max_body_bytes: int) -> None:
+def install(app: FastAPI, policy: PolicyHealth, settings: Settings) -> None:
     """Add POST /v1/feedback to `app`."""
-    model = feedback_request(max_items)
+    model = feedback_request(settings.feedback_max_items)
     pending = 0
 
     def handle(body: bytes) -> dict[str, Any]:
@@ -68,7 +82,7 @@ def install(app: FastAPI, policy: PolicyHealth, max_items: int, max_body_bytes: 
         openapi_extra={
             "requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(model)}}}
         },
-        responses=problem_responses((400, 413, 415, 422, 429)),
+        responses=problem_responses((400, 408, 413, 415, 422, 429)),
     )
     async def feedback(request: Request) -> dict[str, Any]:
         nonlocal pending
@@ -78,7 +92,7 @@ def install(app: FastAPI, policy: PolicyHealth, max_items: int, max_body_bytes: 
             )
         pending += 1
         try:
-            body = await read_json_body(request, max_body_bytes)
+            body = await read_json_body(request, settings)
             return await asyncio.get_running_loop().run_in_executor(policy.executor, handle, body)
         finally:
             pending -= 1

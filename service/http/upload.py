@@ -9,10 +9,11 @@ upload has run that long, its average rate must stay at or above `body_min_bytes
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
 from starlette.requests import ClientDisconnect, Request
 
-from ..core import codec, problems
+from ..core import problems
 from ..settings import Settings
 
 # Content-Length values longer than this are beyond any limit (and int() of thousands of digits is slow).
@@ -81,7 +82,15 @@ class _Watchdog:
         self.handle.cancel()
 
 
-async def read_body(request: Request, body: codec.BodyReader, settings: Settings) -> None:
+class BodySink(Protocol):
+    """Where `read_body` puts a body's chunks as they arrive: a codec reader, or a whole-body buffer."""
+
+    def feed(self, chunk: bytes, more: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+async def read_body(request: Request, body: BodySink, settings: Settings) -> None:
     """Feed the body to its reader as it arrives (a large frame is decoded on the way); 413 as
     soon as it exceeds `max_body_bytes`, 408 when the client sends too slowly."""
     limit = settings.max_body_bytes
