@@ -29,7 +29,7 @@ import onnxruntime as ort
 from lensnet_client import frame, oip
 from lensnet_client.client import parse_server_timing
 
-from .latency import free_port, model_dir, percentiles, server, snapshots
+from .latency import free_port, git_commit, model_dir, percentiles, server, snapshots
 
 TARGET_RATIO = 1.05
 PAIRS = {512: 200, 2048: 60, 8192: 16}
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, help="request pairs per N (default: 120 / 40 / 12 at 512 / 2048 / 8192)")
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args()
+    commit = git_commit()  # the code measured: read before the runs, not after
     path = model_dir(256)
     name = json.loads((path / "manifest.json").read_text())["model"]["name"]
     url = f"http://127.0.0.1:{(port := free_port())}"
@@ -101,6 +102,7 @@ def main() -> None:
                   file=sys.stderr)  # fmt: skip
     report = {
         "benchmark": "v2_overhead",
+        "commit": commit,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__},
         "device": served["provider"],
         "results": results,
