@@ -232,10 +232,10 @@ class Service:
 
 
 class FocusApp:
-    """The ASGI app: request telemetry around everything; POST /v1/focus and /v1/score go
-    straight to their endpoints (the hot path: no middleware stack, router, request models or
-    dependency solving between arrival and reading the body); the rest goes to FastAPI (docs,
-    /v1/model, probes, metrics)."""
+    """The ASGI app: request telemetry around everything; the scoring calls (/v1/focus, /v1/score,
+    v2 infer, the /v1/sessions routes) go straight to their endpoints (the hot path: no middleware
+    stack, router, request models or dependency solving between arrival and reading the body); the
+    rest goes to FastAPI (docs, /v1/model, feedback, probes, metrics, v2 metadata)."""
 
     def __init__(self, api: FastAPI, service: Service) -> None:
         self.api, self.service, self.metrics = api, service, service.metrics
