@@ -60,7 +60,9 @@ def test_passes_a_generous_budget_and_reports_what_the_service_served(live: Live
     for endpoint, label in (("focus", "/v1/focus"), ("score", "/v1/score"), ("infer", "/v2/infer")):
         summary = report["endpoints"][endpoint]
         assert summary["requests"] > 0 and summary["errors"] == 0
-        assert summary["requests"] == after[label] - before[label]  # every request sent was measured, and only those
+        # Every answered request was measured; the service may also have answered one request per
+        # user (2) that the run's stop cut off on the client side before its answer was recorded.
+        assert 0 <= after[label] - before[label] - summary["requests"] <= 2
         assert set(summary["by_n"]) == {"64", "256"}
         assert sum(size["requests"] for size in summary["by_n"].values()) == summary["requests"]
         client, server = summary["client_ms"], summary["server_ms"]
