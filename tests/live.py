@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -27,13 +28,16 @@ def free_port() -> int:
 
 
 class LiveService:
-    """`python -m service` with the given flags; `stop()` sends SIGTERM and returns the exit code."""
+    """`python -m service` with the given flags; `stop()` sends SIGTERM and returns the exit code.
+    With `hooks`, the service runs under `tests.hooked_service` with those stage hooks."""
 
-    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *flags: str, env: dict[str, str] | None = None, hooks: dict[str, Any] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
-        command = [sys.executable, "-m", "service", "--port", str(self.port), "--warmup-sizes", "[32]", *flags]
+        env = {**(env or {}), **({"LENSNET_TEST_HOOKS": json.dumps(hooks)} if hooks else {})}
+        launcher = "tests.hooked_service" if hooks else "service"
+        command = [sys.executable, "-m", launcher, "--port", str(self.port), "--warmup-sizes", "[32]", *flags]
         self.process = subprocess.Popen(
             command, stdout=self._log, stderr=self._log, cwd=REPO, env={**os.environ, **(env or {})}
         )
