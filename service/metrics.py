@@ -26,6 +26,7 @@ from service.core.agreement import Agreement
 from service.core.allocator import DEFAULT_TAU_COLLAPSE, DEFAULT_TAU_EXPAND, REJECT_REASONS, Allocation
 from service.core.correlation import Correlation
 from service.core.decisions import RESULTS, Matched
+from service.core.stages import STAGES
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -48,7 +49,6 @@ STATUSES = {
 }  # fmt: skip
 REFUSAL_REASONS = ("overload", "not_ready", "shutting_down", "deadline", "deadline_short", "too_large", "body_timeout")
 EDIT_CAUSES = {"expand": ("threshold",), "collapse": ("threshold", "budget", "make_room")}
-STAGES = ("admit", "receive", "queue", "decode", "apply", "model", "allocate", "telemetry", "encode")
 EVICTION_REASONS = ("count", "memory", "ttl")
 RESYNC_REASONS = ("not_found", "version")
 # Sub-millisecond resolution, with the budget edge added by Metrics (3 ms by default).
@@ -87,8 +87,13 @@ class Metrics:
             "lensnet_requests_over_budget_total", "Requests slower than the latency budget.", ["endpoint"], registry=r
         )
         self.stages = Histogram(
-            "lensnet_stage_duration_seconds", "Time per request stage.", ["stage"], buckets=latency, registry=r
-        )
+            "lensnet_stage_duration_seconds", "Time per stage of answered scoring calls; the stages of a call sum "
+            "to its request duration.", ["stage"], buckets=latency, registry=r,
+        )  # fmt: skip
+        self.overhead = Histogram(
+            "lensnet_overhead_seconds", "Time beside the model of answered scoring calls: request duration minus "
+            "the model stage.", ["endpoint"], buckets=latency, registry=r,
+        )  # fmt: skip
         self.scores = Histogram(
             "lensnet_entry_score", "LensNet scores (before the legality clamp) per WC entry.", ["lod"],
             buckets=tuple(self.score_edges), registry=r,
@@ -182,6 +187,7 @@ class Metrics:
             for status in statuses
         }
         self._over_budget = {endpoint: self.over_budget.labels(endpoint=endpoint) for endpoint in SCORED}
+        self._overhead = {endpoint: self.overhead.labels(endpoint=endpoint) for endpoint in SCORED}
         self.model_ready.set(0)
         self._init_policy()
         self._init_shadow()
@@ -298,9 +304,11 @@ class Metrics:
         if seconds > self.budget_s and endpoint in SCORED:
             self._over_budget[endpoint].inc()
 
-    def observe_stages(self, timings: dict[str, float]) -> None:
+    def observe_stages(self, timings: dict[str, float], overhead: float, endpoint: str) -> None:
+        """An answered scoring call's stages and its overhead beside the model (total − model)."""
         for stage, seconds in timings.items():
             self._stage[stage].observe(seconds)
+        self._overhead[endpoint].observe(overhead)
 
     def observe_scores(self, scores: np.ndarray, lod: np.ndarray) -> None:
         """Bulk-observe N scores: one C pass counts them per LOD and bucket.

@@ -6,7 +6,7 @@ The stateless endpoints are snapshot → decision functions. Focus sessions (`op
 `step_session`) keep a WC per caller in `service.core.sessions`: a step decodes its delta, plans
 it against the session (checked like a full snapshot), applies it (`apply`, undoable), then runs
 the same stages as /v1/focus, and commits only once the answer is encoded, so a failed step
-leaves the session as it was. Each stage's time goes into `timings`. A `deadline` (perf_counter
+leaves the session as it was. Each stage ends on the call's stage clock. A `deadline` (perf_counter
 time) passed by the end of the model stage gives 504, with nothing recorded as returned.
 """
 
@@ -41,6 +41,7 @@ from .core.allocator import (
     check_layout,
     cooldown_keys,
 )
+from .core.stages import StageClock
 from .metrics import Metrics
 from .policy import PolicyHealth
 from .runtime import Scorer
@@ -308,7 +309,7 @@ class Pipeline:
             raise _snapshot_problem(exc) from exc
 
     def _decide(
-        self, call: Call, stage: _Stages, snapshot: codec.Snapshot, layout: Layout, inputs: tuple[AllocatorOptions,
+        self, call: Call, stage: StageClock, snapshot: codec.Snapshot, layout: Layout, inputs: tuple[AllocatorOptions,
         Cooldown], return_scores: bool, style: codec.ArrayStyle, extra: dict[str, Any],
     ) -> tuple[Allocation, Reply]:  # fmt: skip
         """The stages after decoding, shared by /v1/focus and session calls: model, allocate, telemetry
@@ -324,7 +325,7 @@ class Pipeline:
             self.metrics.observe_allocation(allocation)
         decision = self.decide(allocation, layout, scores, inputs[0], snapshot.embeddings)
         stage.done("telemetry")
-        document = self._document(call.timings) | _allocation_document(allocation) | extra | decision
+        document = self._document(call.clock.timings) | _allocation_document(allocation) | extra | decision
         arrays = {"scores": scores} if return_scores else {}
         content = codec.encode_response(document, arrays, call.respond_as, style)
         stage.done("encode")
@@ -369,7 +370,7 @@ class Pipeline:
             reader = codec.reader(media, cfg.embed_dim, self.max_entries, self.scorer.input_dtype, len(body), 0)
             reader.feed(body, more=False)
             reader.close()
-            self.focus(Call(reader, media, None, {}))
+            self.focus(Call(reader, media, None, StageClock(time.perf_counter())))
         one = {"embeddings": np.zeros((1, cfg.embed_dim), np.float16), "lod": np.zeros(1, np.int64),
                "positions": np.zeros(1, np.int64)}  # fmt: skip
         body, headers = oip_request.pack(one)
@@ -377,7 +378,7 @@ class Pipeline:
         reader = oip.InferReader(cfg.embed_dim, self.max_entries, self.scorer.input_dtype, len(body), length, 0)
         reader.feed(body, more=False)
         reader.close()
-        self.infer(Call(reader, codec.JSON, None, {}))
+        self.infer(Call(reader, codec.JSON, None, StageClock(time.perf_counter())))
         self._warm_session(min(64, self.max_entries), rng)
 
     def _warm_session(self, n: int, rng: np.random.Generator) -> None:
@@ -406,12 +407,12 @@ class Pipeline:
                               schema)  # fmt: skip
         reader.feed(body, more=False)
         reader.close()
-        return Call(reader, codec.FRAME, None, {}, session_id)
+        return Call(reader, codec.FRAME, None, StageClock(time.perf_counter()), session_id)
 
     # -- endpoints --------------------------------------------------------------------------
 
     def focus(self, call: Call) -> Reply:
-        stage = _Stages(call.timings)
+        stage = call.clock
         request, fields, layout = self._decode(call.reader, FocusFields)
         inputs = self._allocator_inputs(fields.options.model_dump(exclude_none=True), _history(fields))
         stage.done("decode")
@@ -420,7 +421,7 @@ class Pipeline:
     def open_session(self, call: Call) -> Reply:
         """POST /v1/sessions: a /v1/focus call whose WC (and options, history) the process keeps
         as session `call.session`, version 1."""
-        stage = _Stages(call.timings)
+        stage = call.clock
         request, fields, layout = self._decode(call.reader, FocusFields)
         chosen, history = fields.options.model_dump(exclude_none=True), _history(fields)
         inputs = self._allocator_inputs(chosen, history)
@@ -438,12 +439,13 @@ class Pipeline:
         if self.metrics:
             self.metrics.session_creates.inc()
         self._observe_store()
+        stage.done("apply")  # keeping the session
         return reply
 
     def step_session(self, call: Call) -> Reply:
         """POST /v1/sessions/{id}/focus: apply the delta to the session's WC and answer like
         /v1/focus for the result; all or nothing."""
-        stage = _Stages(call.timings)
+        stage = call.clock
         request = call.reader.finish()
         fields = _fields(StepFields, request.fields)
         session = self._session(call.session or "")
@@ -491,6 +493,7 @@ class Pipeline:
         if self.metrics:
             self.metrics.session_steps.inc()
         self._observe_store()
+        stage.done("apply")  # committing the step
         return reply
 
     def _delta(self, request: codec.DecodedRequest, fields: StepFields) -> sessions.Delta:
@@ -544,7 +547,7 @@ class Pipeline:
     def score(self, call: Call) -> Reply:
         request, _, scores, stage = self._scores(call, ScoreFields)
         content = codec.encode_response(
-            self._document(call.timings), {"scores": scores}, call.respond_as, request.style
+            self._document(call.clock.timings), {"scores": scores}, call.respond_as, request.style
         )
         stage.done("encode")
         return Reply(content, call.respond_as, {})
@@ -558,9 +561,9 @@ class Pipeline:
             return Reply(content, codec.JSON, {})
         return Reply(content, oip.BINARY, {oip.HEADER_LENGTH: str(header_length)})
 
-    def _scores(self, call: Call, model: type[Fields]) -> tuple[codec.DecodedRequest, Fields, np.ndarray, _Stages]:
+    def _scores(self, call: Call, model: type[Fields]) -> tuple[codec.DecodedRequest, Fields, np.ndarray, StageClock]:
         """decode → model → telemetry for the scoring endpoints; the stage timer goes on to `encode`."""
-        stage = _Stages(call.timings)
+        stage = call.clock
         request, fields, layout = self._decode(call.reader, model)
         stage.done("decode")
         scores = self._score(request.snapshot, layout, call.deadline)
@@ -575,12 +578,12 @@ class Pipeline:
 class Call:
     """One endpoint call: the request body's reader (the body is read; a frame's arrays are
     already in place), the answer's media type, an optional deadline (perf_counter time), and the
-    stage timings the pipeline fills in (seconds)."""
+    request's stage clock, which the pipeline's stages go on."""
 
     reader: codec.BodyReader
     respond_as: str
     deadline: float | None
-    timings: dict[str, float]
+    clock: StageClock
     session: str | None = None  # the session a session call creates or steps
 
 
@@ -590,17 +593,6 @@ class Reply(NamedTuple):
     content: bytes
     media_type: str
     headers: dict[str, str]
-
-
-class _Stages:
-    """Times consecutive stages into `timings` (seconds), each from the end of the previous one."""
-
-    def __init__(self, timings: dict[str, float]) -> None:
-        self.timings, self.last = timings, time.perf_counter()
-
-    def done(self, name: str) -> None:
-        now = time.perf_counter()
-        self.timings[name], self.last = now - self.last, now
 
 
 def _refuse_beyond_served_range(embeddings: np.ndarray) -> None:

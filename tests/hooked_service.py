@@ -91,7 +91,8 @@ def install(hooks: dict[str, Any]) -> None:
             for owner, name in targets[stage]:
                 _before(owner, name, pause)
         else:
-            raise SystemExit(f"hooked_service: unknown stage {stage!r}; expected admit, queue or one of {list(targets)}")
+            expected = ["admit", "queue", *targets]
+            raise SystemExit(f"hooked_service: unknown stage {stage!r}; expected one of {expected}")
 
 
 def _hook_place(cls: Any, pause: Callable[[], None]) -> None:

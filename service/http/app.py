@@ -27,8 +27,9 @@ from model_export.artifact import Manifest, load_manifest
 
 from ..core import problems
 from ..core.sessions import SessionStore
+from ..core.stages import StageClock
 from ..metrics import CONTENT_TYPE, Metrics
-from ..pipeline import Call, Pipeline
+from ..pipeline import Call, Pipeline, Reply
 from ..policy import PolicyHealth
 from ..runtime import Scorer
 from ..settings import Settings
@@ -169,37 +170,38 @@ class Service:
             ) from exc
 
     async def _serve(self, request: Request, wire: Wire, spec: CallSpec) -> Response:
-        arrival = request.state.arrival
+        clock = StageClock(request.state.arrival)
         pipeline = self.pipeline
         if pipeline is None:
             detail = f"model {self.status}" + (f": {self.load_error}" if self.load_error else "")
             raise problems.unavailable("not-ready", "Model not ready", detail, 2)
         length = declared_length(request, self.settings.max_body_bytes)
         body, respond_as = wire.negotiate(request, pipeline, self.settings, length)
-        deadline = self._deadline(request, arrival)
+        deadline = self._deadline(request, clock.arrival)
         # A place from before the first body byte is read: refuse what we would refuse anyway unread.
         with self.admission.place(self.settings.max_body_bytes if length is None else length):
-            reading = time.perf_counter()
+            clock.done("admit")
             await read_body(request, body, self.settings)
-            received = time.perf_counter()
-            timings = {"admit": reading - arrival, "receive": received - reading}
+            clock.done("receive")
             self.metrics.queued.inc()
             admitted = False
             try:
                 async with self.admission.slot(deadline):
                     admitted = True
                     self.metrics.queued.dec()
-                    timings["queue"] = time.perf_counter() - received
-                    call = Call(body, respond_as, deadline, timings, spec.session)
+                    clock.done("queue")
+                    call = Call(body, respond_as, deadline, clock, spec.session)
                     loop = asyncio.get_running_loop()
-                    reply = await loop.run_in_executor(self.executor, wire.run, pipeline, call)
+                    reply = await loop.run_in_executor(self.executor, _run, wire, pipeline, call)
+                    clock.done("handoff")  # back on the event loop
             finally:
                 if not admitted:
                     self.metrics.queued.dec()
-        self.metrics.observe_stages(timings)
-        timings["total"] = time.perf_counter() - arrival
-        server_timing = ", ".join(f"{stage};dur={seconds * 1e3:.3f}" for stage, seconds in timings.items())
-        headers = {"Server-Timing": server_timing} | reply.headers | spec.headers
+        # The header leaves before the body: it carries the stages so far, which sum to its total;
+        # `respond` and the request's whole time reach the metrics once the last byte is sent.
+        stages = ", ".join(f"{stage};dur={seconds * 1e3:.3f}" for stage, seconds in clock.timings.items())
+        headers = {"Server-Timing": f"{stages}, total;dur={clock.elapsed * 1e3:.3f}"} | reply.headers | spec.headers
+        request.state.clock = clock
         return Response(reply.content, status_code=spec.status, media_type=reply.media_type, headers=headers)
 
     def _deadline(self, request: Request, arrival: float) -> float | None:
@@ -265,9 +267,12 @@ class FocusApp:
             if message["type"] == "http.response.start":
                 status = message["status"]
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                # Record before the last byte leaves, so a client never sees an uncounted answer.
+                await send(message)
+                # The last byte is with the server now. Recorded before this task yields, so a
+                # client never sees an uncounted answer from this process.
                 recorded = True
-                self.metrics.observe_request(label, status, time.perf_counter() - start)
+                self._record(label, status, start, scope["state"].get("clock"))
+                return
             await send(message)
 
         if counted:
@@ -278,7 +283,17 @@ class FocusApp:
             if counted:
                 self.metrics.in_flight.dec()
             if not recorded:  # the app failed before answering
-                self.metrics.observe_request(label, status, time.perf_counter() - start)
+                self._record(label, status, start, None)
+
+    def _record(self, label: str, status: int, start: float, clock: StageClock | None) -> None:
+        """The request's whole time; for an answered scoring call also its stages, ending with
+        `respond` now, so that they sum to that time exactly."""
+        if clock is None:
+            self.metrics.observe_request(label, status, time.perf_counter() - start)
+            return
+        clock.done("respond")
+        self.metrics.observe_request(label, status, clock.elapsed)
+        self.metrics.observe_stages(clock.timings, clock.overhead(), label)
 
 
 class ScoringEndpoint:
@@ -404,3 +419,9 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
     config = service.manifest.config
     openapi.install(app, config.embed_dim, config.max_lod)  # documents /v1/focus and /v1/score, served by FocusApp
     return FocusApp(app, service)
+
+
+def _run(wire: Wire, pipeline: Pipeline, call: Call) -> Reply:
+    """The inference thread's side of a call: the hand-off ends as the thread picks it up."""
+    call.clock.done("handoff")
+    return wire.run(pipeline, call)
