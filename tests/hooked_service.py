@@ -10,10 +10,13 @@ what its real work does first:
   write DIR/entered-<k> (k = 1, 2, … per call), then wait until DIR/open exists (at most 60 s,
   then go on), so a test knows a request is inside the stage and decides when it leaves.
 
+`Gate` is the test's side of a gate: arm it, see requests enter, open or close it again.
+
 Stages and the work that is hooked: admit (the admission place), queue (waiting for a model
 slot), decode (finishing the body's decoding), apply (staging a session delta), model
 (`Scorer.score`), allocate (the allocator), telemetry (score and allocation observation), encode
-(the answer's encoding). One worker only (`--workers 1`): the hooks live in this process.
+(the answer's encoding). `model` wraps every `Scorer`, a shadow model's too: gate another stage
+when a shadow runs. One worker only (`--workers 1`): the hooks live in this process.
 """
 
 from __future__ import annotations
@@ -31,6 +34,43 @@ from pathlib import Path
 from typing import Any
 
 GATE_TIMEOUT_S = 60.0
+
+
+class Gate:
+    """The test's side of a `{"gate": DIR}` hook. Closed until `open()`; `close()` shuts it again for
+    the requests that enter afterwards. Every wait is bounded."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def spec(self) -> dict[str, str]:
+        """The hook spec that makes a stage wait at this gate."""
+        return {"gate": str(self.directory)}
+
+    def arm(self) -> Gate:
+        """From now on requests stop at the gate (before: warm-up passes); arming before the service
+        starts holds its warm-up too."""
+        (self.directory / "armed").touch()
+        return self
+
+    def entered(self) -> int:
+        """Calls that have reached the gate since it was armed (open or not)."""
+        return sum(1 for _ in self.directory.glob("entered-*"))
+
+    def wait_entered(self, count: int, timeout: float = 30) -> None:
+        """Wait until `count` calls have reached the gate (AssertionError after `timeout` s)."""
+        deadline = time.monotonic() + timeout
+        while self.entered() < count:
+            assert time.monotonic() < deadline, f"{self.entered()} of {count} calls reached the gate in {timeout} s"
+            time.sleep(0.005)
+
+    def open(self) -> None:
+        (self.directory / "open").touch()
+
+    def close(self) -> None:
+        (self.directory / "open").unlink(missing_ok=True)
 
 
 def _pause(spec: Any) -> Callable[[], None]:

@@ -78,6 +78,14 @@ class LiveService:
         return samples
 
 
+def wait_for_metric(service: LiveService, key: str, value: float, timeout: float = 30) -> None:
+    """Wait until the sample `key` reaches `value` (AssertionError after `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while service.metrics().get(key, 0) < value:
+        assert time.monotonic() < deadline, f"{key} never reached {value}: {service.metrics().get(key)}"
+        time.sleep(0.01)
+
+
 def snapshot(n: int, d: int = 256, seed: int = 0, dtype: Any = np.float16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A random valid WC for the bundled model (B = 32, max LOD 2)."""
     rng = np.random.default_rng(seed)

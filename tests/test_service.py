@@ -24,7 +24,8 @@ import pytest
 from lensnet_client import FocusClient, frame, validate_layout
 from service.core.allocator import AllocatorOptions, allocate
 
-from .live import REPO, LiveService, snapshot
+from .hooked_service import Gate
+from .live import REPO, LiveService, snapshot, wait_for_metric
 
 FRAME = frame.MEDIA_TYPE
 BUNDLED = REPO / "models" / "default"
@@ -443,81 +444,129 @@ def test_known_series_exist_from_startup_and_process_metrics_are_exposed() -> No
         assert service.stop() == 0
 
 
-def test_overload_answers_429_with_retry_after_and_clients_retry() -> None:
-    service = LiveService("--max-concurrency", "1", "--queue-size", "0").wait_ready()
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveService, Gate]]:
+    """A service whose model stage waits at a gate (armed once ready, open between tests): one
+    inference slot and one queue place, so a request held in the model makes the next one queue
+    and the one after that overflow, whatever this machine's speed."""
+    gate = Gate(tmp_path_factory.mktemp("model-gate"))
+    service = LiveService("--max-concurrency", "1", "--queue-size", "1", hooks={"model": gate.spec}).wait_ready()
+    gate.arm().open()
+    yield service, gate
+    gate.open()
+    assert service.stop() == 0
+
+
+def post_frame(service: LiveService, body: bytes, **headers: str) -> httpx.Response:
+    """POST /v1/focus on a connection of its own (for requests sent from other threads)."""
+    return httpx.post(service.url + "/v1/focus", content=body, headers={"content-type": FRAME, **headers}, timeout=60)
+
+
+def test_overload_answers_429_with_retry_after_and_clients_retry(gated: tuple[LiveService, Gate]) -> None:
+    service, gate = gated
+    body = frame_body(*snapshot(64, seed=7), options={"w_max": 64})
+    refused_key = 'lensnet_requests_refused_total{reason="overload"}'
+    before = service.metrics()
+    gate.close()
     try:
-        body = frame_body(*snapshot(2048, seed=7), options={"w_max": 2048})
-
-        def post(_: int) -> httpx.Response:
-            return httpx.post(service.url + "/v1/focus", content=body, headers={"content-type": FRAME}, timeout=60)
-
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            responses = list(pool.map(post, range(6)))
-        refused = [r for r in responses if r.status_code == 429]
-        assert refused and all(r.status_code in (200, 429) for r in responses)
-        assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
-        assert refused[0].json()["type"] == "urn:lensnet:problem:overloaded"
-        assert service.metrics()['lensnet_requests_refused_total{reason="overload"}'] == len(refused)
-
-        # The client's retries honour Retry-After and get through once the slot frees up.
-        def client_call(_: int) -> int:
-            with FocusClient(service.url, retries=3, max_backoff=5.0) as client:
-                return client.focus(*snapshot(2048, seed=7), w_max=2048).length_before
-
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            assert list(pool.map(client_call, range(3))) == [2048] * 3
+            entered = gate.entered()
+            running = pool.submit(post_frame, service, body)
+            gate.wait_entered(entered + 1)  # holds the only slot
+            queued = pool.submit(post_frame, service, body)
+            wait_for_metric(service, "lensnet_queued_requests", 1)  # holds the only queue place
+            m = service.metrics()
+            assert (m["lensnet_in_flight_requests"], m["lensnet_queued_requests"]) == (2, 1)
+            refused = [post_frame(service, body) for _ in range(3)]
+            assert [r.status_code for r in refused] == [429] * 3
+            assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+            assert refused[0].json()["type"] == "urn:lensnet:problem:overloaded"
+            assert service.metrics()[refused_key] == before[refused_key] + 3
+
+            # The client's retries honour Retry-After and get through once the slot frees up.
+            def client_call() -> int:
+                with FocusClient(service.url, retries=3, max_backoff=5.0) as client:
+                    return client.focus(*snapshot(64, seed=7), w_max=64).length_before
+
+            retried = pool.submit(client_call)
+            wait_for_metric(service, refused_key, before[refused_key] + 4)  # its first try was refused
+            gate.open()
+            assert running.result().status_code == queued.result().status_code == 200
+            assert retried.result() == 64
     finally:
-        assert service.stop() == 0
+        gate.open()
+    after = service.metrics()
+    assert after[refused_key] == before[refused_key] + 4
+    key = 'lensnet_request_duration_seconds_count{endpoint="/v1/focus",status="%s"}'
+    assert after[key % 429] - before[key % 429] == 4 and after[key % 200] - before[key % 200] == 3
+    assert (after["lensnet_in_flight_requests"], after["lensnet_queued_requests"]) == (0, 0)
 
 
-def test_deadline_passed_during_the_model_is_504_with_nothing_recorded(live: LiveService) -> None:
-    before = live.metrics()
-    body = frame_body(*snapshot(4000, seed=8), options={"w_max": 4000})  # ~0.4 s of CPU inference
-    response = live.http.post("/v1/focus", content=body, headers={"content-type": FRAME, "x-request-timeout-ms": "5"})
-    assert response.status_code == 504 and response.json()["type"] == "urn:lensnet:problem:deadline-exceeded"
-    after = live.metrics()
-    deadline = 'lensnet_requests_refused_total{reason="deadline"}'
-    assert after[deadline] == before[deadline] + 1
-    assert after.get("lensnet_working_context_entries_count") == before.get("lensnet_working_context_entries_count")
-
-
-def test_deadline_passed_while_queued_is_504() -> None:
-    service = LiveService("--max-concurrency", "1", "--queue-size", "4").wait_ready()
+def test_deadline_passed_during_the_model_is_504_with_nothing_recorded(gated: tuple[LiveService, Gate]) -> None:
+    service, gate = gated
+    before = service.metrics()
+    body = frame_body(*snapshot(64, seed=8), options={"w_max": 64})
+    gate.close()
     try:
-        slow = frame_body(*snapshot(8192, seed=9), options={"w_max": 8192})  # ~1 s on the CPU
-        quick = frame_body(*snapshot(64, seed=9), options={"w_max": 64})
-        headers = {"content-type": FRAME}
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            first = pool.submit(httpx.post, service.url + "/v1/focus", content=slow, headers=headers, timeout=60)
-            while service.metrics().get("lensnet_in_flight_requests", 0) < 1:
-                time.sleep(0.01)
-            time.sleep(0.1)  # the slow one holds the only slot
-            queued = service.http.post("/v1/focus", content=quick, headers={**headers, "x-request-timeout-ms": "50"})
+            entered = gate.entered()
+            late = pool.submit(post_frame, service, body, **{"x-request-timeout-ms": "100"})
+            gate.wait_entered(entered + 1)  # inside the model (it arrived before: its deadline is < 100 ms away)…
+            time.sleep(0.15)  # …until its deadline has passed
+            gate.open()
+            response = late.result()
+    finally:
+        gate.open()
+    assert response.status_code == 504 and response.json()["type"] == "urn:lensnet:problem:deadline-exceeded"
+    assert "the model finished after the deadline" in response.json()["detail"]
+    after = service.metrics()
+    for reason, increment in (("deadline", 1), ("deadline_short", 0)):  # 100 ms is over the 3 ms budget
+        key = f'lensnet_requests_refused_total{{reason="{reason}"}}'
+        assert after[key] == before[key] + increment
+    for unrecorded in ("lensnet_working_context_entries_count", 'lensnet_entry_score_count{lod="0"}'):
+        assert after[unrecorded] == before[unrecorded]
+
+
+def test_deadline_passed_while_queued_is_504(gated: tuple[LiveService, Gate]) -> None:
+    service, gate = gated
+    before = service.metrics()
+    body = frame_body(*snapshot(64, seed=9), options={"w_max": 64})
+    gate.close()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            entered = gate.entered()
+            first = pool.submit(post_frame, service, body)
+            gate.wait_entered(entered + 1)  # it holds the only slot
+            queued = post_frame(service, body, **{"x-request-timeout-ms": "50"})
             assert queued.status_code == 504 and "waited for a slot" in queued.json()["detail"]
+            assert gate.entered() == entered + 1  # the queued request never reached the model
+            gate.open()
             assert first.result().status_code == 200
     finally:
-        assert service.stop() == 0
+        gate.open()
+    key = 'lensnet_requests_refused_total{reason="deadline"}'
+    assert service.metrics()[key] == before[key] + 1
 
 
-def test_not_ready_while_warming_up() -> None:
-    service = LiveService("--warmup-sizes", "[8192, 8192]")  # several seconds of warm-up on CPU
+def test_not_ready_while_warming_up(tmp_path: Path) -> None:
+    gate = Gate(tmp_path / "gate").arm()  # armed before start: the warm-up's first inference waits
+    service = LiveService(hooks={"model": gate.spec})
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                ready = service.http.get("/readyz")
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        gate.wait_entered(1, timeout=60)
+        ready = service.http.get("/readyz")
         assert ready.status_code == 503 and ready.json()["state"] == "loading"
         early = service.http.post(
             "/v1/focus", content=frame_body(*snapshot(64), options={"w_max": 64}), headers={"content-type": FRAME}
         )
         assert early.status_code == 503 and int(early.headers["retry-after"]) >= 1
         assert service.http.get("/healthz").status_code == 200  # alive while loading
+        m = service.metrics()
+        assert m['lensnet_requests_refused_total{reason="not_ready"}'] == 1 and m["lensnet_model_ready"] == 0
+        gate.open()
         service.wait_ready(120)
+        assert service.metrics()["lensnet_model_ready"] == 1
     finally:
+        gate.open()
         assert service.stop() == 0
 
 

@@ -8,7 +8,7 @@ import time
 
 from lensnet_client import frame
 
-from .live import LiveService, snapshot
+from .live import LiveService, snapshot, wait_for_metric
 
 FRAME = frame.MEDIA_TYPE
 BODY = frame.pack({"options": {"w_max": 64}}, dict(zip(("embeddings", "lod", "positions"), snapshot(64), strict=True)))
@@ -39,13 +39,6 @@ def response_of(connection: socket.socket, timeout: float) -> tuple[int, dict[st
     while len(body) < int(headers.get("content-length", 0)):
         body += connection.recv(65536)
     return int(status_line.split()[1]), headers, body.decode()
-
-
-def wait_for(service: LiveService, key: str, value: float, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while service.metrics().get(key, 0) < value:
-        assert time.monotonic() < deadline, f"{key} never reached {value}"
-        time.sleep(0.02)
 
 
 def test_a_stalled_upload_times_out_with_408_and_is_counted() -> None:
@@ -106,7 +99,7 @@ def test_admission_counts_uploads_from_their_first_byte() -> None:
     service = LiveService("--max-concurrency", "1", "--queue-size", "0").wait_ready()
     try:
         with start_upload(service, len(BODY), BODY[:100]) as first:
-            wait_for(service, "lensnet_in_flight_requests", 1)
+            wait_for_metric(service, "lensnet_in_flight_requests", 1)
             with start_upload(service, 8 << 20) as second:
                 status, headers, body = response_of(second, timeout=5)
             assert status == 429 and int(headers["retry-after"]) >= 1 and "uploading" in body
@@ -123,10 +116,10 @@ def test_bytes_in_flight_are_bounded() -> None:
     service = LiveService("--max-body-bytes", str(1 << 20), "--max-bytes-in-flight", str(1 << 20)).wait_ready()
     try:
         with start_upload(service, 1_040_000, b"LNF1"):
-            wait_for(service, "lensnet_in_flight_requests", 1)
+            wait_for_metric(service, "lensnet_in_flight_requests", 1)
             refused = service.http.post("/v1/focus", content=BODY, headers={"content-type": FRAME})
             assert refused.status_code == 429 and "bytes of request bodies in flight" in refused.json()["detail"]
-        wait_for(service, 'lensnet_request_duration_seconds_count{endpoint="/v1/focus",status="499"}', 1)
+        wait_for_metric(service, 'lensnet_request_duration_seconds_count{endpoint="/v1/focus",status="499"}', 1)
         assert service.http.post("/v1/focus", content=BODY, headers={"content-type": FRAME}).status_code == 200
     finally:
         assert service.stop() == 0
