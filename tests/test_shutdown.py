@@ -6,36 +6,52 @@ import concurrent.futures
 import signal
 import socket
 import time
+from pathlib import Path
 
 import httpx
 
 from lensnet_client import FocusClient, frame
 
-from .live import LiveService, snapshot
+from .hooked_service import Gate
+from .live import LiveService, snapshot, wait_for_metric
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0() -> None:
-    service = LiveService("--shutdown-grace-s", "30").wait_ready()
-    slow = frame.pack(
-        {"options": {"w_max": 8192}}, dict(zip(("embeddings", "lod", "positions"), snapshot(8192), strict=True))
-    )
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(
-            httpx.post, service.url + "/v1/focus", content=slow, headers={"content-type": frame.MEDIA_TYPE}, timeout=120
-        )
-        deadline = time.monotonic() + 30
-        while service.metrics().get("lensnet_in_flight_requests", 0) < 1:  # the slow request is being served
-            assert time.monotonic() < deadline and not in_flight.done()
-            time.sleep(0.02)
-        service.process.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        ready = service.http.get("/readyz")
-        assert ready.status_code == 503 and ready.json()["state"] == "draining"
-        refused = service.http.post("/v1/focus", content=frame.pack({}, {}), headers={"content-type": frame.MEDIA_TYPE})
-        assert refused.status_code == 503 and refused.json()["type"] == "urn:lensnet:problem:shutting-down"
-        assert int(refused.headers["retry-after"]) >= 1
-        assert service.process.poll() is None  # still draining
-        assert in_flight.result().status_code == 200  # the admitted request finished
+def wait_draining(service: LiveService, timeout: float = 10) -> None:
+    """Wait until SIGTERM has turned the service not-ready (AssertionError after `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while (ready := service.http.get("/readyz")).status_code == 200:
+        assert time.monotonic() < deadline, "still ready after SIGTERM"
+        time.sleep(0.01)
+    assert ready.status_code == 503 and ready.json()["state"] == "draining"
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path: Path) -> None:
+    gate = Gate(tmp_path / "gate")
+    service = LiveService("--shutdown-grace-s", "30", hooks={"model": gate.spec}).wait_ready()
+    gate.arm()
+    arrays = dict(zip(("embeddings", "lod", "positions"), snapshot(64), strict=True))
+    body = frame.pack({"options": {"w_max": 64}}, arrays)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(
+                httpx.post, service.url + "/v1/focus", content=body, headers={"content-type": frame.MEDIA_TYPE},
+                timeout=60,
+            )  # fmt: skip
+            gate.wait_entered(1)  # the request is inside the model, and stays there until the gate opens
+            service.process.send_signal(signal.SIGTERM)
+            wait_draining(service)
+            refused = service.http.post(
+                "/v1/focus", content=frame.pack({}, {}), headers={"content-type": frame.MEDIA_TYPE}
+            )
+            assert refused.status_code == 503 and refused.json()["type"] == "urn:lensnet:problem:shutting-down"
+            assert int(refused.headers["retry-after"]) >= 1
+            m = service.metrics()
+            assert m['lensnet_requests_refused_total{reason="shutting_down"}'] == 1 and m["lensnet_model_ready"] == 0
+            assert service.process.poll() is None  # still draining
+            gate.open()
+            assert in_flight.result().status_code == 200  # the admitted request finished
+    finally:
+        gate.open()
     assert service.stop(timeout=60) == 0
 
 
@@ -47,15 +63,12 @@ def test_a_request_still_uploading_at_sigterm_is_served() -> None:
         f"POST /v1/focus HTTP/1.1\r\nHost: x\r\nContent-Type: {frame.MEDIA_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     with socket.create_connection(("127.0.0.1", service.port)) as upload:
+        upload.settimeout(30)
         upload.sendall(head.encode() + body[:100])  # headers and the first bytes only
-        deadline = time.monotonic() + 10
-        while service.metrics().get("lensnet_in_flight_requests", 0) < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for_metric(service, "lensnet_in_flight_requests", 1, timeout=10)
         service.process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        assert service.http.get("/readyz").status_code == 503  # draining…
-        assert service.process.poll() is None  # …but waiting for the upload
+        wait_draining(service)
+        assert service.process.poll() is None  # draining, but waiting for the upload
         upload.sendall(body[100:])
         answer = upload.recv(65536).decode(errors="replace")
     assert answer.startswith("HTTP/1.1 200"), answer[:200]
@@ -85,10 +98,7 @@ def test_an_upload_unfinished_when_the_grace_period_ends_gets_a_503_problem() ->
     )
     with socket.create_connection(("127.0.0.1", service.port)) as upload:
         upload.sendall(head.encode() + body[:100])  # and never the rest
-        deadline = time.monotonic() + 10
-        while service.metrics().get("lensnet_in_flight_requests", 0) < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for_metric(service, "lensnet_in_flight_requests", 1, timeout=10)
         service.process.send_signal(signal.SIGTERM)
         upload.settimeout(15)
         answer = b""
