@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,6 +25,7 @@ from lensnet_client import (
     frame,
 )
 
+from .hooked_service import Gate
 from .live import LiveService, snapshot
 
 FRAME = frame.MEDIA_TYPE
@@ -119,25 +122,38 @@ def test_failed_steps_leave_the_session_exactly_as_it_was(live: LiveService) -> 
         assert result.version == 2 and session.resyncs == 0
 
 
-def test_a_step_past_its_deadline_is_undone(live: LiveService) -> None:
-    """504 after the model ran: the delta was applied and is rolled back; the same step then succeeds."""
-    embeddings, lod, positions = snapshot(1500, seed=5)
-    with FocusClient(live.url, timeout=60) as client, FocusSession(client, w_max=1500) as session:
-        session.open(embeddings, lod, positions)
-        sid = session.state.session_id
-        model_ms = client.focus(embeddings, lod, positions, w_max=1500).server_timing["model"]
-        append = tail_append(session.lod, session.positions, 16)
-        late = 0
-        for _ in range(5):
-            try:
-                session.step(applied=[], **append, deadline_ms=model_ms / 3)
-            except FocusError as error:
-                assert error.status == 504
-                late += error.problem["detail"] == "the model finished after the deadline"
-            info = live.http.get(f"/v1/sessions/{sid}").json()
-            assert (info["version"], info["n"]) == (1, 1500)
-        assert late >= 1  # at least one step got as far as the model before its deadline passed
-        assert session.step(applied=[], **append).version == 2
+def test_a_step_past_its_deadline_is_undone(tmp_path: Path) -> None:
+    """504 after the model ran (the step is held in the model past its deadline): the delta was
+    applied and is rolled back; the same step then succeeds."""
+    gate = Gate(tmp_path / "gate")
+    service = LiveService(hooks={"model": gate.spec}).wait_ready()
+    embeddings, lod, positions = snapshot(64, seed=5)
+    try:
+        with FocusClient(service.url, timeout=60) as client, FocusSession(client, w_max=64) as session:
+            session.open(embeddings, lod, positions)
+            sid = session.state.session_id
+            append = tail_append(session.lod, session.positions, 16)
+            gate.arm()
+
+            def late_step() -> FocusError:
+                with pytest.raises(FocusError) as error:
+                    session.step(applied=[], **append, deadline_ms=100)
+                return error.value
+
+            with ThreadPoolExecutor(1) as pool:
+                step = pool.submit(late_step)
+                gate.wait_entered(1)  # in the model, the delta applied; it arrived before, so within 100 ms…
+                time.sleep(0.15)  # …its deadline passes
+                gate.open()
+                error = step.result()
+            assert error.status == 504 and error.problem["detail"] == "the model finished after the deadline"
+            info = service.http.get(f"/v1/sessions/{sid}").json()
+            assert (info["version"], info["n"]) == (1, 64)
+            assert service.metrics()['lensnet_requests_refused_total{reason="deadline"}'] == 1
+            assert session.step(applied=[], **append).version == 2
+    finally:
+        gate.open()
+        assert service.stop() == 0
 
 
 def test_session_calls_use_the_same_limits_and_json(live: LiveService) -> None:

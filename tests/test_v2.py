@@ -9,8 +9,8 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -20,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from lensnet_client import FocusClient, oip
 
+from .hooked_service import Gate
 from .live import REPO, LiveService, snapshot
 
 MODEL = json.loads((REPO / "models" / "default" / "manifest.json").read_text())["model"]
@@ -220,17 +221,12 @@ def test_readme_tritonclient_example_runs(live: LiveService) -> None:
     assert result.stdout.split("\n")[0] == "(512,) float32"
 
 
-def test_not_ready_while_warming_up_in_the_protocol_s_terms() -> None:
-    service = LiveService("--warmup-sizes", "[2048, 2048, 2048, 2048]")  # a few seconds of warm-up on CPU
+def test_not_ready_while_warming_up_in_the_protocol_s_terms(tmp_path: Path) -> None:
+    gate = Gate(tmp_path / "gate").arm()  # armed before start: the warm-up's first inference waits
+    service = LiveService(hooks={"model": gate.spec})
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                ready = service.http.get("/v2/health/ready")
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        gate.wait_entered(1, timeout=60)
+        ready = service.http.get("/v2/health/ready")
         assert ready.status_code == 400 and ready.content == b""  # false, while loading
         assert service.http.get("/v2/health/live").status_code == 200
         assert service.http.get(f"/v2/models/{NAME}/ready").status_code == 400
@@ -238,27 +234,36 @@ def test_not_ready_while_warming_up_in_the_protocol_s_terms() -> None:
         early = service.http.post(f"/v2/models/{NAME}/infer", content=body, headers=headers)
         assert early.status_code == 503 and int(early.headers["retry-after"]) >= 1
         assert early.json() == {"error": "model loading"}
+        gate.open()
         service.wait_ready(120)
         assert service.http.get("/v2/health/ready").status_code == 200
     finally:
+        gate.open()
         assert service.stop() == 0
 
 
-def test_overload_is_429_with_retry_after_in_the_protocol_s_terms() -> None:
-    service = LiveService("--max-concurrency", "1", "--queue-size", "0").wait_ready()
+def test_overload_is_429_with_retry_after_in_the_protocol_s_terms(tmp_path: Path) -> None:
+    gate = Gate(tmp_path / "gate")
+    service = LiveService("--max-concurrency", "1", "--queue-size", "0", hooks={"model": gate.spec}).wait_ready()
+    gate.arm()
     try:
-        body, headers = oip.pack(dict(zip(("embeddings", "lod", "positions"), snapshot(2048, seed=7), strict=True)))
+        body, headers = oip.pack(dict(zip(("embeddings", "lod", "positions"), snapshot(64, seed=7), strict=True)))
 
-        def post(_: int) -> httpx.Response:
-            return httpx.post(f"{service.url}/v2/models/{NAME}/infer", content=body, headers=headers, timeout=120)
+        def post() -> httpx.Response:
+            return httpx.post(f"{service.url}/v2/models/{NAME}/infer", content=body, headers=headers, timeout=60)
 
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            responses = list(pool.map(post, range(6)))
-        refused = [r for r in responses if r.status_code == 429]
-        assert refused and all(r.status_code in (200, 429) for r in responses)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(post)
+            gate.wait_entered(1)  # it holds the only place
+            refused = [post() for _ in range(3)]
+            gate.open()
+            assert running.result().status_code == 200
+        assert [r.status_code for r in refused] == [429] * 3
         assert all(int(r.headers["retry-after"]) >= 1 and set(r.json()) == {"error"} for r in refused)
         metrics = service.metrics()
-        assert metrics['lensnet_requests_refused_total{reason="overload"}'] == len(refused)
-        assert metrics['lensnet_request_duration_seconds_count{endpoint="/v2/infer",status="429"}'] == len(refused)
+        assert metrics['lensnet_requests_refused_total{reason="overload"}'] == 3
+        assert metrics['lensnet_request_duration_seconds_count{endpoint="/v2/infer",status="429"}'] == 3
+        assert metrics['lensnet_request_duration_seconds_count{endpoint="/v2/infer",status="200"}'] == 1
     finally:
+        gate.open()
         assert service.stop() == 0
