@@ -21,8 +21,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from lensnet_client import FocusClient, frame, validate_layout
+from lensnet_client import FocusClient, FocusSession, frame, oip, validate_layout
 from service.core.allocator import AllocatorOptions, allocate
+from service.metrics import SCORED
 
 from .hooked_service import Gate
 from .live import REPO, LiveService, snapshot, wait_for_metric
@@ -383,35 +384,74 @@ def test_a_client_gone_mid_upload_is_not_an_error(live: LiveService) -> None:
 
 
 def test_metrics_count_exactly_what_was_served() -> None:
-    service = LiveService().wait_ready()
+    """Every allocation counter moves by exactly what the answers report; with a budget no request
+    can miss (60 s), none is counted over it."""
+    service = LiveService("--latency-budget-ms", "60000").wait_ready()
     try:
         with FocusClient(service.url) as client:
             edits: Counter[tuple[str, str, str]] = Counter()
             entries = Counter()
-            clamps = Counter()
-            for seed, n in enumerate((300, 500, 700)):
+            clamps: Counter[str] = Counter()
+            rejected: Counter[str] = Counter()
+            unmet = 0
+            # w_max = 1 cannot be met (max_edits 1 collapses one group): the step stays over budget.
+            for seed, (n, w_max, max_edits) in enumerate(((300, 260, 20), (500, 460, 20), (700, 660, 20), (64, 1, 1))):
                 embeddings, lod, positions = snapshot(n, seed=seed)
-                result = client.focus(embeddings, lod, positions, w_max=n - 40, max_edits=20)
+                result = client.focus(embeddings, lod, positions, w_max=w_max, max_edits=max_edits)
                 edits.update((e.action, e.cause, str(e.lod_before)) for e in result.edits)
                 entries.update(str(level) for level in lod.tolist())
-                clamps.update({k: v for k, v in result.counters["clamped"].items()})
+                clamps.update(result.counters["clamped"])
+                rejected.update(result.counters["rejected"])
+                unmet += not result.budget_met
             client.score(*snapshot(100, seed=9)[:3])
             entries.update(str(level) for level in snapshot(100, seed=9)[1].tolist())
+        assert unmet == 1 and clamps.total() > 0 and rejected.total() > 0 and edits.total() > 0
         m = service.metrics()
         for (action, cause, lod), count in edits.items():
             assert m[f'lensnet_edits_total{{action="{action}",cause="{cause}",lod="{lod}"}}'] == count
         assert sum(v for k, v in m.items() if k.startswith("lensnet_edits_total{")) == sum(edits.values())
         for lod, count in entries.items():
             assert m[f'lensnet_entry_score_count{{lod="{lod}"}}'] == count
-        for action, count in clamps.items():
-            assert m.get(f'lensnet_clamps_total{{action="{action}"}}', 0) == count
-        assert m['lensnet_request_duration_seconds_count{endpoint="/v1/focus",status="200"}'] == 3
+        for action in ("expand", "collapse"):
+            assert m[f'lensnet_clamps_total{{action="{action}"}}'] == clamps[action]
+        for reason in ("protected", "cooldown", "threshold", "overlap", "budget", "max_edits"):
+            assert m[f'lensnet_allocator_rejections_total{{reason="{reason}"}}'] == rejected[reason]
+        assert m["lensnet_budget_unmet_total"] == 1
+        assert m['lensnet_request_duration_seconds_count{endpoint="/v1/focus",status="200"}'] == 4
         assert m['lensnet_request_duration_seconds_count{endpoint="/v1/score",status="200"}'] == 1
-        assert m["lensnet_working_context_entries_count"] == 4
-        assert m['lensnet_stage_duration_seconds_count{stage="model"}'] == 4
+        assert (m["lensnet_working_context_entries_count"], m["lensnet_working_context_entries_sum"]) == (5, 1664)
+        assert m['lensnet_stage_duration_seconds_count{stage="model"}'] == 5
+        assert {k: v for k, v in m.items() if k.startswith("lensnet_requests_over_budget_total")} == {
+            f'lensnet_requests_over_budget_total{{endpoint="{e}"}}': 0 for e in SCORED
+        }
         assert m["lensnet_model_ready"] == 1
         assert any(k.startswith("lensnet_model_info{") and 'precision="fp32"' in k for k in m)
-        assert 'lensnet_request_duration_seconds_bucket{endpoint="/v1/focus",le="0.003",status="200"}' in m
+        assert 'lensnet_request_duration_seconds_bucket{endpoint="/v1/focus",le="60.0",status="200"}' in m
+    finally:
+        assert service.stop() == 0
+
+
+def test_requests_slower_than_the_budget_are_counted_per_endpoint() -> None:
+    """A 50 ms model against a 1 ms budget: each scored request counts once, under its endpoint."""
+    service = LiveService("--latency-budget-ms", "1", hooks={"model": 0.05}).wait_ready()
+    try:
+        before = service.metrics()
+        embeddings, lod, positions = snapshot(64, seed=14)
+        with FocusClient(service.url) as client:
+            client.focus(embeddings, lod, positions, w_max=64)
+            client.score(embeddings, lod, positions)
+            session = FocusSession(client, w_max=64)
+            result = session.open(embeddings, lod, positions)
+            created = np.zeros((sum(e.added for e in result.edits), 256), np.float16)
+            session.step(created=created)
+        body, headers = oip.pack({"embeddings": embeddings, "lod": lod, "positions": positions})
+        assert service.http.post("/v2/models/lensnet-demo/infer", content=body, headers=headers).status_code == 200
+        service.http.get("/v1/model")
+        after = service.metrics()
+        for endpoint in SCORED:
+            key = f'lensnet_requests_over_budget_total{{endpoint="{endpoint}"}}'
+            assert after[key] == before[key] + 1, endpoint
+        assert not any(k.startswith("lensnet_requests_over_budget_total") and "/v1/model" in k for k in after)
     finally:
         assert service.stop() == 0
 
