@@ -300,3 +300,92 @@ def test_apply_edits_refuses_stale_or_overlapping_edits() -> None:
     assert apply_edits(lod, pos, [a, b], B)[0].tolist() == [0, 0, 0, 0, 1]
     with pytest.raises(ValueError, match="overlaps"):
         apply_edits(lod, pos, [a, Edit("collapse", 2, B, 1, 0, 1, 5, 4, -0.9, "threshold")], B)
+
+
+# --- exactly on each threshold, and one float32 ulp (or one step) beyond ---------------------------
+
+BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0)))  # the float32 just under 0.5
+
+
+@pytest.mark.parametrize(("score", "taken"), [(0.5, True), (BELOW_HALF, False)])
+def test_expand_threshold_is_inclusive(score: float, taken: bool) -> None:
+    result = run((1, 0), [score, 0.0], tau_expand=0.5)
+    assert list(result.edits) == ([expand(0, 1, 0, score)] if taken else [])
+    assert result.counters.rejected["threshold"] == (0 if taken else 1)
+
+
+@pytest.mark.parametrize(("score", "taken"), [(-0.5, True), (-BELOW_HALF, False)])
+def test_collapse_threshold_is_inclusive(score: float, taken: bool) -> None:
+    result = run((0, 0, 0, 0), [score] * 4, tau_collapse=0.5)  # block score (mean) = score
+    assert list(result.edits) == ([collapse(0, 0, 0, score, "threshold")] if taken else [])
+    assert result.counters.rejected["threshold"] == (0 if taken else 1)
+
+
+@pytest.mark.parametrize(("w_max", "edits"), [(8, 0), (7, 1)])
+def test_budget_collapses_only_beyond_w_max(w_max: int, edits: int) -> None:
+    """Length 8 with w_max 8 is within budget: no collapse; w_max 7 needs exactly one."""
+    result = run((0,) * 8, [-0.1] * 8, w_max=w_max)
+    assert [e.cause for e in result.edits] == ["budget"] * edits
+    assert (result.length_after, result.budget_met, result.budget_note) == (8 - 3 * edits, True, None)
+
+
+@pytest.mark.parametrize(("w_max", "met"), [(5, True), (4, False)])
+def test_budget_is_met_at_exactly_w_max(w_max: int, met: bool) -> None:
+    """One collapse (max_edits 1) takes 8 entries to 5: met for w_max 5, not for 4."""
+    result = run((0,) * 8, [-0.1] * 8, w_max=w_max, max_edits=1)
+    assert (result.length_after, result.budget_met) == (5, met)
+    assert (result.budget_note is None) == met
+
+
+@pytest.mark.parametrize(("w_max", "taken"), [(5, True), (4, False)])
+def test_an_expansion_fits_up_to_exactly_w_max(w_max: int, taken: bool) -> None:
+    """A LOD1 expansion turns 2 entries into 5: taken at w_max 5, not at 4 (no group to make room)."""
+    result = run((1, 1), [0.9, 0.0], w_max=w_max)
+    assert [e.index for e in result.edits] == ([0] if taken else [])
+    assert result.counters.rejected["budget"] == (0 if taken else 1)
+
+
+@pytest.mark.parametrize(("age", "blocked"), [(2, True), (3, False)])
+def test_cooldown_window_includes_its_last_step(age: int, blocked: bool) -> None:
+    """cooldown_steps 2: an edit 2 steps ago is still within the window, 3 steps ago is not."""
+    result = run((1, 0), [0.9, 0.0], history=(HistoryItem("collapse", 1, 0, age=age),), cooldown_steps=2)
+    assert [e.index for e in result.edits] == ([] if blocked else [0])
+    assert result.counters.rejected["cooldown"] == (1 if blocked else 0)
+
+
+@pytest.mark.parametrize(("max_edits", "rejected"), [(3, 0), (2, 1)])
+def test_max_edits_edge(max_edits: int, rejected: int) -> None:
+    result = run((1, 1, 1), [0.9, 0.8, 0.7], max_edits=max_edits)
+    assert [e.index for e in result.edits] == [0, 1, 2][:max_edits]
+    assert result.counters.rejected["max_edits"] == rejected
+
+
+ABOVE_07 = float(np.nextafter(np.float32(0.7), np.float32(1)))  # the float32 just over 0.7
+
+
+@pytest.mark.parametrize(("root", "traded"), [(0.7, False), (ABOVE_07, True)])
+def test_make_room_needs_a_block_strictly_below_the_expansion(root: float, traded: bool) -> None:
+    """The LOD2 root's expansion against its only room, a LOD1 group of block score 0.7 (as in
+    test_make_room_only_when_the_expansion_outweighs_the_block): equal, no trade; one ulp above, a trade."""
+    result = run((2, 1, 1, 1, 1), [root, 0.7, 0.7, 0.7, 0.7], w_max=5)
+    expected = [expand(0, 2, 0, root), collapse(1, 1, 16, 0.7, "make_room")] if traded else []
+    assert list(result.edits) == expected
+    assert result.scores[0] == np.float32(root)  # the strict comparison is on float32 values
+
+
+@pytest.mark.parametrize(("score", "clamped"), [(0.0, 0), (float(np.nextafter(np.float32(0), np.float32(1))), 1)])
+def test_clamp_counts_only_scores_beyond_zero(score: float, clamped: int) -> None:
+    """A LOD0 score of exactly 0 asks for nothing; the smallest positive float32 asks to expand."""
+    result = run((0, 0), [score, -score])
+    assert result.counters.clamped_expand == clamped
+
+
+@pytest.mark.parametrize(("score", "valid"), [(1.0, True), (float(np.nextafter(np.float32(1), np.float32(2))), False)])
+def test_scores_may_reach_exactly_one(score: float, valid: bool) -> None:
+    layout = validate_layout(*wc(1, 0), B, L)
+    scores = np.array([score, -score], dtype=np.float32)
+    if valid:
+        assert [e.index for e in allocate(layout, scores, opts()).edits] == [0]
+    else:
+        with pytest.raises(SnapshotError, match=r"scores\[0\]"):
+            allocate(layout, scores, opts())
