@@ -1,13 +1,15 @@
 """The dashboard and the alert rules against a live service scraped by a real Prometheus.
 
-One module-scoped stack: `lensnet-serve` on the bundled demo model and Debian's `prometheus` on
-loopback, scraping every second and evaluating deploy/prometheus/rules every second. The scrape
+One module-scoped stack: the service on the bundled demo model (under tests.hooked_service: its
+model stage takes 5 ms longer, so every answered scoring request is over the 3 ms budget on any
+hardware, and a gate in its queue stage makes overload happen by construction) and Debian's
+`prometheus` on loopback, scraping every second and evaluating deploy/prometheus/rules every second. The scrape
 job mirrors the ServiceMonitor (deploy/k8s): the same job name, namespace/pod/endpoint target
 labels and honor_labels, so the queries are checked against the labels they get on Kubernetes.
 Known traffic covers every series the dashboard shows: focus and score requests (edits, clamps,
 scores at every LOD), 422s, 413s (too large), 429s (overload) and 504s (deadline), ΔNLL feedback
 (a healthy run; a polarity-flipped one in the last test), a shadow model (the bundled one
-shadowing itself), and a focus session (created, stepped, 409, deleted, 404).
+shadowing itself), a focus session (created, stepped, 409, deleted, 404) and one left open.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from examples.policy_health import Sent, collect_edits, send_feedback
 from lensnet_client import FocusClient
 from lensnet_client.layout import synthetic_layout
+from tests.hooked_service import Gate
 from tests.live import free_port
 from tests.test_deploy import FINAL_STAGES, all_panels, dashboard, dockerfile_stages
 
@@ -48,9 +51,15 @@ K8S = DEPLOY / "k8s"
 
 JOB = "lensnet-focus"  # what the ServiceMonitor's job label is: the Service's name
 POD = "lensnet-focus-test-0"
-# The service runs with one inference slot and no queue, so concurrent requests get 429s, and
-# with a WC limit of 400 entries, so 500 entries get a 413.
+# The service runs with one inference slot and no queue, so a request held at the queue gate makes
+# the next ones 429s (OVERLOADED per round), and with a WC limit of 400 entries, so 500 entries get a 413.
 MAX_ENTRIES = 400
+OVERLOADED = 4
+# Added to every inference (a test hook): over the 3 ms budget whatever the hardware.
+MODEL_DELAY_S = 0.005
+# The scoring endpoints, as the rules select them.
+SCORING_ENDPOINTS = "/v1/(focus|score|sessions|sessions/[^/]+/focus)|/v2/infer"
+SCORING = f'lensnet_request_duration_seconds_count{{job="{JOB}",endpoint=~"{SCORING_ENDPOINTS}"}}'
 # Policy health: the service's count window, and the matched feedback items sent per run (healthy
 # in the stack, polarity-flipped in the last test); the alerts need at least 100 items.
 WINDOW = 120
@@ -76,10 +85,11 @@ def eventually(check: Callable[[], T | None], timeout: float, what: str, interva
 
 
 @contextmanager
-def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A subprocess logging to `log`, stopped (SIGTERM, then SIGKILL) however the block ends."""
+def process(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A subprocess logging to `log` (with `env` added to its environment), stopped (SIGTERM, then
+    SIGKILL) however the block ends."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})})
         try:
             yield proc
         finally:
@@ -136,7 +146,7 @@ def snapshot(rng: np.random.Generator, n: int, model: dict[str, Any]) -> dict[st
     return {"embeddings": embeddings.tolist(), "lod": lod.tolist(), "positions": positions.tolist()}
 
 
-def send_traffic(url: str, seed: int) -> Counter[tuple[str, int]]:
+def send_traffic(url: str, seed: int, gate: Gate) -> Counter[tuple[str, int]]:
     """One round of known traffic; returns what was answered, by (endpoint, status)."""
     sent: Counter[tuple[str, int]] = Counter()
     rng = np.random.default_rng(seed)
@@ -148,7 +158,7 @@ def send_traffic(url: str, seed: int) -> Counter[tuple[str, int]]:
             sent[endpoint, status] += 1
             return status
 
-        def post_raw(payload: bytes) -> int:  # from the burst's threads: one connection each
+        def post_raw(payload: bytes) -> int:  # one connection each (the held request's is another thread's)
             with httpx.Client(base_url=url, timeout=30) as own:
                 return own.post("/v1/score", content=payload, headers={"content-type": "application/json"}).status_code
 
@@ -160,28 +170,41 @@ def send_traffic(url: str, seed: int) -> Counter[tuple[str, int]]:
         created = client.post("/v1/sessions", json=snapshot(rng, 200, model) | {"options": {"w_max": 250}})
         assert created.status_code == 201
         step = f"/v1/sessions/{created.json()['session_id']}/focus"
-        for version in (1, 2):
-            assert client.post(step, json={"version": version, "applied": []}).status_code == 200
-        assert client.post(step, json={"version": 1, "applied": []}).status_code == 409
+
+        def post_step(version: int) -> int:
+            status = client.post(step, json={"version": version, "applied": []}).status_code
+            sent["/v1/sessions/{id}/focus", status] += 1
+            return status
+
+        sent["/v1/sessions", 201] += 1
+        assert [post_step(1), post_step(2), post_step(1)] == [200, 200, 409]  # the last: a stale version
         assert client.delete(step.removesuffix("/focus")).status_code == 204
-        assert client.post(step, json={"version": 3, "applied": []}).status_code == 404
+        assert post_step(3) == 404
+        kept = client.post("/v1/sessions", json=snapshot(rng, 100, model) | {"options": {"w_max": 250}})
+        assert kept.status_code == 201  # stays open: the session gauges show it
+        sent["/v1/sessions", 201] += 1
         invalid = snapshot(rng, 100, model)
         invalid["positions"] = [p + 1 for p in invalid["positions"]]  # misaligned spans
         assert post("/v1/score", invalid) == 422
         assert post("/v1/focus", snapshot(rng, MAX_ENTRIES + 100, model) | {"options": {"w_max": 250}}) == 413
         assert post("/v1/focus", snapshot(rng, 64, model) | {"options": {"w_max": 250}},
                     **{"X-Request-Timeout-Ms": "0.001"}) == 504  # fmt: skip
-        # Overload: bursts of concurrent requests (bodies serialised up front, so they arrive
-        # together) on one inference slot without a queue.
-        burst = [json.dumps(snapshot(rng, MAX_ENTRIES, model)).encode() for _ in range(6)]
-        with ThreadPoolExecutor(len(burst)) as pool:
-            for _ in range(20):
-                if sent["/v1/score", 429] >= 3:
-                    break
-                statuses = list(pool.map(post_raw, burst))
-                assert set(statuses) <= {200, 429}, statuses
-                sent.update(("/v1/score", status) for status in statuses)
-    assert sent["/v1/score", 429] >= 3, sent
+        # Overload, by construction: a request held at the queue gate takes the only place (one slot,
+        # no queue), so each of the next OVERLOADED is refused 429 at once; then the gate opens.
+        body = json.dumps(snapshot(rng, 64, model)).encode()
+        gate.close()
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                entered = gate.entered()
+                held = pool.submit(post_raw, body)
+                gate.wait_entered(entered + 1)
+                refused = [post_raw(body) for _ in range(OVERLOADED)]
+                gate.open()
+                assert held.result() == 200 and refused == [429] * OVERLOADED, refused
+        finally:
+            gate.open()
+        sent["/v1/score", 200] += 1
+        sent["/v1/score", 429] += OVERLOADED
     return sent
 
 
@@ -206,11 +229,12 @@ def prometheus_config(service_port: int) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    prometheus, serve = executable("prometheus"), executable("lensnet-serve")
+    prometheus = executable("prometheus")
     if prometheus is None:
         pytest.skip("prometheus is not installed (scripts/bootstrap test installs Debian's package)")
-    assert serve, "lensnet-serve is installed with the project"
     tmp = tmp_path_factory.mktemp("observability")
+    gate = Gate(tmp / "queue-gate")
+    hooks = {"model": MODEL_DELAY_S, "queue": gate.spec}
     service_port, prometheus_port = free_port(), free_port()
     config = tmp / "prometheus.yml"
     config.write_text(yaml.safe_dump(prometheus_config(service_port)))
@@ -218,16 +242,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with ExitStack() as resources:
         service_log, prometheus_log = tmp / "service.log", tmp / "prometheus.log"
         service = resources.enter_context(process([
-            serve, "--host", "127.0.0.1", "--port", str(service_port), "--warmup-sizes", "[32]",
-            "--max-concurrency", "1", "--queue-size", "0", "--max-entries", str(MAX_ENTRIES),
+            sys.executable, "-m", "tests.hooked_service", "--host", "127.0.0.1", "--port", str(service_port),
+            "--warmup-sizes", "[32]", "--max-concurrency", "1", "--queue-size", "0", "--max-entries", str(MAX_ENTRIES),
             "--shutdown-grace-s", "2", "--log-level", "warning", "--correlation-window-count", str(WINDOW),
             "--shadow-model-dir", str(ROOT / "models" / "default"), "--shadow-sample-rate", "1",
-        ], service_log))  # fmt: skip
+        ], service_log, {"LENSNET_TEST_HOOKS": json.dumps(hooks)}))  # fmt: skip
         prom = resources.enter_context(process([
             prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{prometheus_port}", "--log.level=warn",
         ], prometheus_log))  # fmt: skip
         eventually(lambda: ready(service, service_log, f"{service_url}/readyz"), 60, "the service")
+        gate.arm().open()
         shadow = "lensnet_shadow_model_info{"
         eventually(lambda: shadow in httpx.get(f"{service_url}/metrics").text, 60, "the shadow model")
         eventually(lambda: ready(prom, prometheus_log, f"{prometheus_url}/-/ready"), 30, "Prometheus")
@@ -238,10 +263,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
         # Two rounds with a scrape in between: rate() only sees increases after a series' first
         # sample, so every series must exist before the second round increases it.
-        scoring = f'lensnet_request_duration_seconds_count{{job="{JOB}",endpoint=~"/v1/(focus|score)"}}'
         for seed in (1, 2):
-            live.sent += send_traffic(service_url, seed)
-            expected = f"sum({scoring}) == {live.sent.total()}"
+            live.sent += send_traffic(service_url, seed, gate)
+            expected = f"sum({SCORING}) == {live.sent.total()}"
             eventually(lambda q=expected: live.query(q), 20, "Prometheus to scrape the traffic")
         live.feedback = feedback_run(live, service_url, k=1.0, seed=3)  # a healthy policy
 
@@ -289,6 +313,17 @@ def expand(expr: str, variables: dict[str, str]) -> str:
     return expanded
 
 
+# Dashboard targets ("panel title/refId") the known traffic leaves at 0, and why.
+QUIET_TARGETS = {
+    "Under 3 ms (time range)/A": "the model hook makes every answered request slower than 3 ms",
+    "In-flight and queued requests/A": "a gauge: the traffic is over when the dashboard is read",
+    "In-flight and queued requests/B": "a gauge: the traffic is over when the dashboard is read",
+    "Model errors/A": "the bundled model has no fault",
+    "Deployment trace records written and dropped/A": "the stack writes no traces (tests/test_traces.py)",
+    "Deployment trace records written and dropped/B": "the stack writes no traces (tests/test_traces.py)",
+    "Session evictions by reason/A": "no session bound is reached (tests/test_sessions.py)",
+}
+
 # The `All` selection of the multi-value variables is their allValue, `.*`.
 ALL = {"job": JOB, "instance": ".*", "lod": ".*"}
 
@@ -315,7 +350,8 @@ def test_dashboard_variables_find_the_service(stack: Stack) -> None:
     ("panel", "target"), [t[1:] for t in dashboard_targets()], ids=[t[0] for t in dashboard_targets()]
 )
 def test_dashboard_query_returns_data(stack: Stack, panel: dict[str, Any], target: dict[str, Any]) -> None:
-    """Every panel query parses and returns at least one finite value after the known traffic.
+    """Every panel query returns a finite value after the known traffic, and a non-zero one unless
+    the traffic leaves it at 0 by design (QUIET_TARGETS): a counter that never moves fails here.
 
     A repeated panel is checked once per value of its variable (the score heatmap: once per LOD).
     """
@@ -325,11 +361,15 @@ def test_dashboard_query_returns_data(stack: Stack, panel: dict[str, Any], targe
         (variable,) = [v for v in dashboard()["templating"]["list"] if v["name"] == repeat]
         values = label_values(stack, variable["definition"])
         assert values, repeat
+    quiet = f"{panel['title']}/{target['refId']}" in QUIET_TARGETS
     for value in values:
         expr = expand(target["expr"], ALL | ({repeat: value} if repeat else {}))
         result = stack.query(expr, at=stack.at)
-        finite = [s for s in result if math.isfinite(float(s["value"][1]))]
+        finite = [float(s["value"][1]) for s in result if math.isfinite(float(s["value"][1]))]
         assert finite, f"{panel['title']} ({repeat}={value}): no data for {expr}\n{result}"
+        assert quiet or any(finite), f"{panel['title']} ({repeat}={value}): only zeros for {expr}\n{result}"
+        if quiet:
+            assert not any(finite), f"{panel['title']}: listed as quiet but moved ({expr}): {result}"
 
 
 def exposed_metric_names(live: Stack) -> set[str]:
@@ -361,8 +401,7 @@ def test_every_referenced_metric_is_exposed_by_the_service(stack: Stack) -> None
 def test_prometheus_counts_exactly_the_traffic_sent(stack: Stack) -> None:
     """The scraped request and refusal counters agree with what the client saw, under the
     ServiceMonitor's labelling (its `endpoint` target label must not replace the service's)."""
-    scoring = f'lensnet_request_duration_seconds_count{{job="{JOB}",endpoint=~"/v1/(focus|score)"}}'
-    result = stack.query(f"sum by (endpoint, status) ({scoring})", at=stack.at)
+    result = stack.query(f"sum by (endpoint, status) ({SCORING})", at=stack.at)
     seen = {(s["metric"]["endpoint"], int(s["metric"]["status"])): int(float(s["value"][1])) for s in result}
     assert {key: count for key, count in seen.items() if count} == dict(stack.sent)  # the rest exist at 0
     refused = stack.query(f'lensnet_requests_refused_total{{job="{JOB}"}}', at=stack.at)
@@ -381,9 +420,71 @@ def rules() -> list[dict[str, Any]]:
     return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
 
 
+def recording_time(stack: Stack) -> float:
+    """The last evaluation of the recording group up to `stack.at`. Rules built on recorded series
+    are checked there: a rate taken between scrapes is extrapolated by (time since the last scrape)
+    / (time sampled), so a recorded rate and a raw one agree only at the same evaluation time."""
+    (sample,) = stack.query(f'max(timestamp(lensnet:requests:rate5m{{job="{JOB}"}}))', at=stack.at)
+    at = float(sample["value"][1])
+    (scored,) = stack.query(f"sum({SCORING})", at=at)
+    assert float(scored["value"][1]) == stack.sent.total(), "the recording saw all the traffic"
+    return at
+
+
+def check_recorded(stack: Stack, record: str, result: list[dict[str, Any]], at: float) -> None:
+    """`record`'s series at `at` hold what the known traffic gives: exact shares where the traffic
+    fixes them (all counters start at 0 and are scraped together, so the ratios of their rates are
+    the ratios of their counts), bounds where the model's scores decide."""
+    values = [float(sample["value"][1]) for sample in result]
+    total = stack.sent.total()
+    by_status = Counter({status: n for (_, status), n in stack.sent.items()})
+    # 4xx but 429 (422, 413, 409, 404), and the 504s: all on 0.001 ms deadlines, the client's.
+    client_caused = sum(n for status, n in by_status.items() if 400 <= status < 500 and status != 429)
+    client_caused += by_status[504]
+    latency = ("5m", "30m", "1h", "6h")
+    exact = {
+        "lensnet:requests_overloaded:ratio_rate5m": by_status[429] / total,
+        "lensnet:requests_client_caused:ratio_rate5m": client_caused / total,
+        "lensnet:request_errors:ratio_rate5m": 0.0,  # no 5xx but the client's 504s
+        **{f"lensnet:latency_budget_miss:ratio_rate{w}": 1.0 for w in latency},  # every request: model + 5 ms
+        "lensnet:session_evictions:ratio_rate10m": 0.0,
+        "lensnet:session_resyncs:ratio_rate10m": 0.5,  # per round: 2 steps answered, a 409 and a 404
+    }
+    rate = float(stack.query(f"sum(rate({SCORING}[5m]))", at=at)[0]["value"][1])
+    if record in exact:
+        assert values == pytest.approx([exact[record]], rel=1e-6, abs=1e-12), (record, result)
+    elif record == "lensnet:requests:rate5m":
+        shares = {(s["metric"]["endpoint"], int(s["metric"]["status"])): float(s["value"][1]) / rate for s in result}
+        assert {key: share for key, share in shares.items() if share} == pytest.approx(
+            {key: n / total for key, n in stack.sent.items()}, rel=1e-6
+        )
+    elif record == "lensnet:requests_client_caused:rate5m":
+        assert values == pytest.approx([rate * client_caused / total], rel=1e-6)
+    elif record == "lensnet:request_duration_seconds:p99_rate5m":
+        assert len(values) == 1 and MODEL_DELAY_S <= values[0] <= 1.0, result
+    elif record == "lensnet:clamp_ratio:rate10m":
+        assert len(values) == 1 and 0 < values[0] <= 1, result  # the demo model's scores ask for illegal edits
+    elif record in ("lensnet:entry_score:median_rate30m", "lensnet:entry_score:saturated_ratio_rate30m"):
+        assert sorted(s["metric"]["lod"] for s in result) == ["0", "1", "2"], result
+        low = -1.0 if "median" in record else 0.0
+        assert all(low <= v <= 1.0 for v in values), result
+    else:
+        pytest.fail(f"no expectation for the recording rule {record}")
+
+
 @pytest.mark.parametrize("rule", rules(), ids=[r.get("record") or r["alert"] for r in rules()])
-def test_rule_expression_evaluates(stack: Stack, rule: dict[str, Any]) -> None:
-    stack.query(rule["expr"])
+def test_rule_expression_has_the_value_the_traffic_gives(stack: Stack, rule: dict[str, Any]) -> None:
+    """Each recording rule's expression, and the series Prometheus recorded from it, at the scrape
+    after the traffic; each alert's expression holds exactly when the alert is expected active."""
+    at = recording_time(stack)
+    result = stack.query(rule["expr"], at=at)
+    if "alert" in rule:
+        assert bool(result) == (EXPECTED_ALERTS[rule["alert"]] != "inactive"), result
+        return
+    check_recorded(stack, rule["record"], result, at)
+    recorded = stack.query(f'{rule["record"]}{{job="{JOB}"}}', at=at)
+    assert all(s["metric"]["namespace"] == "lensnet" for s in recorded), "aggregated by (namespace, job)"
+    check_recorded(stack, rule["record"], recorded, at)
 
 
 def test_prometheus_loads_every_rule_healthy(stack: Stack) -> None:
@@ -398,16 +499,9 @@ def test_prometheus_loads_every_rule_healthy(stack: Stack) -> None:
     assert {r["name"]: r["health"] for r in found} == {r["name"]: "ok" for r in found}
 
 
-@pytest.mark.parametrize("record", [r["record"] for r in rules() if "record" in r])
-def test_recording_rule_records_the_live_service(stack: Stack, record: str) -> None:
-    result = eventually(lambda: stack.query(f'{record}{{job="{JOB}"}}'), 15, record)
-    assert all(s["metric"]["namespace"] == "lensnet" for s in result), "aggregated by (namespace, job)"
-    assert any(math.isfinite(float(s["value"][1])) for s in result), result
-
-
-# The demo model on CPU answers (nearly) every request slower than 3 ms, 2 of the ~50 scoring
-# requests are 504s on deadlines shorter than the budget (the client's, not paged on) and more than
-# 5 % are 429s: the latency and overload alerts go pending (their `for` keeps them
+# The model hook makes every answered request slower than 3 ms, 2 of the ~70 scoring requests are
+# 504s on deadlines shorter than the budget (the client's, not paged on) and more than 5 % are
+# 429s (OVERLOADED per round): the latency and overload alerts go pending (their `for` keeps them
 # from firing in a short test). The model is ready and healthy, and the drift alerts have no
 # day-long baseline yet.
 EXPECTED_ALERTS = {
