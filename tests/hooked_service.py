@@ -6,9 +6,10 @@ The hooks come from the environment variable LENSNET_TEST_HOOKS, a JSON object m
 what its real work does first:
 
 - a number: sleep that many seconds (`{"model": 0.2}`): the stage's time grows by that much;
-- `{"gate": DIR}`: once DIR/armed exists (a test arms it after start-up, so warm-up passes),
-  write DIR/entered-<k> (k = 1, 2, … per call), then wait until DIR/open exists (at most 60 s,
-  then go on), so a test knows a request is inside the stage and decides when it leaves.
+- `{"gate": DIR}`: once DIR/armed exists (a test arms it after start-up, so warm-up passes, or
+  before, to hold the warm-up), write DIR/entered-<k> (k = 1, 2, … per call), then wait until
+  DIR/open exists (at most 60 s, then go on), so a test knows a request is inside the stage and
+  decides when it leaves.
 
 `Gate` is the test's side of a gate: arm it, see requests enter, open or close it again.
 
