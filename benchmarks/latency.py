@@ -1,35 +1,37 @@
 """Service latency: the real server (uvicorn on loopback) driven by the Python client, each request
-paired with the same bytes sent to the transport floor just before it.
+paired with the same bytes sent to the transport floor right beside it.
 
 For each D × N (default 256 and 512 × 512, 2,048, 8,192), format (binary, JSON) and concurrency
-(1, 8), a closed loop of `concurrency` clients; every client sends each snapshot first to the bare
-endpoint (`benchmarks.bare_server`: the body's chunks discarded as they arrive, the floor of
-reading it) and then to `/v1/focus`, byte for byte the same body. Reported, with their sample
+(1, 8), a closed loop of `concurrency` clients; every client sends each snapshot to `/v1/focus`
+and to the floor endpoint (`benchmarks.bare_server`: in the service's own process, the body's
+chunks dropped as they arrive, the least reading it costs), byte for byte the same body on the
+same connection, one right after the other, in alternating order. Reported, with their sample
 counts (`benchmarks.percentiles` quotes only the percentiles a count supports):
 
 - client round trip; every Server-Timing stage the server names (unknown names included);
 - **overhead** = total - model: everything the service adds beside the model, the project's one
-  definition; beside it the sum the README's historical "processing ≤ 1 ms" target was set on,
-  under its own name (`admit_decode_allocate_telemetry_encode_ms`), and `unattributed_ms`
-  (total minus the named stages: what no stage accounts for);
-- the service's receive over the bare endpoint's, paired request by request (median of the
-  per-pair ratios, and the ratio of the p50s);
+  definition (queueing included: at concurrency > 1 it is mostly the wait for the model slot);
+  beside it the sum the README's historical "processing ≤ 1 ms" target was set on, under its own
+  name (`admit_decode_allocate_telemetry_encode_ms`), and `unattributed_ms` (total minus the
+  named stages: what no stage accounts for);
+- the service's receive over the floor's, paired request by request (median of the per-pair
+  ratios, and the ratio of the p50s);
 - `Scorer.score` (`session.run` of the service's own session: its graph, precision, session
   options and arena run options, built from the same settings) on the same inputs, beside the
   model stage;
 - errors, and throughput (service requests over the time at least one was in flight, so the
-  bare requests between them do not count against it).
+  floor requests between them do not count against it).
 
 Equal conditions on both sides. Each client's first `WARMUP` requests (new connections, first
-use of each buffer) go to both endpoints but are not counted. The service runs its model in
+use of each buffer) go to both endpoints but are not counted. Both endpoints run in one process,
+on one event loop, with one uvicorn configuration. The service runs its model in
 `--max-concurrency` slots (1 here); its bodies are read before the slot, but in a closed loop
-behind one slot its answers, and so the clients' next uploads, come one at a time. The bare
-endpoint gets the same admission: a semaphore of the service's slot count held for the whole
-request (`BARE_SLOTS`), its wait outside the timed receive as the service's admission is outside
-its own. Since each bare request is sent by the same client right before its service request,
-both are read under the same load (the service's model running in its own process); the bare
-side is never given more company than the service, so its receive stays a floor. The pairing
-holds at every concurrency, not only at 1.
+behind one slot its answers, and so the clients' next uploads, come one at a time. The floor gets
+the same admission: as many slots as the service, each held for the whole request, its wait
+outside the timed receive as the service's admission is outside its own. Since each floor request
+is sent by the same client right beside its service request, both are read under the same load;
+the floor is never given more company than the service, so its receive stays a floor. The
+pairing holds at every concurrency, not only at 1.
 
     python -m benchmarks.latency [--quick] [--sizes 8192] [--dims 512] [--formats binary]
                                  [--concurrency 1 8] [--requests 120] [--min-seconds 20]
@@ -45,7 +47,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -68,6 +69,7 @@ from service.runtime import Scorer
 from service.settings import Settings
 
 from . import REPO, git_commit, percentiles, provenance
+from .bare_server import FLOOR_PATH
 
 __all__ = ["REPO", "free_port", "git_commit", "model_dir", "percentiles", "server", "snapshots"]
 
@@ -80,7 +82,7 @@ HISTORICAL_SUM = ("admit", "decode", "allocate", "telemetry", "encode")  # the R
 VARIANTS = 4  # distinct snapshots per configuration, cycled
 WARMUP = 2  # requests per client (and its new connections) sent but not counted
 REQUESTS = {512: 200, 2048: 60, 8192: 20, 16384: 10}  # counted per configuration (binary; JSON half)
-SLOTS = 1  # the service's --max-concurrency, and the bare endpoint's BARE_SLOTS
+SLOTS = 1  # the service's --max-concurrency, and so the floor endpoint's
 TARGET_HISTORICAL_SUM_MS, TARGET_RECEIVE_RATIO = 1.0, 1.1
 
 
@@ -91,15 +93,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(
-    args: list[str], url: str, ready_path: str, env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A server subprocess (`env`: added to this one's environment), up until `ready_path` answers
-    200; stopped (SIGTERM) on exit."""
+def server(args: list[str], url: str, ready_path: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A server subprocess, up until `ready_path` answers 200; stopped (SIGTERM) on exit."""
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(
-            [sys.executable, *args], stdout=log, stderr=log, cwd=REPO, env=os.environ | (env or {})
-        )
+        process = subprocess.Popen([sys.executable, *args], stdout=log, stderr=log, cwd=REPO)
         try:
             deadline = time.monotonic() + 300
             while not _answers(url + ready_path):
@@ -223,7 +220,7 @@ class Samples:
 
 
 def drive(
-    url: str, bare_url: str, fmt: str, snaps: list, n: int, concurrency: int, requests: int, min_seconds: float
+    url: str, fmt: str, snaps: list, n: int, concurrency: int, requests: int, min_seconds: float
 ) -> dict[str, Any]:
     """Closed loop: `concurrency` clients, each sending every snapshot to the bare endpoint and then
     (the same bytes) to the service, until `requests` service requests are counted and
@@ -234,26 +231,35 @@ def drive(
     until = time.perf_counter() + min_seconds
 
     def worker() -> None:
-        with FocusClient(url, format=fmt, retries=0, timeout=600) as client, httpx.Client(timeout=600) as http:  # type: ignore[arg-type]
+        with FocusClient(url, format=fmt, retries=0, timeout=600) as client:  # type: ignore[arg-type]
+
+            def to_floor(variant: int) -> dict[str, float]:
+                content, headers = bodies[variant]
+                response = client.http.post(FLOOR_PATH, content=content, headers=headers)  # the same connection
+                return parse_server_timing(response.headers["server-timing"])
+
+            def to_service(variant: int) -> tuple[float, dict[str, float]] | None:
+                """The client's round trip (ms) and the Server-Timing stages; None on an error."""
+                with in_flight.request():
+                    start = time.perf_counter()
+                    try:
+                        result = client.focus(*snaps[variant], w_max=n)
+                    except (FocusError, httpx.HTTPError) as exc:
+                        errors.append(str(exc))
+                        return None
+                    return (time.perf_counter() - start) * 1e3, result.server_timing
+
             for sent in itertools.count():
                 k = next(counter) if sent >= WARMUP else None
                 if k is not None and k >= requests and time.perf_counter() >= until:
                     return
                 variant = (sent if k is None else k) % len(snaps)
-                content, headers = bodies[variant]
-                floor = http.post(bare_url, content=content, headers=headers)
-                bare = parse_server_timing(floor.headers["server-timing"])
-                embeddings, lod, positions = snaps[variant]
-                with in_flight.request():
-                    start = time.perf_counter()
-                    try:
-                        result = client.focus(embeddings, lod, positions, w_max=n)
-                    except (FocusError, httpx.HTTPError) as exc:
-                        errors.append(str(exc))
-                        continue
-                    client_ms = (time.perf_counter() - start) * 1e3
-                if k is not None:
-                    samples.add(client_ms, result.server_timing, bare)
+                if sent % 2 == 0:  # the order alternates, so neither side always follows the other's answer
+                    bare, answer = to_floor(variant), to_service(variant)
+                else:
+                    answer, bare = to_service(variant), to_floor(variant)
+                if k is not None and answer is not None:
+                    samples.add(*answer, bare)
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for thread in threads:
@@ -301,12 +307,13 @@ def requests_for(n: int, fmt: str, quick: bool, override: int | None) -> int:
 
 
 def service_settings(path: Path, port: int, sizes: list[int]) -> tuple[Settings, list[str]]:
-    """The service's settings and the command line that gives them (one source for both)."""
+    """The service's settings and the command line that serves it with the floor beside it (one
+    source for both)."""
     flags: dict[str, Any] = {
         "model_dir": path, "port": port, "queue_size": 32, "max_concurrency": SLOTS, "warmup_sizes": sizes,
         "log_level": "warning",
     }  # fmt: skip
-    args = ["-m", "service"]
+    args = ["-m", "benchmarks.bare_server"]
     for name, value in flags.items():
         args += [f"--{name.replace('_', '-')}", json.dumps(value) if isinstance(value, list) else str(value)]
     return Settings(**flags), args
@@ -325,38 +332,35 @@ def main() -> None:
     args = parser.parse_args()
     about = provenance(onnxruntime=ort.__version__)  # the code measured: read before the runs, not after
     results: list[dict[str, Any]] = []
-    bare_url = f"http://127.0.0.1:{(bare_port := free_port())}"
-    bare = ["-m", "uvicorn", "benchmarks.bare_server:app", "--port", str(bare_port), "--log-level", "warning"]
-    with server(bare, bare_url, "/", env={"BARE_SLOTS": str(SLOTS)}):
-        for d in args.dims:
-            url = f"http://127.0.0.1:{(port := free_port())}"
-            settings, command = service_settings(model_dir(d), port, list(args.sizes))
-            with server(command, url, "/readyz"):
-                served = httpx.get(url + "/v1/model").json()
-                scorer = service_scorer(settings, served["precision"])
-                configurations = [
-                    (n, "float16", fmt, c) for n in args.sizes for fmt in args.formats for c in args.concurrency
-                ]
-                if d == 512 and 8192 in args.sizes and "binary" in args.formats:
-                    configurations.append((8192, "float32", "binary", 1))  # the CPU graph's own dtype
-                baselines: dict[int, dict[str, float | int]] = {}
-                for n, payload, fmt, concurrency in configurations:
-                    snaps = snapshots(n, d, seed=n + d, dtype=np.dtype(payload).type)
-                    if n not in baselines:  # the service idle meanwhile
-                        baselines[n] = session_run(scorer, snaps, requests_for(n, "binary", args.quick, args.requests))
-                    count = requests_for(n, fmt, args.quick, args.requests)
-                    run = drive(url, bare_url, fmt, snaps, n, concurrency, count, args.min_seconds)
-                    results.append(
-                        {"d": d, "n": n, "format": fmt, "concurrency": concurrency, "payload": payload,
-                         "body_bytes": len(focus_bodies(fmt, snaps[:1], n)[0][0]), **run,
-                         "session_run_ms": baselines[n],
-                         "model_over_session_run_p50": _ratio(run["server_ms"].get("model", {}), baselines[n])}
-                    )  # fmt: skip
-                    progress = {k: results[-1][k] for k in ("d", "n", "format", "concurrency", "payload", "requests")}
-                    progress |= {"overhead_p50": run["overhead_ms"].get("p50"),
-                                 "receive_paired_ratio_p50": run["receive_paired_ratio"].get("p50")}  # fmt: skip
-                    print(json.dumps(progress), file=sys.stderr)
-                del scorer
+    for d in args.dims:
+        url = f"http://127.0.0.1:{(port := free_port())}"
+        settings, command = service_settings(model_dir(d), port, list(args.sizes))
+        with server(command, url, "/readyz"):
+            served = httpx.get(url + "/v1/model").json()
+            scorer = service_scorer(settings, served["precision"])
+            configurations = [
+                (n, "float16", fmt, c) for n in args.sizes for fmt in args.formats for c in args.concurrency
+            ]
+            if d == 512 and 8192 in args.sizes and "binary" in args.formats:
+                configurations.append((8192, "float32", "binary", 1))  # the CPU graph's own dtype
+            baselines: dict[int, dict[str, float | int]] = {}
+            for n, payload, fmt, concurrency in configurations:
+                snaps = snapshots(n, d, seed=n + d, dtype=np.dtype(payload).type)
+                if n not in baselines:  # the service idle meanwhile
+                    baselines[n] = session_run(scorer, snaps, requests_for(n, "binary", args.quick, args.requests))
+                count = requests_for(n, fmt, args.quick, args.requests)
+                run = drive(url, fmt, snaps, n, concurrency, count, args.min_seconds)
+                results.append(
+                    {"d": d, "n": n, "format": fmt, "concurrency": concurrency, "payload": payload,
+                     "body_bytes": len(focus_bodies(fmt, snaps[:1], n)[0][0]), **run,
+                     "session_run_ms": baselines[n],
+                     "model_over_session_run_p50": _ratio(run["server_ms"].get("model", {}), baselines[n])}
+                )  # fmt: skip
+                progress = {k: results[-1][k] for k in ("d", "n", "format", "concurrency", "payload", "requests")}
+                progress |= {"overhead_p50": run["overhead_ms"].get("p50"),
+                             "receive_paired_ratio_p50": run["receive_paired_ratio"].get("p50")}  # fmt: skip
+                print(json.dumps(progress), file=sys.stderr)
+            del scorer
     key = [r for r in results if (r["d"], r["n"], r["format"], r["payload"]) == (512, 8192, "binary", "float16")]
     report = {
         "benchmark": "latency",
@@ -364,7 +368,6 @@ def main() -> None:
         "device": served["provider"],
         "precision": served["precision"],
         "service_command": ["python", *command],
-        "bare_slots": SLOTS,
         "warmup_requests_per_client": WARMUP,
         "results": results,
         "targets": {

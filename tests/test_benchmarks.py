@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -28,10 +29,25 @@ def test_a_percentile_is_quoted_only_with_a_sample_beyond_it() -> None:
     assert percentiles([]) == {"samples": 0}
 
 
-def test_the_bare_endpoint_reads_every_chunk_one_request_per_slot(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With one slot, a second request is not read until the first has answered, and the wait
-    is reported as admit, outside receive."""
-    monkeypatch.setattr(bare_server, "SLOTS", asyncio.Semaphore(1))
+class Service:
+    """What WithFloor reads of the service's app: its settings' slot count."""
+
+    def __init__(self, slots: int) -> None:
+        self.settings = SimpleNamespace(max_concurrency=slots)
+
+
+class ServiceApp:
+    def __init__(self, slots: int) -> None:
+        self.service, self.paths = Service(slots), []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.paths.append(scope["path"])
+
+
+def test_the_floor_reads_every_chunk_one_request_per_service_slot() -> None:
+    """With the service's one slot, a second body is not read until the first has been answered,
+    and the wait is reported as admit, outside receive; other paths go to the service."""
+    app = bare_server.WithFloor(ServiceApp(1))
     events: list[str] = []
     answers: dict[str, dict[str, Any]] = {}
 
@@ -50,7 +66,7 @@ def test_the_bare_endpoint_reads_every_chunk_one_request_per_slot(monkeypatch: p
                 events.append(f"{name} answered")
                 answers[name] = message
 
-        return bare_server.app({"type": "http"}, receive, send)
+        return app({"type": "http", "path": bare_server.FLOOR_PATH}, receive, send)
 
     async def run() -> None:
         gate = asyncio.Event()
@@ -61,13 +77,14 @@ def test_the_bare_endpoint_reads_every_chunk_one_request_per_slot(monkeypatch: p
         assert events == ["first chunk 0"]  # the second waits for the slot
         gate.set()
         await asyncio.gather(first, second)
+        await app({"type": "http", "path": "/v1/focus"}, receive=None, send=None)
 
     asyncio.run(run())
     assert events == ["first chunk 0", "first answered", "second chunk 0", "second chunk 1", "second chunk 2",
                       "second answered"]  # fmt: skip
     timing = dict(answers["second"]["headers"])[b"server-timing"].decode()
-    assert set(parse_server_timing(timing)) == {"admit", "receive"}
-    assert answers["second"]["status"] == 200
+    assert set(parse_server_timing(timing)) == {"admit", "receive"} and answers["second"]["status"] == 200
+    assert app.app.paths == ["/v1/focus"]
 
 
 @pytest.mark.parametrize("fmt", ["binary", "json"])
