@@ -180,22 +180,20 @@ class Samples:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.series: dict[str, list[float]] = {
-            name: [] for name in ("client", "overhead", "historical_sum", "unattributed", "bare_admit", "bare_receive",
-                                  "receive_ratio")
-        }  # fmt: skip
+        names = ("client", "overhead", "historical_sum", "unattributed", "floor_admit", "floor_receive")
+        self.series: dict[str, list[float]] = {name: [] for name in (*names, "receive_ratio")}
         self.stages: dict[str, list[float]] = {}
 
-    def add(self, client_ms: float, timing: dict[str, float], bare: dict[str, float]) -> None:
+    def add(self, client_ms: float, timing: dict[str, float], floor: dict[str, float]) -> None:
         named = sum(ms for stage, ms in timing.items() if stage != "total")
         row = {
             "client": client_ms,
             "overhead": timing["total"] - timing["model"],
             "historical_sum": sum(timing.get(stage, 0.0) for stage in HISTORICAL_SUM),
             "unattributed": timing["total"] - named,
-            "bare_admit": bare["admit"],
-            "bare_receive": bare["receive"],
-            "receive_ratio": timing["receive"] / bare["receive"],
+            "floor_admit": floor["admit"],
+            "floor_receive": floor["receive"],
+            "receive_ratio": timing["receive"] / floor["receive"],
         }
         with self.lock:
             for name, value in row.items():
@@ -213,17 +211,17 @@ class Samples:
             "overhead_ms": s["overhead"],
             "admit_decode_allocate_telemetry_encode_ms": s["historical_sum"],
             "unattributed_ms": s["unattributed"],
-            "bare_ms": {"admit": s["bare_admit"], "receive": s["bare_receive"]},
+            "floor_ms": {"admit": s["floor_admit"], "receive": s["floor_receive"]},
             "receive_paired_ratio": s["receive_ratio"],
-            "receive_ratio_of_p50s": _ratio(server.get("receive", {}), s["bare_receive"]),
+            "receive_ratio_of_p50s": _ratio(server.get("receive", {}), s["floor_receive"]),
         }
 
 
 def drive(
     url: str, fmt: str, snaps: list, n: int, concurrency: int, requests: int, min_seconds: float
 ) -> dict[str, Any]:
-    """Closed loop: `concurrency` clients, each sending every snapshot to the bare endpoint and then
-    (the same bytes) to the service, until `requests` service requests are counted and
+    """Closed loop: `concurrency` clients, each sending every snapshot to the service and (the same
+    bytes, on the same connection) to the floor, until `requests` service requests are counted and
     `min_seconds` have passed; each client's first WARMUP pairs are not counted."""
     bodies = focus_bodies(fmt, snaps, n)
     samples, in_flight, errors = Samples(), InFlight(), []
@@ -255,11 +253,11 @@ def drive(
                     return
                 variant = (sent if k is None else k) % len(snaps)
                 if sent % 2 == 0:  # the order alternates, so neither side always follows the other's answer
-                    bare, answer = to_floor(variant), to_service(variant)
+                    floor, answer = to_floor(variant), to_service(variant)
                 else:
-                    answer, bare = to_service(variant), to_floor(variant)
+                    answer, floor = to_service(variant), to_floor(variant)
                 if k is not None and answer is not None:
-                    samples.add(*answer, bare)
+                    samples.add(*answer, floor)
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for thread in threads:

@@ -147,6 +147,6 @@ def test_each_benchmark_runs_end_to_end_and_names_its_provenance(name: str) -> N
     assert quoted_beyond_their_samples(report) == []
     if name == "latency":
         for result in report["results"]:
-            assert result["requests"] == result["bare_ms"]["receive"]["samples"] == 3  # paired, warm-up not counted
+            assert result["requests"] == result["floor_ms"]["receive"]["samples"] == 3  # paired, warm-up not counted
             assert result["warmup_requests"] == latency.WARMUP * result["concurrency"]
             assert set(result["server_ms"]) >= {"receive", "model", "total"}
