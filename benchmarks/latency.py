@@ -22,16 +22,16 @@ counts (`benchmarks.percentiles` quotes only the percentiles a count supports):
 - errors, and throughput (service requests over the time at least one was in flight, so the
   floor requests between them do not count against it).
 
-Equal conditions on both sides. Each client's first `WARMUP` requests (new connections, first
-use of each buffer) go to both endpoints but are not counted. Both endpoints run in one process,
-on one event loop, with one uvicorn configuration. The service runs its model in
-`--max-concurrency` slots (1 here); its bodies are read before the slot, but in a closed loop
-behind one slot its answers, and so the clients' next uploads, come one at a time. The floor gets
-the same admission: as many slots as the service, each held for the whole request, its wait
-outside the timed receive as the service's admission is outside its own. Since each floor request
-is sent by the same client right beside its service request, both are read under the same load;
-the floor is never given more company than the service, so its receive stays a floor. The
-pairing holds at every concurrency, not only at 1.
+Equal conditions on both sides. Each client's first `WARMUP` request pairs (its new connection;
+at concurrency > 1 also the opening burst, all queued at once) are sent but not counted. Both
+endpoints run in one process, on one event loop, with one uvicorn configuration. The service runs
+its model in `--max-concurrency` slots (1 here); its bodies are read before the slot, but in a
+closed loop behind one slot its answers, and so the clients' next uploads, come one at a time.
+The floor gets the same admission: as many slots as the service, each held for the whole
+request, its wait outside the timed receive as the service's admission is outside its own. Since
+each floor request is sent by the same client right beside its service request, both are read
+under the same load; the floor is never given more company than the service, so its receive
+stays a floor. The pairing holds at every concurrency, not only at 1.
 
     python -m benchmarks.latency [--quick] [--sizes 8192] [--dims 512] [--formats binary]
                                  [--concurrency 1 8] [--requests 120] [--min-seconds 20]
@@ -80,7 +80,7 @@ FORMATS = ("binary", "json")
 CONCURRENCY = (1, 8)
 HISTORICAL_SUM = ("admit", "decode", "allocate", "telemetry", "encode")  # the README's old "processing"
 VARIANTS = 4  # distinct snapshots per configuration, cycled
-WARMUP = 2  # requests per client (and its new connections) sent but not counted
+WARMUP = 1  # request pairs per client sent but not counted (its new connection; the opening burst)
 REQUESTS = {512: 200, 2048: 60, 8192: 20, 16384: 10}  # counted per configuration (binary; JSON half)
 SLOTS = 1  # the service's --max-concurrency, and so the floor endpoint's
 TARGET_HISTORICAL_SUM_MS, TARGET_RECEIVE_RATIO = 1.0, 1.1
