@@ -34,8 +34,8 @@ def percentiles(values: Sequence[float], digits: int = 4) -> dict[str, float | i
     summary: dict[str, float | int] = {"samples": int(v.size)}
     if v.size:
         quoted = [q for q in QUANTILES if v.size >= min_samples(q)]
-        summary |= {f"p{q}": round(float(np.percentile(v, q)), digits) for q in quoted}
-        summary["max"] = round(float(v.max()), digits)
+        summary |= {f"p{q}": round(float(np.percentile(v, q)), digits) + 0.0 for q in quoted}  # + 0.0: no -0.0
+        summary["max"] = round(float(v.max()), digits) + 0.0
     return summary
 
 
