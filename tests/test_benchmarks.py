@@ -1,6 +1,6 @@
 """The benchmarks' own rules: percentiles only where the samples support them, reports that name
-their provenance, a bare endpoint that is a floor under the service's admission, the same bytes
-on both sides, and allocator scenarios that make the edits they are named for."""
+their provenance, a floor endpoint admitted like the service, the same bytes on both sides, and
+allocator scenarios that make the edits they are named for."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ class Service:
 
 
 class ServiceApp:
+    """The service's app as WithFloor sees it: its `service`, and the paths it was called for."""
+
     def __init__(self, slots: int) -> None:
         self.service, self.paths = Service(slots), []
 
