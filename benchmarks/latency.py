@@ -1,21 +1,45 @@
-"""Service latency: the real server (uvicorn on loopback) driven by the Python client.
+"""Service latency: the real server (uvicorn on loopback) driven by the Python client, each request
+paired with the same bytes sent to the transport floor right beside it.
 
-For N = 512, 2,048, 8,192 × D = 256 (the bundled model) and 512 × JSON and binary × concurrency
-1 and 8 it reports client-observed p50/p90/p99/max (HdrHistogram, microsecond resolution), the
-server's stage breakdown (Server-Timing), throughput and errors; and, in the same run, the raw
-`session.run` time of the same graph on the same inputs and a bare uvicorn endpoint reading the
-same bytes, so that model and receive overheads are ratios. Processing = admit + decode +
-allocate + telemetry + encode (everything the service adds besides receiving, queueing and the
-model; the rest of the server's total is the response write). The bare
-endpoint is timed at the same concurrency: at 1, each service request is paired with a bare one
-sent just before it, so both see the same machine.
+For each D × N (default 256 and 512 × 512, 2,048, 8,192), format (binary, JSON) and concurrency
+(1, 8), a closed loop of `concurrency` clients; every client sends each snapshot to `/v1/focus`
+and to the floor endpoint (`benchmarks.bare_server`: in the service's own process, the body's
+chunks dropped as they arrive, the least reading it costs), byte for byte the same body on the
+same connection, one right after the other, in alternating order. Reported, with their sample
+counts (`benchmarks.percentiles` quotes only the percentiles a count supports):
+
+- client round trip; every Server-Timing stage the server names (unknown names included);
+- **overhead** = total - model: everything the service adds beside the model, the project's one
+  definition (queueing included: at concurrency > 1 it is mostly the wait for the model slot);
+  beside it the sum the README's historical "processing ≤ 1 ms" target was set on, under its own
+  name (`admit_decode_allocate_telemetry_encode_ms`), and `unattributed_ms` (total minus the
+  named stages: what no stage accounts for);
+- the service's receive over the floor's, paired request by request (median of the per-pair
+  ratios, and the ratio of the p50s);
+- `Scorer.score` (`session.run` of the service's own session: its graph, precision, session
+  options and arena run options, built from the same settings) on the same inputs, beside the
+  model stage;
+- errors, and throughput (service requests over the time at least one was in flight, so the
+  floor requests between them do not count against it).
+
+Equal conditions on both sides. Each client's first `WARMUP` request pairs (its new connection;
+at concurrency > 1 also the opening burst, all queued at once) are sent but not counted. Both
+endpoints run in one process, on one event loop, with one uvicorn configuration. The service runs
+its model in `--max-concurrency` slots (1 here); its bodies are read before the slot, but in a
+closed loop behind one slot its answers, and so the clients' next uploads, come one at a time.
+The floor gets the same admission: as many slots as the service, each held for the whole
+request, its wait outside the timed receive as the service's admission is outside its own. Since
+each floor request is sent by the same client right beside its service request, both are read
+under the same load; the floor is never given more company than the service, so its receive
+stays a floor. The pairing holds at every concurrency, not only at 1.
 
     python -m benchmarks.latency [--quick] [--sizes 8192] [--dims 512] [--formats binary]
-                                 [--concurrency 1 8] [--min-seconds 20] [--out report.json]
+                                 [--concurrency 1 8] [--requests 120] [--min-seconds 20]
+                                 [--out report.json]
 
 Embeddings are sent as float16 (the production format); the D = 512, N = 8,192 binary
 configuration is also run with float32 embeddings (the CPU graph's own dtype: no conversion).
-The D = 512 artifact is a random-init export cached in .bench/ (needs the export extra).
+D other than 256 is a random-init export cached in .bench/ (needs the export extra).
 """
 
 from __future__ import annotations
@@ -23,8 +47,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import socket
 import subprocess
 import sys
@@ -39,31 +61,29 @@ from typing import Any
 import httpx
 import numpy as np
 import onnxruntime as ort
-from hdrh.histogram import HdrHistogram
 
 from lensnet_client import FocusClient, FocusError, synthetic_layout
-from lensnet_client.client import _Protocol
+from lensnet_client.client import _Protocol, parse_server_timing
 from model_export.artifact import ArtifactError, load_manifest
-from service.runtime import create_session
+from service.runtime import Scorer
+from service.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
+from . import REPO, git_commit, percentiles, provenance
+from .bare_server import FLOOR_PATH
+
+__all__ = ["REPO", "free_port", "git_commit", "model_dir", "percentiles", "server", "snapshots"]
+
 CACHE = REPO / ".bench"
 SIZES = (512, 2048, 8192)
 DIMS = (256, 512)
 FORMATS = ("binary", "json")
 CONCURRENCY = (1, 8)
-STAGES = ("admit", "receive", "queue", "decode", "model", "allocate", "telemetry", "encode", "total")
-PROCESSING = ("admit", "decode", "allocate", "telemetry", "encode")
+HISTORICAL_SUM = ("admit", "decode", "allocate", "telemetry", "encode")  # the README's old "processing"
 VARIANTS = 4  # distinct snapshots per configuration, cycled
-TARGET_PROCESSING_MS, TARGET_RECEIVE_RATIO = 1.0, 1.1
-
-
-def git_commit() -> str:
-    """The checkout's short commit, for a report's provenance."""
-    found = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, cwd=REPO
-    )
-    return found.stdout.strip() or "unknown"
+WARMUP = 1  # request pairs per client sent but not counted (its new connection; the opening burst)
+REQUESTS = {512: 200, 2048: 60, 8192: 20, 16384: 10}  # counted per configuration (binary; JSON half)
+SLOTS = 1  # the service's --max-concurrency, and so the floor endpoint's
+TARGET_HISTORICAL_SUM_MS, TARGET_RECEIVE_RATIO = 1.0, 1.1
 
 
 def free_port() -> int:
@@ -123,217 +143,264 @@ def snapshots(n: int, d: int, seed: int, dtype: type = np.float16) -> list[tuple
     return [(rng.standard_normal((n, d)).astype(dtype), *synthetic_layout(n, 32, 2, rng)) for _ in range(VARIANTS)]
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    v = np.asarray(values)
-    return {k: round(float(np.percentile(v, q)), 4) for k, q in (("p50", 50), ("p90", 90), ("p99", 99))} | {
-        "max": round(float(v.max()), 4)
-    }
-
-
 Bodies = list[tuple[bytes, dict[str, str]]]
 
 
+def focus_bodies(fmt: str, snaps: list, n: int) -> Bodies:
+    """The exact bytes and headers `FocusClient.focus(..., w_max=n)` sends for each snapshot."""
+    protocol = _Protocol(fmt, 0, 0, 0)  # type: ignore[arg-type]
+    return [protocol.focus_request((e, lod, pos), n, {}, None, False, None) for e, lod, pos in snaps]
+
+
+class InFlight:
+    """The time during which at least one service request was in flight, for throughput."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count, self.since, self.busy_s, self.answered = 0, 0.0, 0.0, 0
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        with self.lock:
+            if self.count == 0:
+                self.since = time.perf_counter()
+            self.count += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.count -= 1
+                self.answered += 1
+                if self.count == 0:
+                    self.busy_s += time.perf_counter() - self.since
+
+
+class Samples:
+    """The counted requests of one configuration: per-request series, summarised by `report`."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        names = ("client", "overhead", "historical_sum", "unattributed", "floor_admit", "floor_receive")
+        self.series: dict[str, list[float]] = {name: [] for name in (*names, "receive_ratio")}
+        self.stages: dict[str, list[float]] = {}
+
+    def add(self, client_ms: float, timing: dict[str, float], floor: dict[str, float]) -> None:
+        named = sum(ms for stage, ms in timing.items() if stage != "total")
+        row = {
+            "client": client_ms,
+            "overhead": timing["total"] - timing["model"],
+            "historical_sum": sum(timing.get(stage, 0.0) for stage in HISTORICAL_SUM),
+            "unattributed": timing["total"] - named,
+            "floor_admit": floor["admit"],
+            "floor_receive": floor["receive"],
+            "receive_ratio": timing["receive"] / floor["receive"],
+        }
+        with self.lock:
+            for name, value in row.items():
+                self.series[name].append(value)
+            for stage, ms in timing.items():
+                self.stages.setdefault(stage, []).append(ms)
+
+    def report(self) -> dict[str, Any]:
+        s = {name: percentiles(values) for name, values in self.series.items()}
+        server = {stage: percentiles(values) for stage, values in self.stages.items()}
+        return {
+            "requests": s["client"]["samples"],
+            "client_ms": s["client"],
+            "server_ms": server,
+            "overhead_ms": s["overhead"],
+            "admit_decode_allocate_telemetry_encode_ms": s["historical_sum"],
+            "unattributed_ms": s["unattributed"],
+            "floor_ms": {"admit": s["floor_admit"], "receive": s["floor_receive"]},
+            "receive_paired_ratio": s["receive_ratio"],
+            "receive_ratio_of_p50s": _ratio(server.get("receive", {}), s["floor_receive"]),
+        }
+
+
 def drive(
-    url: str, fmt: str, snaps: list, n: int, concurrency: int, requests: int, min_seconds: float, bare_url: str,
-    bodies: Bodies,
-) -> dict[str, Any]:  # fmt: skip
-    """Closed loop: `concurrency` threads, each with its own client, until `requests` are sent and
-    `min_seconds` have passed. At concurrency 1 each request is paired with the same bytes
-    (`bodies`, as the client builds them) sent to the bare endpoint just before it (its receive
-    time is reported beside the service's)."""
-    histogram = HdrHistogram(1, 600_000_000, 3)  # microseconds, 3 significant digits
-    stages: dict[str, list[float]] = {stage: [] for stage in (*STAGES, "processing")}
-    bare: list[float] = []
-    bare_wall_s: list[float] = []  # wall time spent on the paired bare requests, not the service's
-    errors: list[str] = []
-    lock = threading.Lock()
+    url: str, fmt: str, snaps: list, n: int, concurrency: int, requests: int, min_seconds: float
+) -> dict[str, Any]:
+    """Closed loop: `concurrency` clients, each sending every snapshot to the service and (the same
+    bytes, on the same connection) to the floor, until `requests` service requests are counted and
+    `min_seconds` have passed; each client's first WARMUP pairs are not counted."""
+    bodies = focus_bodies(fmt, snaps, n)
+    samples, in_flight, errors = Samples(), InFlight(), []
     counter = itertools.count()
-    paired = concurrency == 1
     until = time.perf_counter() + min_seconds
 
     def worker() -> None:
-        with FocusClient(url, format=fmt, retries=0, timeout=600) as client, httpx.Client(timeout=60) as http:  # type: ignore[arg-type]
-            for k in counter:
-                if k >= requests and time.perf_counter() >= until:
-                    return
-                embeddings, lod, positions = snaps[k % len(snaps)]
-                if paired:
-                    sent = time.perf_counter()
-                    bare.append(bare_post(http, bare_url, *bodies[k % len(bodies)]))
-                    bare_wall_s.append(time.perf_counter() - sent)
-                start = time.perf_counter()
-                try:
-                    result = client.focus(embeddings, lod, positions, w_max=n)
-                except (FocusError, httpx.HTTPError) as exc:
-                    with lock:
-                        errors.append(str(exc))
-                    continue
-                elapsed_us = (time.perf_counter() - start) * 1e6
-                with lock:
-                    histogram.record_value(max(1, int(elapsed_us)))
-                    for stage in STAGES:
-                        stages[stage].append(result.server_timing.get(stage, 0.0))
-                    stages["processing"].append(sum(result.server_timing[s] for s in PROCESSING))
+        with FocusClient(url, format=fmt, retries=0, timeout=600) as client:  # type: ignore[arg-type]
 
-    started = time.perf_counter()
+            def to_floor(variant: int) -> dict[str, float]:
+                content, headers = bodies[variant]
+                response = client.http.post(FLOOR_PATH, content=content, headers=headers)  # the same connection
+                return parse_server_timing(response.headers["server-timing"])
+
+            def to_service(variant: int) -> tuple[float, dict[str, float]] | None:
+                """The client's round trip (ms) and the Server-Timing stages; None on an error."""
+                with in_flight.request():
+                    start = time.perf_counter()
+                    try:
+                        result = client.focus(*snaps[variant], w_max=n)
+                    except (FocusError, httpx.HTTPError) as exc:
+                        errors.append(str(exc))
+                        return None
+                    return (time.perf_counter() - start) * 1e3, result.server_timing
+
+            for sent in itertools.count():
+                k = next(counter) if sent >= WARMUP else None
+                if k is not None and k >= requests and time.perf_counter() >= until:
+                    return
+                variant = (sent if k is None else k) % len(snaps)
+                if sent % 2 == 0:  # the order alternates, so neither side always follows the other's answer
+                    floor, answer = to_floor(variant), to_service(variant)
+                else:
+                    answer, floor = to_service(variant), to_floor(variant)
+                if k is not None and answer is not None:
+                    samples.add(*answer, floor)
+
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - started - sum(bare_wall_s)
-    done = histogram.get_total_count()
     return {
-        "requests": done,
-        "bare_receive_ms": percentiles(bare),
+        **samples.report(),
+        "warmup_requests": WARMUP * concurrency,
         "errors": len(errors),
         "error_samples": errors[:3],
-        "throughput_rps": round(done / wall, 3),
-        "client_ms": {
-            k: round(histogram.get_value_at_percentile(q) / 1e3, 4) for k, q in (("p50", 50), ("p90", 90), ("p99", 99))
-        }
-        | {"max": round(histogram.get_max_value() / 1e3, 4)},
-        "server_ms": {stage: percentiles(values) for stage, values in stages.items()},
+        "throughput_rps": round(in_flight.answered / in_flight.busy_s, 3),
     }
 
 
-def raw_session_run(path: Path, precision: str, provider: str, snaps: list, runs: int) -> dict[str, float]:
-    """session.run of the graph the server runs (same precision, provider and session options) on
-    the same inputs."""
-    manifest = load_manifest(path)
-    providers = [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [provider]
-    session = create_session(path / manifest.graphs[precision].file, providers, 0, False)
-    dtype = np.float16 if precision == "fp16" else np.float32
-    feeds = [{"embeddings": e[None].astype(dtype), "lod": lod[None], "positions": pos[None]} for e, lod, pos in snaps]
-    session.run(None, feeds[0])
+def service_scorer(settings: Settings, precision: str) -> Scorer:
+    """The scorer the service builds from `settings`, on the graph of the precision it serves."""
+    return Scorer(
+        settings.model_dir, load_manifest(settings.model_dir), precision, settings.intra_op_threads,
+        settings.intra_op_spinning, probe_entries=settings.auto_probe_entries,
+        shrink_entries=settings.arena_shrink_entries,
+    )  # fmt: skip
+
+
+def session_run(scorer: Scorer, snaps: list, runs: int) -> dict[str, float | int]:
+    """ms of `Scorer.score` (one `session.run` of the service's own session, with its session and
+    arena run options) on the same inputs, in the dtype its decoder hands the model; the first
+    call is not timed."""
+    inputs = [(e.astype(scorer.input_dtype), lod, pos) for e, lod, pos in snaps]
+    scorer.score(*inputs[0])
     times = []
     for k in range(runs):
         start = time.perf_counter()
-        session.run(None, feeds[k % len(feeds)])
+        scorer.score(*inputs[k % len(inputs)])
         times.append((time.perf_counter() - start) * 1e3)
     return percentiles(times)
 
 
-def bare_bodies(fmt: str, snaps: list, n: int) -> Bodies:
-    """The exact bytes (and headers) the client sends for each snapshot."""
-    protocol = _Protocol(fmt, 0, 0, 0)  # type: ignore[arg-type]
-    return [protocol.build(e, lod, pos, {"options": {"w_max": n}}, None) for e, lod, pos in snaps]
+def requests_for(n: int, fmt: str, quick: bool, override: int | None) -> int:
+    """Counted requests per configuration: `override`, else REQUESTS (half for JSON, an eighth quick)."""
+    if override is not None:
+        return override
+    count = REQUESTS.get(n, 10) // (2 if fmt == "json" else 1)
+    return max(4, count // 8) if quick else count
 
 
-def bare_post(http: httpx.Client, bare_url: str, content: bytes, headers: dict[str, str]) -> float:
-    """One body to the bare endpoint; its server-side receive time (ms)."""
-    response = http.post(bare_url + "/bare", content=content, headers=headers)
-    return float(response.headers["server-timing"].split("dur=")[1])
-
-
-def bare_receive(bare_url: str, bodies: Bodies, concurrency: int, requests: int) -> dict[str, float]:
-    """The bare endpoint's receive time at `concurrency` (closed loop, like `drive`)."""
-    times: list[float] = []
-    counter = iter(range(requests))
-
-    def worker() -> None:
-        with httpx.Client(timeout=60) as http:
-            for k in counter:
-                times.append(bare_post(http, bare_url, *bodies[k % len(bodies)]))
-
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return percentiles(times)
-
-
-def requests_for(n: int, fmt: str, quick: bool) -> int:
-    count = {512: 200, 2048: 60, 8192: 16, 16384: 8}.get(n, 8) // (2 if fmt == "json" else 1)
-    return max(8, count // 4) if quick else count
+def service_settings(path: Path, port: int, sizes: list[int]) -> tuple[Settings, list[str]]:
+    """The service's settings and the command line that serves it with the floor beside it (one
+    source for both)."""
+    flags: dict[str, Any] = {
+        "model_dir": path, "port": port, "queue_size": 32, "max_concurrency": SLOTS, "warmup_sizes": sizes,
+        "log_level": "warning",
+    }  # fmt: skip
+    args = ["-m", "benchmarks.bare_server"]
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}", json.dumps(value) if isinstance(value, list) else str(value)]
+    return Settings(**flags), args
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a quarter of the requests per configuration")
+    parser.add_argument("--quick", action="store_true", help="an eighth of the requests per configuration")
     parser.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="WC lengths N")
     parser.add_argument("--dims", type=int, nargs="+", default=DIMS, help="embedding widths D (256: the bundled model)")
     parser.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
     parser.add_argument("--concurrency", type=int, nargs="+", default=CONCURRENCY)
+    parser.add_argument("--requests", type=int, help=f"counted requests per configuration (default {REQUESTS})")
     parser.add_argument("--min-seconds", type=float, default=0.0, help="keep each configuration going this long")
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args()
+    about = provenance(onnxruntime=ort.__version__)  # the code measured: read before the runs, not after
     results: list[dict[str, Any]] = []
-    bare_url = f"http://127.0.0.1:{(bare_port := free_port())}"
-    bare = ["-m", "uvicorn", "benchmarks.bare_server:app", "--port", str(bare_port), "--log-level", "warning"]
-    with server(bare, bare_url, "/"):
-        for d in args.dims:
-            path = model_dir(d)
-            url = f"http://127.0.0.1:{(port := free_port())}"
-            service = [
-                "-m", "service", "--port", str(port), "--model-dir", str(path), "--queue-size", "32",
-                "--warmup-sizes", json.dumps(list(args.sizes)), "--log-level", "warning",
-            ]  # fmt: skip
-            with server(service, url, "/readyz"):
-                served = httpx.get(url + "/v1/model").json()
-                for n in args.sizes:
-                    snaps = snapshots(n, d, seed=n + d)
-                    runs = requests_for(n, "binary", args.quick)
-                    raw = raw_session_run(path, served["precision"], served["provider"], snaps, runs)
-                    for fmt in args.formats:
-                        bodies = bare_bodies(fmt, snaps, n)
-                        for concurrency in args.concurrency:
-                            count = requests_for(n, fmt, args.quick)
-                            run = drive(url, fmt, snaps, n, concurrency, count, args.min_seconds, bare_url, bodies)
-                            if concurrency > 1:
-                                run["bare_receive_ms"] = bare_receive(bare_url, bodies, concurrency, count)
-                            receive = run["server_ms"]["receive"].get("p50", float("nan"))
-                            results.append(
-                                {"d": d, "n": n, "format": fmt, "concurrency": concurrency, "payload": "float16", **run,
-                                 "body_bytes": len(bodies[0][0]), "session_run_ms": raw,
-                                 "receive_ratio_p50": round(receive / run["bare_receive_ms"]["p50"], 3),
-                                 "model_over_session_run_p50": round(run["server_ms"]["model"]["p50"] / raw["p50"], 3)}
-                            )  # fmt: skip
-                            print(json.dumps({k: results[-1][k] for k in ("d", "n", "format", "concurrency")}
-                                             | {"processing_p50": run["server_ms"]["processing"].get("p50"),
-                                                "receive_ratio_p50": results[-1]["receive_ratio_p50"]}),
-                                  file=sys.stderr)  # fmt: skip
-                if d == 512 and 8192 in args.sizes and "binary" in args.formats:
-                    # The target configuration once more, embeddings sent in the CPU graph's dtype.
-                    snaps = snapshots(8192, d, seed=8192 + d, dtype=np.float32)
-                    count = requests_for(8192, "binary", args.quick)
-                    bodies = bare_bodies("binary", snaps, 8192)
-                    run = drive(url, "binary", snaps, 8192, 1, count, args.min_seconds, bare_url, bodies)
-                    results.append(
-                        {"d": d, "n": 8192, "format": "binary", "concurrency": 1, "payload": "float32", **run}
-                    )
+    for d in args.dims:
+        url = f"http://127.0.0.1:{(port := free_port())}"
+        settings, command = service_settings(model_dir(d), port, list(args.sizes))
+        with server(command, url, "/readyz"):
+            served = httpx.get(url + "/v1/model").json()
+            scorer = service_scorer(settings, served["precision"])
+            configurations = [
+                (n, "float16", fmt, c) for n in args.sizes for fmt in args.formats for c in args.concurrency
+            ]
+            if d == 512 and 8192 in args.sizes and "binary" in args.formats:
+                configurations.append((8192, "float32", "binary", 1))  # the CPU graph's own dtype
+            baselines: dict[int, dict[str, float | int]] = {}
+            for n, payload, fmt, concurrency in configurations:
+                snaps = snapshots(n, d, seed=n + d, dtype=np.dtype(payload).type)
+                if n not in baselines:  # the service idle meanwhile
+                    baselines[n] = session_run(scorer, snaps, requests_for(n, "binary", args.quick, args.requests))
+                count = requests_for(n, fmt, args.quick, args.requests)
+                run = drive(url, fmt, snaps, n, concurrency, count, args.min_seconds)
+                results.append(
+                    {"d": d, "n": n, "format": fmt, "concurrency": concurrency, "payload": payload,
+                     "body_bytes": len(focus_bodies(fmt, snaps[:1], n)[0][0]), **run,
+                     "session_run_ms": baselines[n],
+                     "model_over_session_run_p50": _ratio(run["server_ms"].get("model", {}), baselines[n])}
+                )  # fmt: skip
+                progress = {k: results[-1][k] for k in ("d", "n", "format", "concurrency", "payload", "requests")}
+                progress |= {"overhead_p50": run["overhead_ms"].get("p50"),
+                             "receive_paired_ratio_p50": run["receive_paired_ratio"].get("p50")}  # fmt: skip
+                print(json.dumps(progress), file=sys.stderr)
+            del scorer
     key = [r for r in results if (r["d"], r["n"], r["format"], r["payload"]) == (512, 8192, "binary", "float16")]
     report = {
         "benchmark": "latency",
-        "commit": git_commit(),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__},
+        **about,
         "device": served["provider"],
+        "precision": served["precision"],
+        "service_command": ["python", *command],
+        "warmup_requests_per_client": WARMUP,
         "results": results,
         "targets": {
-            "processing_p50_ms_at_d512_n8192_binary": TARGET_PROCESSING_MS,
-            "receive_ratio_p50_max": TARGET_RECEIVE_RATIO,
-            "errors_at_concurrency_8": 0,
+            "admit_decode_allocate_telemetry_encode_p50_ms_at_d512_n8192_binary": TARGET_HISTORICAL_SUM_MS,
+            "receive_paired_ratio_p50_max": TARGET_RECEIVE_RATIO,
+            "errors_at_concurrency_above_1": 0,
         },
         "targets_met": {  # null: not measured in this run
-            "processing": _all_or_none(r["server_ms"]["processing"]["p50"] <= TARGET_PROCESSING_MS for r in key),
+            "admit_decode_allocate_telemetry_encode": _all_or_none(
+                r["admit_decode_allocate_telemetry_encode_ms"]["p50"] <= TARGET_HISTORICAL_SUM_MS
+                for r in key
+                if "p50" in r["admit_decode_allocate_telemetry_encode_ms"]
+            ),
             **{
                 f"receive_{fmt}": _all_or_none(
-                    r["receive_ratio_p50"] <= TARGET_RECEIVE_RATIO
+                    r["receive_paired_ratio"]["p50"] <= TARGET_RECEIVE_RATIO
                     for r in results
-                    if r["format"] == fmt and "receive_ratio_p50" in r
+                    if r["format"] == fmt and "p50" in r["receive_paired_ratio"]
                 )
                 for fmt in FORMATS
             },
-            "errors": _all_or_none(r["errors"] == 0 for r in results if r["concurrency"] == 8),
+            "errors": _all_or_none(r["errors"] == 0 for r in results if r["concurrency"] > 1),
         },
     }
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
     print(text)
+
+
+def _ratio(numerator: dict[str, Any], denominator: dict[str, Any]) -> float | None:
+    """The ratio of two summaries' p50s; None where either has too few samples for one."""
+    if "p50" not in numerator or "p50" not in denominator:
+        return None
+    return round(numerator["p50"] / denominator["p50"], 3)
 
 
 def _all_or_none(checks: Iterator[bool]) -> bool | None:

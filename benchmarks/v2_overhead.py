@@ -4,19 +4,18 @@ pairs to one real server (uvicorn on loopback, the bundled model), so both see t
 
     python -m benchmarks.v2_overhead [--sizes 512 2048 8192] [--pairs 40] [--out report.json]
 
-Reports, per N, the server's total (Server-Timing), its processing (total minus queue and model:
-what the protocol's decoding and encoding can change) and the client's round trip for both
-endpoints; the median over pairs of v2's time over /v1/score's (pairing cancels the model time's
-drift on a shared machine); and whether v2's scores equal /v1/score's bit for bit. Target: that
-paired ratio of server totals at most 1.05.
+Reports, per N, with sample counts: the server's total (Server-Timing), its overhead (total minus
+model, the project's definition: everything beside the model, so all the protocol's decoding and
+encoding can change) and the client's round trip for both endpoints; the median over pairs of
+v2's time over /v1/score's (pairing cancels the model time's drift on a shared machine) and of
+v2's overhead minus /v1/score's; and whether v2's scores equal /v1/score's bit for bit. The first
+`WARMUP` pairs per N are not counted. Target: that paired ratio of server totals at most 1.05.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,10 +28,12 @@ import onnxruntime as ort
 from lensnet_client import frame, oip
 from lensnet_client.client import parse_server_timing
 
-from .latency import free_port, git_commit, model_dir, percentiles, server, snapshots
+from . import percentiles, provenance
+from .latency import free_port, model_dir, server, snapshots
 
 TARGET_RATIO = 1.05
 PAIRS = {512: 200, 2048: 60, 8192: 16}
+WARMUP = 2  # pairs per N sent but not counted
 
 
 def post(
@@ -54,40 +55,41 @@ def measure(url: str, name: str, n: int, pairs: int) -> dict[str, Any]:
     v2 = [oip.pack(a) for a in arrays]
     path = f"/v2/models/{name}/infer"
     samples: dict[str, dict[str, list[float]]] = {
-        endpoint: {"total": [], "processing": [], "client": []} for endpoint in ("v1_score", "v2_infer")
+        endpoint: {"total": [], "overhead": [], "client": []} for endpoint in ("v1_score", "v2_infer")
     }
     with httpx.Client(base_url=url, timeout=600) as http:
         _, v1_answer = frame.unpack(post(http, "/v1/score", *v1[0])[2].content)
         answer = post(http, path, *v2[0])[2]
         scores = np.frombuffer(answer.content[int(answer.headers[oip.HEADER_LENGTH]) :], dtype="<f4")
         same = bool(np.array_equal(v1_answer["scores"], scores))
-        for k in range(pairs):
+        for k in range(WARMUP + pairs):
             variant = k % len(snaps)
             order = [("v1_score", "/v1/score", v1[variant]), ("v2_infer", path, v2[variant])]
             for endpoint, target, (body, headers) in order if k % 2 == 0 else order[::-1]:
                 client, timing, _ = post(http, target, body, headers)
-                samples[endpoint]["client"].append(client)
-                samples[endpoint]["total"].append(timing["total"])
-                samples[endpoint]["processing"].append(timing["total"] - timing["queue"] - timing["model"])
-    result: dict[str, Any] = {"n": n, "pairs": pairs, "scores_bit_identical": same}
+                if k >= WARMUP:
+                    samples[endpoint]["client"].append(client)
+                    samples[endpoint]["total"].append(timing["total"])
+                    samples[endpoint]["overhead"].append(timing["total"] - timing["model"])
+    result: dict[str, Any] = {"n": n, "pairs": pairs, "warmup_pairs": WARMUP, "scores_bit_identical": same}
     for endpoint, values in samples.items():
         result[endpoint] = {f"{what}_ms": percentiles(series) for what, series in values.items()}
         result[endpoint]["body_bytes"] = len((v1 if endpoint == "v1_score" else v2)[0][0])
     for what in ("total", "client"):  # paired: each v2 request over the /v1/score one sent beside it
         ratios = np.asarray(samples["v2_infer"][what]) / np.asarray(samples["v1_score"][what])
         result[f"paired_ratio_{what}_p50"] = round(float(np.median(ratios)), 4)
-    added = result["v2_infer"]["processing_ms"]["p50"] - result["v1_score"]["processing_ms"]["p50"]
-    result["processing_added_p50_ms"] = round(added, 4)
+    added = np.asarray(samples["v2_infer"]["overhead"]) - np.asarray(samples["v1_score"]["overhead"])
+    result["paired_overhead_added_ms"] = percentiles(added)
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048], help="WC lengths N (8192: ~4.5 GiB)")
-    parser.add_argument("--pairs", type=int, help="request pairs per N (default: 120 / 40 / 12 at 512 / 2048 / 8192)")
+    parser.add_argument("--pairs", type=int, help=f"counted request pairs per N (default {PAIRS}, else 20)")
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args()
-    commit = git_commit()  # the code measured: read before the runs, not after
+    about = provenance(onnxruntime=ort.__version__)  # the code measured: read before the runs, not after
     path = model_dir(256)
     name = json.loads((path / "manifest.json").read_text())["model"]["name"]
     url = f"http://127.0.0.1:{(port := free_port())}"
@@ -98,12 +100,13 @@ def main() -> None:
         served = httpx.get(url + "/v1/model").json()
         for n in args.sizes:
             results.append(measure(url, name, n, args.pairs or PAIRS.get(n, 20)))
-            print(json.dumps({k: results[-1][k] for k in ("n", "paired_ratio_total_p50", "processing_added_p50_ms")}),
-                  file=sys.stderr)  # fmt: skip
+            progress = {k: results[-1][k] for k in ("n", "paired_ratio_total_p50")}
+            progress["overhead_added_p50_ms"] = results[-1]["paired_overhead_added_ms"].get("p50")
+            print(json.dumps(progress), file=sys.stderr)
     report = {
         "benchmark": "v2_overhead",
-        "commit": commit,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__},
+        **about,
+        "service_command": ["python", *command],
         "device": served["provider"],
         "results": results,
         "target": {"paired_ratio_total_p50_max": TARGET_RATIO, "scores_bit_identical": True},

@@ -1,0 +1,154 @@
+"""The benchmarks' own rules: percentiles only where the samples support them, reports that name
+their provenance, a floor endpoint admitted like the service, the same bytes on both sides, and
+allocator scenarios that make the edits they are named for."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+
+from benchmarks import allocator, bare_server, latency, min_samples, percentiles
+from lensnet_client import FocusClient, FocusError
+from lensnet_client.client import parse_server_timing
+
+from .live import REPO
+
+
+def test_a_percentile_is_quoted_only_with_a_sample_beyond_it() -> None:
+    assert [min_samples(q) for q in (50, 90, 95, 99)] == [2, 10, 20, 100]
+    assert "p99" not in percentiles(range(99)) and percentiles(range(100))["p99"] == 98.01
+    assert "p95" not in percentiles(range(19)) and "p95" in percentiles(range(20))
+    assert percentiles([7.0]) == {"samples": 1, "max": 7.0}
+    assert percentiles([]) == {"samples": 0}
+
+
+class Service:
+    """What WithFloor reads of the service's app: its settings' slot count."""
+
+    def __init__(self, slots: int) -> None:
+        self.settings = SimpleNamespace(max_concurrency=slots)
+
+
+class ServiceApp:
+    """The service's app as WithFloor sees it: its `service`, and the paths it was called for."""
+
+    def __init__(self, slots: int) -> None:
+        self.service, self.paths = Service(slots), []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.paths.append(scope["path"])
+
+
+def test_the_floor_reads_every_chunk_one_request_per_service_slot() -> None:
+    """With the service's one slot, a second body is not read until the first has been answered,
+    and the wait is reported as admit, outside receive; other paths go to the service."""
+    app = bare_server.WithFloor(ServiceApp(1))
+    events: list[str] = []
+    answers: dict[str, dict[str, Any]] = {}
+
+    def request(name: str, chunks: int, gate: asyncio.Event | None) -> Any:
+        sent = iter(range(chunks))
+
+        async def receive() -> dict[str, Any]:
+            k = next(sent)
+            events.append(f"{name} chunk {k}")
+            if gate:
+                await gate.wait()
+            return {"type": "http.request", "body": b"x" * 100, "more_body": k < chunks - 1}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                events.append(f"{name} answered")
+                answers[name] = message
+
+        return app({"type": "http", "path": bare_server.FLOOR_PATH}, receive, send)
+
+    async def run() -> None:
+        gate = asyncio.Event()
+        first = asyncio.create_task(request("first", 1, gate))
+        second = asyncio.create_task(request("second", 3, None))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert events == ["first chunk 0"]  # the second waits for the slot
+        gate.set()
+        await asyncio.gather(first, second)
+        await app({"type": "http", "path": "/v1/focus"}, receive=None, send=None)
+
+    asyncio.run(run())
+    assert events == ["first chunk 0", "first answered", "second chunk 0", "second chunk 1", "second chunk 2",
+                      "second answered"]  # fmt: skip
+    timing = dict(answers["second"]["headers"])[b"server-timing"].decode()
+    assert set(parse_server_timing(timing)) == {"admit", "receive"} and answers["second"]["status"] == 200
+    assert app.app.paths == ["/v1/focus"]
+
+
+@pytest.mark.parametrize("fmt", ["binary", "json"])
+def test_the_bare_endpoint_gets_the_bytes_the_service_gets(fmt: str) -> None:
+    snaps = latency.snapshots(64, 256, seed=1)
+    sent: list[tuple[bytes, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append((request.content, request.headers["content-type"]))
+        return httpx.Response(400, json={"title": "recorded"})
+
+    with FocusClient("http://test", format=fmt, retries=0, transport=httpx.MockTransport(handler)) as client:  # type: ignore[arg-type]
+        for embeddings, lod, positions in snaps:
+            with pytest.raises(FocusError):
+                client.focus(embeddings, lod, positions, w_max=64)
+    bodies = latency.focus_bodies(fmt, snaps, 64)
+    assert [(content, headers["content-type"]) for content, headers in bodies] == sent
+
+
+@pytest.mark.parametrize("scenario", allocator.SCENARIOS, ids=lambda s: s.name)
+def test_each_allocator_scenario_makes_the_edits_it_is_named_for(scenario: allocator.Scenario) -> None:
+    result = allocator.measure(scenario, 512, runs=1, seed=0, cold=False)
+    assert {kind for kind, count in result["edits_per_call"].items() if count > 0} == scenario.kinds
+
+
+def test_an_allocator_scenario_that_misses_its_edits_fails() -> None:
+    mislabelled = allocator.Scenario("trades", allocator.uniform, -64, 4, frozenset({"trade"}))
+    with pytest.raises(RuntimeError, match="not exactly"):
+        allocator.measure(mislabelled, 512, runs=1, seed=0, cold=False)
+
+
+def quoted_beyond_their_samples(node: Any) -> list[str]:
+    """Every percentile in a report quoted from fewer samples than `min_samples` allows."""
+    if isinstance(node, list):
+        return [bad for item in node for bad in quoted_beyond_their_samples(item)]
+    if not isinstance(node, dict):
+        return []
+    bad = [f"{key} of {node['samples']}" for key in node if key.startswith("p") and key[1:].isdigit()
+           and node["samples"] < min_samples(int(key[1:]))]  # fmt: skip
+    return bad + [b for value in node.values() for b in quoted_beyond_their_samples(value)]
+
+
+TINY = {
+    "allocator": ["--runs", "3", "--sizes", "512"],
+    "read_body": ["--runs", "3", "--sizes", "64"],
+    "v2_overhead": ["--pairs", "3", "--sizes", "64"],
+    "latency": ["--requests", "3", "--sizes", "64", "--dims", "256", "--formats", "binary", "--concurrency", "1", "2"],
+}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_each_benchmark_runs_end_to_end_and_names_its_provenance(name: str) -> None:
+    args = [sys.executable, "-m", f"benchmarks.{name}", *TINY[name]]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    assert report["commit"] == head and isinstance(report["dirty"], bool)
+    assert report["command"].endswith(" ".join(args[1:])) and report["machine"]["cpus"] >= 1
+    assert quoted_beyond_their_samples(report) == []
+    if name == "latency":
+        for result in report["results"]:
+            assert result["requests"] == result["floor_ms"]["receive"]["samples"] == 3  # paired, warm-up not counted
+            assert result["warmup_requests"] == latency.WARMUP * result["concurrency"]
+            assert set(result["server_ms"]) >= {"receive", "model", "total"}
