@@ -173,7 +173,8 @@ def test_edit_storage_grows_and_shrinks_and_keeps_every_held_decision_intact(siz
     made, slots = [], []
     for size in sizes:
         specs = [("expand" if rng.random() < 0.5 else "collapse", int(rng.integers(0, 3)),
-                  float(np.float32(rng.uniform(-1, 1))), CAUSES[int(rng.integers(0, 3))]) for _ in range(size)]  # fmt: skip
+                  float(np.float32(rng.uniform(-1, 1))), CAUSES[int(rng.integers(0, 3))])
+                 for _ in range(size)]  # fmt: skip
         made.append((memory.remember(edits(*specs), now=0), specs))
         slots.append(memory._edits.mask + 1)
     assert max(slots) >= sum(sorted(sizes)[-2:])  # grown to hold the two largest at once
@@ -231,7 +232,8 @@ BODIES = [
     f'{{"items": [{ITEM}] * 6}}', '{"items": []}', f'{{"items": [{ITEM}], "more": 1}}', '[1]', '{"items": {}}',
     '{"items": [[1, 2, 3]]}', '{"items": [{"decision_id": "a", "edit": 0}]}',
     '{"items": [{"decision_id": "a", "edit": 0, "delta_nll": 1, "x": 1}]}',
-    '{"items": [{"decision_id": "a", "edit": 0, "x": 1}]}', '{"items": [{"decision_id": 1, "edit": 0, "delta_nll": 1}]}',
+    '{"items": [{"decision_id": "a", "edit": 0, "x": 1}]}',
+    '{"items": [{"decision_id": 1, "edit": 0, "delta_nll": 1}]}',
     '{"items": [{"decision_id": "a", "edit": true, "delta_nll": 1}]}',
     '{"items": [{"decision_id": "a", "edit": 1.0, "delta_nll": 1}]}',
     '{"items": [{"decision_id": "a", "edit": -1, "delta_nll": 1}]}',
