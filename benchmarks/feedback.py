@@ -6,7 +6,7 @@ Two parts, one JSON report:
   (binary frames, N = `--entries`, 512 by default) while a second process offers feedback at a
   fixed rate (`--rate` items/s in batches of `--batch`, on an open-loop schedule: a batch is sent
   when it is due whether or not earlier ones were answered, from SENDERS connections; the sender
-  runs at the lowest priority, as its client work is not the service's cost). Every item names a
+  runs niced, as its client work is not the service's cost). Every item names a
   different real edit of an earlier focus answer, so every one is matched and feeds the windows
   and histograms (the costly path; the pool is made first by focus requests that expand every
   gist of an all-LOD-1 WC, ~500 edits each). Phases without and with feedback alternate in
@@ -44,6 +44,7 @@ from .latency import free_port, git_commit, server
 
 TARGET_P50_RATIO = 1.05
 SENDERS = 4  # connections the offered load is spread over (a slow answer must not lower the rate)
+SENDER_NICE = 10
 
 
 def fresh_edits(
@@ -69,9 +70,11 @@ def offer(port: int, bodies: list[bytes], items_per_s: float, batch: int, go: Ev
           out: Any) -> None:  # fmt: skip
     """While `go` is set, post `bodies` in order, each once, on a fixed schedule: batch j of a phase
     is due at the phase's `start` (time.monotonic) + j·batch/items_per_s, whether or not earlier
-    ones were answered (SENDERS connections); until `stop`. At normal priority: on this loaded
-    machine a niced sender falls behind its schedule, so its small client cost (http.client, bodies
-    encoded beforehand) is charged to the service here."""
+    ones were answered (SENDERS connections); until `stop`. Its client work (http.client, bodies
+    encoded beforehand: ~0.2 ms a post) is not the service's cost, so it runs at nice SENDER_NICE:
+    below the server's threads, but not so low that a busy machine stops it keeping the schedule
+    (at nice 19 it fell ~1 s behind while other processes kept the 2 cores busy)."""
+    os.nice(SENDER_NICE)
     lock = threading.Lock()
     state = {"next": 0, "start": -1.0, "due": 0}
     tally = {"accepted": 0, "other": 0, "late_ms_max": 0.0, "exhausted": False}
