@@ -148,7 +148,7 @@ def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
         rng = np.random.default_rng(0)
         on_s = args.pairs * (args.phase_s + args.settle_s)
         made = time.perf_counter()
-        edits, steps = fresh_edits(client, int(args.rate * on_s * 1.1) + args.batch, 512, rng)
+        edits, steps = fresh_edits(client, int(args.rate * on_s * 1.3) + args.batch, 512, rng)
         made = time.perf_counter() - made
         items = [(d, k, float(v)) for (d, k), v in zip(edits, rng.normal(0, 0.1, len(edits)), strict=True)]
         bodies = [body(items[i : i + args.batch]) for i in range(0, len(items) - args.batch + 1, args.batch)]

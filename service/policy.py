@@ -4,9 +4,12 @@
 pipeline for every focus answer, and by anything else that answers with edits); `feedback`
 matches a batch of (decision_id, edit, delta_nll) items to those edits, feeds the matched ones to
 the rolling correlations and the ΔNLL histograms, and answers one result per item. The gauges
-are recomputed from the windows at scrape time (and after feedback, at most once a second, so
-each worker of a multi-process server keeps its own series fresh), in `executor`: one
-low-priority thread, so this work takes the CPU only when the model's threads leave it.
+are recomputed from the windows at scrape time (and after feedback, at most every REFRESH_S, so
+each worker of a multi-process server keeps its own series fresh), in `executor`: one thread, off
+the event loop, at the process's own priority. Not niced: this is Python holding the GIL, and a
+niced thread the scheduler leaves waiting while it holds the GIL stalls every focus request's
+Python stages behind it (measured: focus p50 ×2.6 on a busy 2-core machine with the thread at nice
+19). Its work is small instead: ~2 µs an item and a refresh every few seconds.
 
 A batch is handled as columns, never as per-item objects: `parse_feedback` checks a JSON body in
 bulk and the memory, windows and histograms take arrays. Per item that leaves json.loads' own
@@ -30,11 +33,10 @@ from .core.allocator import Allocation, AllocatorOptions
 from .core.correlation import PolicyCorrelation, benefit
 from .core.decisions import RESULTS, DecisionMemory, Result
 from .metrics import Metrics
-from .priority import lower_priority
 from .settings import Settings
 from .traces import DecisionRecord, FeedbackRecord, TraceWriter
 
-REFRESH_S = 1.0  # feedback recomputes the gauges at most this often (scrapes always do)
+REFRESH_S = 5.0  # feedback recomputes the gauges at most this often (scrapes always do): 10-30 ms each
 MAX_DECISION_ID = 64
 _QUOTED_RESULTS = [json.dumps(result) for result in RESULTS]
 
@@ -152,8 +154,8 @@ class PolicyHealth:
         self._refreshed = 0.0
         self.trace_rate, self.trace_embeddings = settings.trace_sample_rate, settings.trace_embeddings
         self.tracer: TraceWriter | None = None  # set once the model (its sha256) is known
-        # Feedback batches and gauge refreshes run here, yielding the CPU to the model's threads.
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="lensnet-policy", initializer=lower_priority)
+        # Feedback batches and gauge refreshes run here (not niced: see the module docstring).
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="lensnet-policy")
 
     def decide(
         self,

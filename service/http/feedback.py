@@ -2,8 +2,7 @@
 
 The body is JSON, read like every request body (413 beyond `--max-body-bytes`, 408 when too
 slow), then parsed and validated strictly (400 unparseable, 422 a wrong field, naming it) and
-matched in the policy's low-priority thread: at 10,000 items/s that work would otherwise take CPU
-time from the model's threads and slow focus requests (README, "Policy health"). At most
+matched in the policy's thread, off the event loop (README, "Policy health"). At most
 `MAX_PENDING` batches wait for it; beyond, 429 with Retry-After. A valid batch always answers 200
 with one result per item, encoded by the policy (FastAPI's response validation and encoding would
 walk every item in Python on the event loop).
