@@ -79,8 +79,8 @@ def offer(port: int, bodies: list[bytes], items_per_s: float, batch: int, go: Ev
     state = {"next": 0, "start": -1.0, "due": 0}
     tally = {"accepted": 0, "other": 0, "late_ms_max": 0.0, "exhausted": False}
 
-    def claim() -> tuple[int, float] | None:
-        """The next body and when it is due, or None (no phase, or no body left)."""
+    def claim() -> tuple[int, float, float] | None:
+        """The next body, when it is due and its phase's start; None without a phase or bodies."""
         with lock:
             if state["start"] != start.value:  # a new phase: its schedule starts at 0
                 state["start"], state["due"] = start.value, 0
@@ -90,16 +90,18 @@ def offer(port: int, bodies: list[bytes], items_per_s: float, batch: int, go: Ev
             k, due = state["next"], state["start"] + state["due"] * batch / items_per_s
             state["next"] += 1
             state["due"] += 1
-            return k, due
+            return k, due, state["start"]
 
     def send() -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         while not stop.is_set():
             if not go.wait(0.1) or (claimed := claim()) is None:
                 continue
-            k, due = claimed
+            k, due, phase = claimed
             if (wait := due - time.monotonic()) > 0:
                 time.sleep(wait)
+            if not go.is_set() or start.value != phase:  # its phase ended while it waited: not offered
+                continue
             late = (time.monotonic() - due) * 1e3
             connection.request("POST", "/v1/feedback", bodies[k], {"content-type": "application/json"})
             response = connection.getresponse()
