@@ -1,24 +1,28 @@
-"""Feedback cost: POST /v1/feedback at 10,000 edits/s beside the focus endpoint's p50.
+"""Feedback cost: POST /v1/feedback at a fixed 10,000 items/s beside the focus endpoint's p50.
 
 Two parts, one JSON report:
 
-- **end to end**: the real server (bundled model) answers /v1/focus at concurrency 1 (binary
-  frames, N = `--entries`) while a second process sends feedback batches at `--rate` items/s,
-  paced; phases with and without feedback alternate (`--pairs` pairs of `--phase-s` seconds), so
-  both see the same (shared, loaded) machine; the sender runs at the lowest priority (its client
-  work is not the service's cost). The items name real edits of earlier focus answers:
-  the first pass over them is matched, later passes are duplicates (a focus step makes ~10 edits
-  and takes ~0.1 s here, so 10,000 fresh edits a second cannot be made on this machine).
-- **in process**: the route's own work (JSON parse and validation, matching, windows, histograms)
-  per item for fully matched and fully duplicate batches, and one gauge refresh over full windows,
-  so the matched path's cost is known too.
+- **end to end**: the real server (bundled model, D = 256) answers /v1/focus at concurrency 1
+  (binary frames, N = `--entries`, 512 by default) while a second process offers feedback at a
+  fixed rate (`--rate` items/s in batches of `--batch`, on an open-loop schedule: a batch is sent
+  when it is due whether or not earlier ones were answered, from SENDERS connections; the sender
+  runs niced, as its client work is not the service's cost). Every item names a
+  different real edit of an earlier focus answer, so every one is matched and feeds the windows
+  and histograms (the costly path; the pool is made first by focus requests that expand every
+  gist of an all-LOD-1 WC, ~500 edits each). Phases without and with feedback alternate in
+  pairs, in both orders (off/on, on/off, …), each after `--settle-s` that is not measured; the
+  focus p50s are compared paired, in one run, with a bootstrap interval over the pairs. Overhead
+  beside the model is total − model (Server-Timing), reported per condition.
+- **in process**: the route's own work (bulk JSON check, matching, windows, histograms) per item
+  for fully matched and fully duplicate batches, and one gauge refresh over full windows.
 
-    python -m benchmarks.feedback [--rate 10000] [--batch 500] [--entries 512] [--out report.json]
+    python -m benchmarks.feedback [--rate 10000] [--batch 500] [--entries 512] [--pairs 10] [--out report.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import multiprocessing
 import os
@@ -28,126 +32,212 @@ import time
 from multiprocessing.synchronize import Event
 from typing import Any
 
-import httpx
 import numpy as np
 
-from examples.policy_health import collect_edits
 from lensnet_client import FocusClient, synthetic_layout
 from lensnet_client.layout import Edit
 from service.metrics import Metrics
-from service.policy import PolicyHealth, feedback_request
+from service.policy import FeedbackBody, PolicyHealth
 from service.settings import Settings
 
 from .latency import free_port, git_commit, server
 
 TARGET_P50_RATIO = 1.05
-SENDERS = 4  # concurrent feedback posts
+SENDERS = 4  # connections the offered load is spread over (a slow answer must not lower the rate)
+SENDER_NICE = 10
 
 
-def pace(url: str, bodies: list[bytes], batches_per_s: float, go: Event, stop: Event, out: Any) -> None:
-    """Post the pre-encoded bodies in turn at `batches_per_s` while `go` is set, until `stop`, from
-    SENDERS threads (a stack sends feedback asynchronously: a slow answer must not lower the rate).
-    The process runs at the lowest priority: in production the stack runs elsewhere, here its
-    client work would otherwise be charged to the service on the same two cores."""
-    os.nice(19)
-    counts = {"posted": 0, "failed": 0}
+def fresh_edits(
+    client: FocusClient, wanted: int, n: int, rng: np.random.Generator
+) -> tuple[list[tuple[str, int]], int]:
+    """At least `wanted` distinct real edits, (decision_id, index): focus requests over WCs of `n`
+    LOD-1 gists with room and thresholds to expand every positive one; and how many requests."""
+    model = client.model()
+    found: list[tuple[str, int]] = []
+    steps = 0
+    while len(found) < wanted:
+        lod = np.ones(n, dtype=np.int64)
+        positions = int(rng.integers(0, 1 << 20)) * model["block_size"] ** 2 + model["block_size"] * np.arange(n)
+        embeddings = rng.standard_normal((n, model["embed_dim"])).astype(np.float16)
+        result = client.focus(embeddings, lod, positions.astype(np.int64), w_max=n * model["block_size"],
+                              max_edits=1024, tau_expand=1e-6, tau_collapse=1e-6)  # fmt: skip
+        found += [(result.decision_id, k) for k in range(len(result.edits))]
+        steps += 1
+    return found, steps
+
+
+def offer(port: int, bodies: list[bytes], items_per_s: float, batch: int, go: Event, start: Any, stop: Event,
+          out: Any) -> None:  # fmt: skip
+    """While `go` is set, post `bodies` in order, each once, on a fixed schedule: batch j of a phase
+    is due at the phase's `start` (time.monotonic) + j·batch/items_per_s, whether or not earlier
+    ones were answered (SENDERS connections); until `stop`. Its client work (http.client, bodies
+    encoded beforehand: ~0.2 ms a post) is not the service's cost, so it runs at nice SENDER_NICE:
+    below the server's threads, but not so low that a busy machine stops it keeping the schedule
+    (at nice 19 it fell ~1 s behind while other processes kept the 2 cores busy)."""
+    os.nice(SENDER_NICE)
     lock = threading.Lock()
+    state = {"next": 0, "start": -1.0, "due": 0}
+    tally = {"accepted": 0, "other": 0, "late_ms_max": 0.0, "exhausted": False}
 
-    def send(offset: int) -> None:
-        with httpx.Client(base_url=url, timeout=30, headers={"content-type": "application/json"}) as client:
-            while not stop.is_set():
-                if not go.wait(0.05):
-                    continue
-                start, sent = time.perf_counter(), 0
-                while go.is_set() and not stop.is_set():
-                    due = start + sent * SENDERS / batches_per_s
-                    if (wait := due - time.perf_counter()) > 0:
-                        time.sleep(wait)
-                    response = client.post("/v1/feedback", content=bodies[(offset + sent * SENDERS) % len(bodies)])
-                    with lock:
-                        counts["posted" if response.status_code == 200 else "failed"] += 1
-                    sent += 1
+    def claim() -> tuple[int, float, float] | None:
+        """The next body, when it is due and its phase's start; None without a phase or bodies."""
+        with lock:
+            if state["start"] != start.value:  # a new phase: its schedule starts at 0
+                state["start"], state["due"] = start.value, 0
+            if state["next"] >= len(bodies):
+                tally["exhausted"] = True
+                return None
+            k, due = state["next"], state["start"] + state["due"] * batch / items_per_s
+            state["next"] += 1
+            state["due"] += 1
+            return k, due, state["start"]
 
-    threads = [threading.Thread(target=send, args=(k,)) for k in range(SENDERS)]
+    def send() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while not stop.is_set():
+            if not go.wait(0.1) or (claimed := claim()) is None:
+                continue
+            k, due, phase = claimed
+            if (wait := due - time.monotonic()) > 0:
+                time.sleep(wait)
+            if not go.is_set() or start.value != phase:  # its phase ended while it waited: not offered
+                continue
+            late = (time.monotonic() - due) * 1e3
+            connection.request("POST", "/v1/feedback", bodies[k], {"content-type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            with lock:
+                tally["accepted" if response.status == 200 else "other"] += 1
+                tally["late_ms_max"] = max(tally["late_ms_max"], late)
+        connection.close()
+
+    threads = [threading.Thread(target=send) for _ in range(SENDERS)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    out.put((counts["posted"], counts["failed"]))
+    out.put(tally)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def body(items: list[tuple[str, int, float]]) -> bytes:
     return json.dumps({"items": [{"decision_id": d, "edit": e, "delta_nll": v} for d, e, v in items]}).encode()
 
 
+def p50_ratio_interval(on: list[list[float]], off: list[list[float]], rng: np.random.Generator) -> list[float]:
+    """95 % bootstrap interval of p50(on)/p50(off), resampling whole pairs (phases of one pair ran
+    back to back, so pairs, not requests, are the independent units)."""
+    ratios = []
+    for _ in range(2000):
+        chosen = rng.integers(0, len(on), len(on))
+        ratios.append(np.median(np.concatenate([on[k] for k in chosen]))
+                      / np.median(np.concatenate([off[k] for k in chosen])))  # fmt: skip
+    return [float(v) for v in np.percentile(ratios, [2.5, 97.5])]
+
+
 def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    flags = ["-m", "service", "--port", str(port), "--warmup-sizes", f"[{args.entries}]", "--log-level", "warning"]
-    with server(flags, url, "/readyz"), FocusClient(url, timeout=60) as client:
+    flags = ["-m", "service", "--port", str(port), "--warmup-sizes", f"[{args.entries}]", "--log-level", "warning",
+             "--decision-memory-s", "3600"]  # fmt: skip
+    with server(flags, url, "/readyz") as process, FocusClient(url, timeout=60) as client:
         rng = np.random.default_rng(0)
-        edits, steps = collect_edits(client, args.pool, rng, n=args.entries)
-        items = [(d, k, float(rng.normal(0, 0.1))) for d, k, _ in edits]
-        batches = [body(items[i : i + args.batch]) for i in range(0, len(items) - args.batch + 1, args.batch)]
+        on_s = args.pairs * (args.phase_s + args.settle_s)
+        made = time.perf_counter()
+        edits, steps = fresh_edits(client, int(args.rate * on_s * 1.3) + args.batch, 512, rng)
+        made = time.perf_counter() - made
+        items = [(d, k, float(v)) for (d, k), v in zip(edits, rng.normal(0, 0.1, len(edits)), strict=True)]
+        bodies = [body(items[i : i + args.batch]) for i in range(0, len(items) - args.batch + 1, args.batch)]
         context = multiprocessing.get_context("spawn")
-        go, stop, out = context.Event(), context.Event(), context.Queue()
-        sender = context.Process(target=pace, args=(url, batches, args.rate / args.batch, go, stop, out))
+        go, start, stop, out = context.Event(), context.Value("d", -1.0), context.Event(), context.Queue()
+        sender = context.Process(target=offer, args=(port, bodies, args.rate, args.batch, go, start, stop, out))
         sender.start()
         lod, positions = synthetic_layout(args.entries, 32, 2, rng)
         embeddings = rng.standard_normal((args.entries, 256)).astype(np.float16)
-        latency: dict[str, list[float]] = {"off": [], "on": []}
-        server_total: dict[str, list[float]] = {"off": [], "on": []}
-        feedback_s = 0.0
+        client.focus(embeddings, lod, positions, w_max=args.entries)
+        latency: dict[str, list[list[float]]] = {"off": [], "on": []}
+        total: dict[str, list[float]] = {"off": [], "on": []}
+        overhead: dict[str, list[float]] = {"off": [], "on": []}
+        cpu = {"off": [0.0, 0.0], "on": [0.0, 0.0]}  # server CPU seconds, measured seconds
+        on_time = 0.0
         try:
-            for _ in range(args.pairs):
-                for phase in ("off", "on"):
-                    (go.set if phase == "on" else go.clear)()
-                    began = time.perf_counter()
-                    end = began + args.phase_s
-                    while time.perf_counter() < end:
-                        start = time.perf_counter()
-                        result = client.focus(embeddings, lod, positions, w_max=args.entries)
-                        latency[phase].append((time.perf_counter() - start) * 1e3)
-                        server_total[phase].append(result.server_timing["total"])
+            for pair in range(args.pairs):
+                for phase in ("off", "on") if pair % 2 == 0 else ("on", "off"):
                     if phase == "on":
-                        feedback_s += time.perf_counter() - began
-            go.clear()
+                        start.value = time.monotonic()
+                        go.set()
+                    began = time.perf_counter()
+                    measured: list[float] = []
+                    cpu_start: tuple[float, float] | None = None
+                    while (now := time.perf_counter()) < began + args.settle_s + args.phase_s:
+                        if cpu_start is None and now >= began + args.settle_s:
+                            cpu_start = cpu_seconds(process.pid), now
+                        result = client.focus(embeddings, lod, positions, w_max=args.entries)
+                        if now >= began + args.settle_s:  # requests sent after the settling time
+                            measured.append((time.perf_counter() - now) * 1e3)
+                            timing = result.server_timing
+                            total[phase].append(timing["total"])
+                            overhead[phase].append(timing["total"] - timing["model"])
+                    latency[phase].append(measured)
+                    if cpu_start is not None:
+                        cpu[phase][0] += cpu_seconds(process.pid) - cpu_start[0]
+                        cpu[phase][1] += time.perf_counter() - cpu_start[1]
+                    if phase == "on":
+                        go.clear()  # until the next on phase: on_time counts only the offered load's time
+                        on_time += time.perf_counter() - began
             stop.set()
-            posted, failed = out.get(timeout=30)
+            tally = out.get(timeout=60)
         finally:
             stop.set()
-            sender.join(timeout=30)
+            sender.join(timeout=60)
         text = client.http.get("/metrics").text
     counts = {
         line.split('"')[1]: float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
         if line.startswith("lensnet_feedback_items_total{")
     }
-    p50 = {phase: float(np.median(values)) for phase, values in latency.items()}
-    server_p50 = {phase: float(np.median(values)) for phase, values in server_total.items()}
+    on, off = latency["on"], latency["off"]
+    pooled = {phase: np.concatenate(runs) for phase, runs in latency.items()}
+    p50 = {phase: float(np.median(values)) for phase, values in pooled.items()}
     ratio = p50["on"] / p50["off"]
+    accepted = tally["accepted"] * args.batch / on_time
+    busy = {phase: used / seconds for phase, (used, seconds) in cpu.items()}  # cores, on average
     return {
         "entries": args.entries,
-        "focus_requests": {phase: len(values) for phase, values in latency.items()},
+        "focus_requests_measured": {phase: int(values.size) for phase, values in pooled.items()},
         "focus_client_p50_ms": p50,
-        "focus_client_p90_ms": {phase: float(np.percentile(v, 90)) for phase, v in latency.items()},
-        "focus_server_total_p50_ms": server_p50,
+        "focus_client_p90_ms": {phase: float(np.percentile(v, 90)) for phase, v in pooled.items()},
         "p50_ratio_on_off": ratio,
-        "server_p50_ratio_on_off": server_p50["on"] / server_p50["off"],
-        "feedback_items_per_s": posted * args.batch / feedback_s,
-        "feedback_batches": {"accepted_200": posted, "other": failed, "items_per_batch": args.batch},
+        "p50_ratio_95ci_pairs": p50_ratio_interval(on, off, np.random.default_rng(1)),
+        "p50_ratio_per_pair": [float(np.median(a) / np.median(b)) for a, b in zip(on, off, strict=True)],
+        "server_total_p50_ms": {phase: float(np.median(v)) for phase, v in total.items()},
+        "server_overhead_beside_model_p50_ms": {phase: float(np.median(v)) for phase, v in overhead.items()},
+        "server_cpu_cores_busy": busy,
+        "server_cpu_us_per_feedback_item": (busy["on"] - busy["off"]) / accepted * 1e6,
+        "feedback_offered_items_per_s": args.rate,
+        "feedback_accepted_items_per_s": accepted,
+        "feedback_batches": {"accepted_200": tally["accepted"], "other": tally["other"], "items_per_batch": args.batch,
+                             "most_behind_schedule_ms": tally["late_ms_max"], "pool_exhausted": tally["exhausted"]},
         "feedback_items_by_result": counts,
-        "edit_pool": {"edits": len(edits), "focus_steps": steps},
-        "target": f"feedback at {args.rate} items/s raises the focus p50 by at most 5 %",
-        "met": bool(ratio <= TARGET_P50_RATIO and posted * args.batch / feedback_s >= 0.95 * args.rate),
-    }
+        "edit_pool": {"edits": len(edits), "focus_steps": steps, "seconds": made},
+        "phases": {"pairs": args.pairs, "orders": "off/on, on/off alternating", "phase_s": args.phase_s,
+                   "settle_s_unmeasured": args.settle_s},
+        "target": f"feedback at {args.rate:.0f} items/s raises the focus p50 by at most 5 %",
+        "met": bool(ratio <= TARGET_P50_RATIO and accepted >= 0.99 * args.rate and not tally["exhausted"]),
+    }  # fmt: skip
 
 
 def in_process(batch: int, repeats: int) -> dict[str, Any]:
     """µs per item of the route's work, all matched vs all duplicates; one gauge refresh, full windows."""
     settings = Settings()
     policy = PolicyHealth(settings, Metrics(0.003, 2))
-    model = feedback_request(settings.feedback_max_items)
+    parser = FeedbackBody(settings.feedback_max_items)
     rng = np.random.default_rng(1)
     per_decision = 8
     bodies = []
@@ -162,7 +252,7 @@ def in_process(batch: int, repeats: int) -> dict[str, Any]:
     def run() -> float:
         start = time.perf_counter()
         for raw in bodies:
-            policy.feedback(model.model_validate_json(raw).items)  # type: ignore[attr-defined]
+            policy.feedback(parser.parse(raw))
         return (time.perf_counter() - start) / (len(bodies) * batch) * 1e6
 
     matched_us, duplicate_us = run(), run()
@@ -185,18 +275,22 @@ def in_process(batch: int, repeats: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rate", type=float, default=10_000, help="feedback items per second")
+    parser.add_argument("--rate", type=float, default=10_000, help="feedback items per second, offered")
     parser.add_argument("--batch", type=int, default=500, help="items per POST")
     parser.add_argument("--entries", type=int, default=512, help="WC length of the focus requests")
-    parser.add_argument("--pool", type=int, default=1000, help="real edits the feedback names")
-    parser.add_argument("--pairs", type=int, default=12, help="off/on phase pairs")
-    parser.add_argument("--phase-s", type=float, default=3.0)
+    parser.add_argument("--pairs", type=int, default=12, help="off/on phase pairs (orders alternate)")
+    parser.add_argument("--phase-s", type=float, default=1.5, help="measured seconds per phase")
+    parser.add_argument("--settle-s", type=float, default=0.25, help="unmeasured seconds at the start of a phase")
     parser.add_argument("--out", help="also write the report here")
     args = parser.parse_args()
     report = {
         "benchmark": "feedback",
         "commit": git_commit(),
-        "machine": {"cpus": multiprocessing.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "cpus": multiprocessing.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_at_start": os.getloadavg(),
+        },
         "in_process": in_process(args.batch, 20),
         "end_to_end": end_to_end(args),
     }

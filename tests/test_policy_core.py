@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from pydantic import ValidationError
 from scipy import stats
 
 from lensnet_client.layout import Edit
 from service.core.correlation import PolicyCorrelation, RollingWindow, average_ranks, benefit, pearson, spearman
-from service.core.decisions import CAUSES, DecisionMemory
+from service.core.decisions import CAUSES, RESULTS, DecisionMemory, Matched
 from service.metrics import DELTA_NLL_EDGES, Metrics
+from service.policy import EDIT_CAP, FeedbackBody
 
 
 def edits(*specs: tuple[str, int, float, str]) -> tuple[Edit, ...]:
@@ -23,6 +26,12 @@ def edits(*specs: tuple[str, int, float, str]) -> tuple[Edit, ...]:
         made.append(Edit(action, k * 32, 1 if expand else 32, 32 if expand else 1, lod, lod - 1 if expand else lod + 1,
                          k * 1024, 32**lod, score, cause))  # fmt: skip
     return tuple(made)
+
+
+def match(memory: DecisionMemory, pairs: list[tuple[str, int]], now: float) -> tuple[list[str], Matched]:
+    """`DecisionMemory.match` on (decision_id, edit) pairs, its result codes as names."""
+    codes, matched = memory.match([d for d, _ in pairs], np.array([e for _, e in pairs], dtype=np.int64), now)
+    return [RESULTS[c] for c in codes], matched
 
 
 # --- correlations -------------------------------------------------------------------------------
@@ -116,31 +125,70 @@ def test_decisions_match_each_edit_once_with_what_feedback_needs() -> None:
     first = memory.remember(made, now=0)
     empty = memory.remember((), now=0)
     assert first == "abcd-0" and empty == "abcd-1"
-    results, matched = memory.match(
-        [(first, 2), (first, 0), (first, 3), (first, -1), (empty, 0), (first, 0), ("abcd-2", 0), ("zzzz-0", 0),
-         ("abcd-xyz", 0), ("", 0), ("abcd-00", 0), ("abcd- 1", 0), ("abcd-+1", 0), ("abcd-0_1", 0)], now=1,
+    results, matched = match(memory,
+        [(first, 2), (first, 0), (first, 3), (first, 1 << 62), (empty, 0), (first, 0), ("abcd-2", 0), ("zzzz-0", 0),
+         ("abcd-xyz", 0), ("", 0), ("abcd-00", 0), ("abcd- 1", 0), ("abcd-+1", 0), ("abcd-0_1", 0), ("abcd-0x0", 0),
+         ("ABCD-0", 0), ("abcd-", 0)], now=1,
     )  # fmt: skip
     assert results == ["matched", "matched", "bad_index", "bad_index", "bad_index", "duplicate",
                        "unknown_decision", "unknown_decision", "unknown_decision", "unknown_decision",
-                       "unknown_decision", "unknown_decision", "unknown_decision", "unknown_decision"]  # fmt: skip
+                       "unknown_decision", "unknown_decision", "unknown_decision", "unknown_decision",
+                       "unknown_decision", "unknown_decision", "unknown_decision"]  # fmt: skip
     np.testing.assert_array_equal(matched.item, [0, 1])
     np.testing.assert_array_equal(matched.expand, [False, True])
     np.testing.assert_array_equal(matched.lod, [1, 2])
     np.testing.assert_array_equal(matched.score, [0.25, 0.75])
     assert [CAUSES[c] for c in matched.cause] == ["make_room", "threshold"]
-    assert memory.match([(first, 1)], now=2)[0] == ["matched"]
+    assert match(memory, [(first, 1)], now=2)[0] == ["matched"]
 
 
 def test_decisions_are_bounded_by_count_and_age() -> None:
     memory = DecisionMemory(capacity=3, max_age_s=10, tag="7")
     ids = [memory.remember(edits(("expand", 1, 0.9, "threshold")), now=float(k)) for k in range(5)]
     assert len(memory) == 3
-    assert memory.match([(i, 0) for i in ids], now=5)[0] == [
+    assert match(memory, [(i, 0) for i in ids], now=5)[0] == [
         "expired_decision", "expired_decision", "matched", "matched", "matched"
     ]  # fmt: skip
     late = memory.remember(edits(("expand", 1, 0.9, "threshold")), now=13.5)  # drops the decisions of t < 3.5
-    assert len(memory) == 2 and memory.match([(ids[3], 0), (late, 0)], now=13.5)[0] == ["expired_decision", "matched"]
-    assert memory.match([(late, 0)], now=30)[0] == ["expired_decision"] and len(memory) == 0
+    assert len(memory) == 2 and match(memory, [(ids[3], 0), (late, 0)], now=13.5)[0] == ["expired_decision", "matched"]
+    assert match(memory, [(late, 0)], now=30)[0] == ["expired_decision"] and len(memory) == 0
+
+
+def test_a_pair_twice_in_one_batch_matches_once_the_first_time() -> None:
+    memory = DecisionMemory(capacity=4, max_age_s=60, tag="1")
+    made = memory.remember(edits(("expand", 1, 0.5, "threshold"), ("expand", 1, 0.6, "threshold")), now=0)
+    results, matched = match(memory, [(made, 1), (made, 0), (made, 1), (made, 0)], now=0)
+    assert results == ["matched", "matched", "duplicate", "duplicate"]
+    np.testing.assert_array_equal(matched.item, [0, 1])
+    np.testing.assert_array_equal(matched.score, np.float32([0.6, 0.5]))
+
+
+@pytest.mark.parametrize("sizes", [[5000] + [1] * 9, [1] * 30 + [5000, 7000] + [2] * 40])
+def test_edit_storage_grows_and_shrinks_and_keeps_every_held_decision_intact(sizes: list[int]) -> None:
+    """Decisions of very different sizes through a small memory: the edit ring resizes (up past
+    the largest decision held, back down once it is forgotten) and every held decision still
+    answers with its own edits; the forgotten ones are expired."""
+    memory = DecisionMemory(capacity=8, max_age_s=1e9, tag="2")
+    rng = np.random.default_rng(7)
+    made, slots = [], []
+    for size in sizes:
+        specs = [("expand" if rng.random() < 0.5 else "collapse", int(rng.integers(0, 3)),
+                  float(np.float32(rng.uniform(-1, 1))), CAUSES[int(rng.integers(0, 3))])
+                 for _ in range(size)]  # fmt: skip
+        made.append((memory.remember(edits(*specs), now=0), specs))
+        slots.append(memory._edits.mask + 1)
+    assert max(slots) >= sum(sorted(sizes)[-2:])  # grown to hold the two largest at once
+    for k, (decision, specs) in enumerate(made):
+        results, matched = match(memory, [(decision, i) for i in range(len(specs))], now=0)
+        if k < len(made) - 8:
+            assert set(results) == {"expired_decision"}
+            continue
+        assert set(results) == {"matched"}
+        assert matched.expand.tolist() == [a == "expand" for a, _, _, _ in specs]
+        assert matched.lod.tolist() == [lod for _, lod, _, _ in specs]
+        assert matched.score.tolist() == [score for _, _, score, _ in specs]
+        assert [CAUSES[c] for c in matched.cause] == [cause for _, _, _, cause in specs]
+    assert slots[-1] == 4096 < max(slots)  # back to the least once the large decisions are forgotten
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -153,7 +201,7 @@ def test_bulk_delta_nll_observation_matches_one_by_one_observe() -> None:
     specs = [(("expand", int(lod), 0.6, "threshold") if lod else ("collapse", 0, -0.6, "threshold"))
              for lod in rng.integers(0, 3, 600)]  # fmt: skip
     ids = [memory.remember(edits(spec), now=0) for spec in specs]
-    results, matched = memory.match([(i, 0) for i in ids], now=0)
+    results, matched = match(memory, [(i, 0) for i in ids], now=0)
     delta = rng.normal(0, 0.2, matched.item.size)
     metrics.observe_feedback({"matched": len(results)}, matched, delta)
 
@@ -169,3 +217,60 @@ def test_bulk_delta_nll_observation_matches_one_by_one_observe() -> None:
 
     assert samples(metrics.render()) == samples(generate_latest(registry))
     assert 'lensnet_feedback_items_total{result="matched"} 600.0' in metrics.render().decode()
+
+
+# --- the feedback body --------------------------------------------------------------------------
+
+ITEM = '{"decision_id": "ab-1f", "edit": 3, "delta_nll": -0.25}'
+BODIES = [
+    f'{{"items": [{ITEM}]}}', f'{{"items": [{ITEM}, {ITEM}, {ITEM}]}}', f' {{"items": [{ITEM}]}}\n',
+    '{"items": [{"delta_nll": 1, "edit": 0, "decision_id": "x"}]}',  # key order, an int ΔNLL
+    '{"items": [{"decision_id": "a", "decision_id": "b", "edit": 0, "delta_nll": 0.5}]}',  # the last one counts
+    '{"items": [{"decision_id": "' + "a" * 64 + '", "edit": 100000000000000000000000, "delta_nll": 1e-300}]}',
+    '{"items": [{"decision_id": "\\u00e9t\\u00e9", "edit": 1, "delta_nll": 2}]}',
+    # invalid: each must raise the model's own error
+    f'{{"items": [{ITEM}] * 6}}', '{"items": []}', f'{{"items": [{ITEM}], "more": 1}}', '[1]', '{"items": {}}',
+    '{"items": [[1, 2, 3]]}', '{"items": [{"decision_id": "a", "edit": 0}]}',
+    '{"items": [{"decision_id": "a", "edit": 0, "delta_nll": 1, "x": 1}]}',
+    '{"items": [{"decision_id": "a", "edit": 0, "x": 1}]}',
+    '{"items": [{"decision_id": 1, "edit": 0, "delta_nll": 1}]}',
+    '{"items": [{"decision_id": "a", "edit": true, "delta_nll": 1}]}',
+    '{"items": [{"decision_id": "a", "edit": 1.0, "delta_nll": 1}]}',
+    '{"items": [{"decision_id": "a", "edit": -1, "delta_nll": 1}]}',
+    '{"items": [{"decision_id": "a", "edit": 0, "delta_nll": "1"}]}',
+    '{"items": [{"decision_id": "a", "edit": 0, "delta_nll": true}]}',
+    '{"items": [{"decision_id": "a", "edit": 0, "delta_nll": NaN}]}',
+    '{"items": [{"decision_id": "a", "edit": 0, "delta_nll": 1e999}]}',
+    '{"items": [{"decision_id": "a", "edit": 0, "delta_nll": 1' + "0" * 400 + "}]}",
+    '{"items": [{"decision_id": "' + "a" * 65 + '", "edit": 0, "delta_nll": 1}]}',
+    '{"items": [{"decision_id": "\\ud800", "edit": 0, "delta_nll": 1}]}', '{"items": [', "",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text", [*BODIES, "\ufeff" + BODIES[0]])
+def test_bulk_feedback_parser_accepts_exactly_what_the_model_accepts(text: str) -> None:
+    """Every body parses to the model's own items, or raises the model's own first error."""
+    body = FeedbackBody(max_items=5)
+    raw = text.encode()
+    try:
+        items = body.model.model_validate_json(raw).items
+    except ValidationError as expected:
+        with pytest.raises(ValidationError) as raised:
+            body.parse(raw)
+        assert [(e["type"], e["loc"], e["msg"]) for e in raised.value.errors()] == [
+            (e["type"], e["loc"], e["msg"]) for e in expected.errors()
+        ]
+        return
+    batch = body.parse(raw)
+    assert batch.decision_id == [item.decision_id for item in items]
+    assert batch.edit.tolist() == [min(item.edit, EDIT_CAP) for item in items]
+    assert batch.delta_nll.tolist() == [item.delta_nll for item in items]
+
+
+def test_bulk_feedback_parser_takes_the_usual_body_without_the_model() -> None:
+    """A plain valid body never reaches the per-item model (the cost the bulk check exists to avoid)."""
+    body = FeedbackBody(max_items=500)
+    body.model = None  # type: ignore[assignment]
+    raw = json.dumps({"items": [{"decision_id": f"ab-{k:x}", "edit": k % 7, "delta_nll": k / 3} for k in range(500)]})
+    batch = body.parse(raw.encode())
+    assert batch.decision_id[-1] == "ab-1f3" and batch.edit[-1] == 499 % 7 and batch.delta_nll[-1] == 499 / 3

@@ -34,7 +34,7 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 def average_ranks(a: np.ndarray) -> np.ndarray:
     """Ranks 1…n, ties sharing their average rank (scipy.stats.rankdata's 'average')."""
-    sorter = np.argsort(a, kind="stable")
+    sorter = np.argsort(a)  # any order of ties gives them the same average
     inverse = np.empty(sorter.size, dtype=np.intp)
     inverse[sorter] = np.arange(sorter.size)
     ordered = a[sorter]
@@ -69,10 +69,18 @@ class RollingWindow:
         """Append samples (equal-length float arrays) that arrived at time `now` (seconds)."""
         if x.size > self.capacity:  # only the newest fit
             x, y = x[-self.capacity :], y[-self.capacity :]
-        slots = (self._next + np.arange(x.size)) % self.capacity
-        self._x[slots], self._y[slots], self._t[slots] = x, y, now
+        start = self._next % self.capacity
+        head = min(x.size, self.capacity - start)  # up to the end of the ring, the rest from its start
+        for ring, values in ((self._x, x), (self._y, y)):
+            ring[start : start + head], ring[: x.size - head] = values[:head], values[head:]
+        self._t[start : start + head], self._t[: x.size - head] = now, now
         self._next += x.size
         self._size = min(self._size + x.size, self.capacity)
+
+    @property
+    def added(self) -> int:
+        """Samples ever added."""
+        return self._next
 
     def samples(self, now: float) -> tuple[np.ndarray, np.ndarray]:
         """The window's samples, oldest first (copies)."""
@@ -102,6 +110,9 @@ class PolicyCorrelation:
             for action in ACTIONS
             for kind in WINDOWS
         }
+        # The last figures per window, by (samples ever added, samples held): not recomputed until
+        # a sample arrives or ages out (an idle service's refreshes cost nothing).
+        self._last: dict[tuple[str, WindowKind], tuple[tuple[int, int], Correlation]] = {}
 
     def add(self, expand: np.ndarray, x: np.ndarray, y: np.ndarray, now: float) -> None:
         """Add matched samples; `expand` (bool) says which were expansions (the rest collapses)."""
@@ -116,7 +127,11 @@ class PolicyCorrelation:
         result = []
         for (action, kind), window in self.windows.items():
             x, y = window.samples(now)
-            result.append(Correlation(action, kind, x.size, pearson(x, y), spearman(x, y)))
+            key = (window.added, x.size)
+            last = self._last.get((action, kind))
+            if last is None or last[0] != key:
+                last = self._last[action, kind] = key, Correlation(action, kind, x.size, pearson(x, y), spearman(x, y))
+            result.append(last[1])
         return result
 
 

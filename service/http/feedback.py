@@ -2,24 +2,23 @@
 
 The body is JSON, read like every request body (413 beyond `--max-body-bytes`, 408 when too
 slow), then parsed and validated strictly (400 unparseable, 422 a wrong field, naming it) and
-matched in the policy's low-priority thread: at 10,000 items/s that work would otherwise take CPU
-time from the model's threads and slow focus requests (README, "Policy health"). At most
+matched in the policy's thread, off the event loop (README, "Policy health"). At most
 `MAX_PENDING` batches wait for it; beyond, 429 with Retry-After. A valid batch always answers 200
-with one result per item.
+with one result per item, encoded by the policy (FastAPI's response validation and encoding would
+walk every item in Python on the event loop).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from ..core import problems
 from ..pipeline import validation_problem
-from ..policy import FeedbackResponse, PolicyHealth, feedback_request
+from ..policy import FeedbackBody, FeedbackResponse, PolicyHealth
 from ..settings import Settings
 from .openapi import inline_schema, problem_responses
 from .upload import declared_length, read_body
@@ -62,18 +61,19 @@ async def read_json_body(request: Request, settings: Settings) -> bytes:
 
 def install(app: FastAPI, policy: PolicyHealth, settings: Settings) -> None:
     """Add POST /v1/feedback to `app`."""
-    model = feedback_request(settings.feedback_max_items)
+    parser = FeedbackBody(settings.feedback_max_items)
+    model = parser.model
     pending = 0
 
-    def handle(body: bytes) -> dict[str, Any]:
+    def handle(body: bytes) -> bytes:
         try:
-            batch = model.model_validate_json(body)
+            batch = parser.parse(body)
         except ValidationError as exc:
             error = exc.errors()[0]
             if error["type"] == "json_invalid":
                 raise problems.malformed("body", "a JSON document", error["msg"][:120]) from exc
             raise validation_problem(exc, model) from exc
-        return policy.feedback(batch.items)  # type: ignore[attr-defined]
+        return policy.feedback(batch)
 
     @app.post(
         "/v1/feedback",
@@ -84,7 +84,7 @@ def install(app: FastAPI, policy: PolicyHealth, settings: Settings) -> None:
         },
         responses=problem_responses((400, 408, 413, 415, 422, 429)),
     )
-    async def feedback(request: Request) -> dict[str, Any]:
+    async def feedback(request: Request) -> Response:
         nonlocal pending
         if pending >= MAX_PENDING:
             raise problems.unavailable(
@@ -93,6 +93,7 @@ def install(app: FastAPI, policy: PolicyHealth, settings: Settings) -> None:
         pending += 1
         try:
             body = await read_json_body(request, settings)
-            return await asyncio.get_running_loop().run_in_executor(policy.executor, handle, body)
+            answer = await asyncio.get_running_loop().run_in_executor(policy.executor, handle, body)
+            return Response(answer, media_type="application/json")
         finally:
             pending -= 1
