@@ -8,7 +8,7 @@ In the same run, after every --full-every'th step, the same resulting WC goes wh
 server lists in Server-Timing, and `overhead_ms` = the server's total minus its model stage: the
 project's "overhead beside the model" (everything but `session.run`). The model stage runs for real
 and is subtracted, not stubbed. The first --warmup steps are discarded; each figure says how many
-samples it has (`n`), and p99 is given only from 100 samples on.
+samples it has, and percentiles are quoted only where the samples support them (p99: 100).
 
 Soak: --soak-sessions sessions x --soak-steps steps at a small N, --soak-active of them live at a
 time (conversations come and go), under --soak-memory-bytes: the service's RSS, the bytes-held
@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,11 @@ import numpy as np
 
 from lensnet_client import FocusClient, FocusResult, FocusSession, History, edit_rows, synthetic_layout
 
+from . import percentiles, provenance
 from .latency import free_port, model_dir, server
 
 B = 32
 OPTIONS = {"max_edits": 8, "tau_expand": 0.05, "tau_collapse": 0.05}
-P99_MIN_SAMPLES = 100
 TARGET_OVERHEAD_MS, TARGET_RATIO_D1280, TARGET_BYTES = 0.5, 0.1, 64 << 10
 
 
@@ -58,23 +57,14 @@ def unattributed(result: FocusResult) -> float:
     return result.server_timing["total"] - sum(ms for stage, ms in result.server_timing.items() if stage != "total")
 
 
-def stats(values: list[float]) -> dict[str, float]:
-    """Sample count, p50, max, and p99 once there are enough samples for one."""
-    v = np.asarray(values, dtype=np.float64)
-    out = {"n": int(v.size), "p50": round(float(np.percentile(v, 50)), 4)}
-    if v.size >= P99_MIN_SAMPLES:
-        out["p99"] = round(float(np.percentile(v, 99)), 4)
-    return out | {"max": round(float(v.max()), 4)}
-
-
 def summary(results: list[FocusResult], sizes: list[int], client_ms: list[float]) -> dict[str, Any]:
     stages = list(dict.fromkeys(stage for r in results for stage in r.server_timing))  # in the server's order
     return {
-        "request_bytes": stats(sizes),
-        "overhead_ms": stats([overhead(r) for r in results]),
-        "stages_ms": {s: stats([r.server_timing.get(s, 0.0) for r in results]) for s in stages},
-        "unattributed_ms": stats([unattributed(r) for r in results]),
-        "client_ms": stats(client_ms),
+        "request_bytes": percentiles(sizes),
+        "overhead_ms": percentiles([overhead(r) for r in results]),
+        "stages_ms": {s: percentiles([r.server_timing.get(s, 0.0) for r in results]) for s in stages},
+        "unattributed_ms": percentiles([unattributed(r) for r in results]),
+        "client_ms": percentiles(client_ms),
     }
 
 
@@ -216,11 +206,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     report: dict[str, Any] = {
-        "benchmark": "sessions", "machine": {"cpus": len(os.sched_getaffinity(0)),
-                                             "platform": platform.platform()},
+        "benchmark": "sessions",
+        **provenance(),  # the code measured: read before the runs, not after
         "note": "overhead_ms = server total - model stage (Server-Timing); the model runs for real",
         "steady": [],
-    }  # fmt: skip
+    }
     for d in args.dims:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -228,7 +218,7 @@ def main() -> None:
             report["steady"].append(
                 steady(url, args.n, d, args.steps, args.warmup, args.append, args.full_every, seed=d)
             )
-        print(json.dumps(report["steady"][-1]), flush=True)
+        print(json.dumps(report["steady"][-1]), file=sys.stderr, flush=True)  # progress; the report goes to stdout
     if not args.no_soak:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
