@@ -271,7 +271,10 @@ def test_kernels_refuse_buffers_they_were_not_built_for() -> None:
 def test_bucket_counts_equal_searchsorted_and_bincount(n: int, groups: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     edges = np.array([-1.0, -0.9, -0.5, 0.0, 0.5, 0.9, 1.0])
-    values = rng.choice(np.concatenate([edges, rng.uniform(-1.2, 1.2, 20)]), n).astype(np.float32)
+    near = edges.astype(np.float32)  # the floats on each side of an edge (0.9 is no float): compared exactly
+    neighbours = [np.nextafter(near, np.float32(-2)), np.nextafter(near, np.float32(2))]
+    candidates = [edges, *neighbours, rng.uniform(-1.2, 1.2, 20)]
+    values = rng.choice(np.concatenate(candidates), n).astype(np.float32)
     lod = rng.integers(0, groups, n)
     counts = np.zeros(groups * (edges.size + 1), np.int64)
     _bulk.bucket_counts(values, lod, edges, counts)

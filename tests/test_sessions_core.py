@@ -9,9 +9,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lensnet_client import Edit, History, SnapshotError, edit_rows, frame, synthetic_layout
+from lensnet_client.layout import apply_step
 from service.core import codec, problems
-from service.core.allocator import HistoryItem, check_layout
-from service.core.sessions import Delta, DeltaError, Rows, Session, SessionStore, ages, plan, record, stage, stamped
+from service.core.allocator import AllocatorOptions, HistoryItem, allocate, check_layout
+from service.core.sessions import (
+    Delta,
+    DeltaError,
+    Rows,
+    Session,
+    SessionStore,
+    ages,
+    plan,
+    record,
+    splice_layout,
+    stage,
+    stamped,
+)
 
 D = 3
 
@@ -78,6 +91,38 @@ def test_rows_grow_by_half_and_keep_appends_amortised() -> None:
     assert rows.length == 100 + 200 * 16
     assert copies <= 8  # capacity x1.5 each time: a handful of reallocations, not one per step
     assert rows.buffer.shape[0] < 2 * rows.length
+
+
+def test_an_edit_moves_the_rows_on_its_shorter_side_when_the_buffer_has_room_there() -> None:
+    rows = Rows(np.arange(200 * D, dtype=np.float32).reshape(200, D))
+    rows.stage([], 0, np.ones((1, D), np.float32))  # one row more than it holds: reallocated, room on both sides
+    expected = rows.array.copy()
+    near_head = [(10, 1, np.ones((4, D), np.float32))]  # +3 rows at 10: the 10 head rows move, not the 190 after
+    undo = rows.stage(near_head, 0, np.empty((0, D), np.float32))
+    assert sum(count for _, _, count in undo.moves) == 10
+    assert np.array_equal(rows.array, np.concatenate([expected[:10], np.ones((4, D), np.float32), expected[11:]]))
+    undo.apply()
+    assert np.array_equal(rows.array, expected)
+    near_tail = [(191, 1, np.ones((4, D), np.float32))]
+    assert sum(count for _, _, count in rows.stage(near_tail, 0, np.empty((0, D), np.float32)).moves) == 9
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(8, 300), st.integers(0, 2**16), st.integers(0, 40), st.integers(0, 8))
+def test_splice_layout_equals_apply_step_for_the_last_answers_edits(n: int, seed: int, trim: int, k: int) -> None:
+    rng = np.random.default_rng(seed)
+    lod, positions = synthetic_layout(n, 4, 2, rng)
+    layout = check_layout(lod, positions, 4, 2)
+    options = AllocatorOptions(4, 2, w_max=int(rng.integers(1, 2 * n)), tau_expand=0.2, tau_collapse=0.2)
+    edits = allocate(layout, rng.uniform(-1, 1, n).astype(np.float32), options).edits
+    applied = sorted(rng.choice(len(edits), int(rng.integers(0, len(edits) + 1)), replace=False).tolist())
+    chosen = [edits[i] for i in applied]
+    trim = min(trim, n + sum(e.added - e.removed for e in chosen))
+    end = int(positions[-1]) + 4 ** int(lod[-1])
+    tail_lod, tail_positions = np.zeros(k, np.int32), np.arange(end, end + k, dtype=np.uint32)
+    expected = apply_step(lod, positions, edits, applied, trim, tail_lod, tail_positions, 4)
+    got = splice_layout(layout, chosen, trim, tail_lod, tail_positions)
+    assert all(a.dtype == np.int64 and np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def session_with(n: int, edits: tuple[Edit, ...] = (), seed: int = 0) -> Session:
