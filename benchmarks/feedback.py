@@ -26,7 +26,6 @@ import http.client
 import json
 import multiprocessing
 import os
-import platform
 import threading
 import time
 from multiprocessing.synchronize import Event
@@ -40,7 +39,8 @@ from service.metrics import Metrics
 from service.policy import FeedbackBody, PolicyHealth
 from service.settings import Settings
 
-from .latency import free_port, git_commit, server
+from . import provenance
+from .latency import free_port, server
 
 TARGET_P50_RATIO = 1.05
 SENDERS = 4  # connections the offered load is spread over (a slow answer must not lower the rate)
@@ -283,14 +283,11 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=0.25, help="unmeasured seconds at the start of a phase")
     parser.add_argument("--out", help="also write the report here")
     args = parser.parse_args()
+    about = provenance()  # the code measured: read before the runs, not after
+    about["machine"]["load_average_at_start"] = os.getloadavg()
     report = {
         "benchmark": "feedback",
-        "commit": git_commit(),
-        "machine": {
-            "cpus": multiprocessing.cpu_count(),
-            "platform": platform.platform(),
-            "load_average_at_start": os.getloadavg(),
-        },
+        **about,
         "in_process": in_process(args.batch, 20),
         "end_to_end": end_to_end(args),
     }

@@ -134,6 +134,8 @@ TINY = {
     "read_body": ["--runs", "3", "--sizes", "64"],
     "v2_overhead": ["--pairs", "3", "--sizes", "64"],
     "latency": ["--requests", "3", "--sizes", "64", "--dims", "256", "--formats", "binary", "--concurrency", "1", "2"],
+    "sessions": ["--n", "64", "--dims", "256", "--steps", "3", "--warmup", "1", "--no-soak"],
+    "feedback": ["--batch", "50", "--entries", "64", "--pairs", "1", "--phase-s", "0.5", "--settle-s", "0.1"],
 }
 
 
