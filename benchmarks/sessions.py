@@ -192,7 +192,7 @@ def serve_args(port: int, model: Path, extra: list[str]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=8192, help="WC entries")
-    parser.add_argument("--dims", type=int, nargs="+", default=[256, 1280])
+    parser.add_argument("--dims", type=int, nargs="*", default=[256, 1280], help="none: only the soak")
     parser.add_argument("--steps", type=int, default=100, help="measured steps per D (after --warmup)")
     parser.add_argument("--warmup", type=int, default=5, help="steps run first and discarded")
     parser.add_argument("--full-every", type=int, default=1, help="send the WC whole after every k-th step")
