@@ -5,7 +5,8 @@ width, 10 heads, cached in .bench/) and N it times, in one process and interleav
 - each graph ONNX Runtime can run here, with the service's own session options
   (`service.runtime.create_session`): fp32 on the CPU; fp16 and fp32 on CUDA when available;
 - torch eager of the same module and weights (`model_export.lensnet`, attention by
-  `scaled_dot_product_attention`), fp32 on the CPU, the same thread count;
+  `scaled_dot_product_attention`), fp32 on the CPU, the same thread count (one per core, stated
+  in the report's `threads`);
 and reports p50/p90/p99/max, the ratio torch p50 / ORT p50 (> 1: ORT is faster), and how much
 each run raised the process's peak RSS (VmHWM, reset before each run through
 /proc/self/clear_refs). With `--profile` the largest N is also profiled by operator type.
@@ -55,10 +56,11 @@ def main() -> None:
     commit = git_commit()  # the code measured: read before the runs, not after
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    results = [row for d in args.dims for row in measure_dim(d, args.sizes, args.runs, args.profile)]
+    results = [row for d in args.dims for row in measure_dim(d, args.sizes, args.runs, args.profile, threads)]
     report = {
         "benchmark": "model_latency",
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": threads},
+        "threads": {"onnxruntime_intra_op": threads, "torch": torch.get_num_threads()},
         "commit": commit,
         "onnxruntime": ort.__version__,
         "torch": torch.__version__,
@@ -71,7 +73,8 @@ def main() -> None:
         args.out.write_text(text + "\n")
 
 
-def measure_dim(d: int, sizes: list[int], runs: int, profile: bool) -> list[dict[str, Any]]:
+def measure_dim(d: int, sizes: list[int], runs: int, profile: bool, threads: int) -> list[dict[str, Any]]:
+    """Rows for width `d`; ONNX Runtime gets `threads` intra-op threads, as torch does (set in main)."""
     path = model_dir(d)
     manifest = load_manifest(path)
     model = init_random(LensNet(manifest.config), seed=manifest.source.seed or 0).eval()
@@ -79,7 +82,7 @@ def measure_dim(d: int, sizes: list[int], runs: int, profile: bool) -> list[dict
     engines: dict[str, tuple[Callable[[dict[str, np.ndarray]], Any], str]] = {}
     for provider, precision in [(CPU, "fp32")] + ([(CUDA, "fp16"), (CUDA, "fp32")] if cuda else []):
         providers = [provider] if provider == CPU else [provider, CPU]
-        session = create_session(path / manifest.graphs[precision].file, providers, 0, False)
+        session = create_session(path / manifest.graphs[precision].file, providers, threads, False)
         engines[f"ort-{precision}-{provider.removesuffix('ExecutionProvider').lower()}"] = (
             _ort_run(session),
             precision,

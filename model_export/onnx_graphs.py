@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import functools
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from onnx import helper
+from onnxscript import opset18 as op
 
 from model_export.artifact import GRAPH_DTYPES, Attention, GraphSpec, Precision, TensorSpec
 
@@ -33,7 +36,9 @@ BUILT_FOR: dict[Attention, list[str]] = {
 class ServingGraph(torch.nn.Module):
     """What the artifact graphs compute: LensNet's scores, plus a per-entry flag for embeddings
     holding NaN/inf. Checking inside the graph reads the input once, on the device, instead of a
-    separate CPU pass over N x D values on every request."""
+    separate CPU pass over N x D values on every request. The flag is `isnan(sum(x * 0))`: 0 * a
+    finite value is 0 and 0 * inf is NaN, which every sum keeps (IEEE 754), so it equals
+    `~isfinite(x).all(-1)` in two passes where the elementwise checks took seven (~20 ms at 8k)."""
 
     def __init__(self, model: LensNet) -> None:
         super().__init__()
@@ -42,7 +47,7 @@ class ServingGraph(torch.nn.Module):
     def forward(
         self, embeddings: torch.Tensor, lod: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(embeddings, lod, positions), ~torch.isfinite(embeddings).all(dim=-1)
+        return self.model(embeddings, lod, positions), torch.isnan((embeddings * 0).sum(dim=-1))
 
 
 def _example_inputs(model: LensNet, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,7 +102,7 @@ def export_graph(model: LensNet, precision: Precision, path: Path) -> GraphSpec:
             input_names=INPUT_NAMES,
             output_names=OUTPUT_NAMES,
             dynamic_shapes={"embeddings": axes, "lod": axes, "positions": axes},
-            custom_translation_table=TRANSLATIONS,
+            custom_translation_table={**TRANSLATIONS, torch.ops.aten.rms_norm.default: _rms_norm},
         )
     proto = program.model_proto
     expand_block_causal(proto, model.config.num_heads, model.config.head_dim)
@@ -111,6 +116,19 @@ def export_graph(model: LensNet, precision: Precision, path: Path) -> GraphSpec:
     if got != want:
         raise RuntimeError(f"{path.name}: exported graph has dtypes {got}, expected {want}")
     return spec
+
+
+def _rms_norm(x: Any, normalized_shape: list[int], weight: Any = None, eps: float | None = None) -> Any:
+    """`F.rms_norm` (weightless, as LensNet uses it) in the form ONNX Runtime fuses into one
+    `SimplifiedLayerNormalization`: x / sqrt(mean(x^2) + eps) * ones. The exporter's own form
+    (... -> Reciprocal -> Mul, no scale) is not fused: six passes over the tensor, ~45 ms at 8k."""
+    if weight is not None or len(normalized_shape) != 1:
+        raise ValueError("the export fuses weightless RMSNorm over the last axis only")
+    epsilon = float(torch.finfo(torch.float32).eps) if eps is None else eps
+    ones = op.Constant(value=onnx.numpy_helper.from_array(np.ones(normalized_shape, np.float32)))
+    last = op.Constant(value=onnx.helper.make_tensor("axes", onnx.TensorProto.INT64, [1], [-1]))
+    mean_square = op.ReduceMean(op.Pow(x, op.Constant(value_float=2.0)), last)
+    return op.Mul(op.Div(x, op.Sqrt(op.Add(mean_square, op.Constant(value_float=epsilon)))), ones)
 
 
 def _strip_provenance(proto: onnx.ModelProto) -> None:
