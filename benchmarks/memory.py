@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,8 @@ import numpy as np
 
 from lensnet_client import FocusClient, synthetic_layout
 
-from .latency import REPO, free_port, git_commit, model_dir
+from . import provenance
+from .latency import REPO, free_port, model_dir
 
 SIZES = (512, 2048, 8192, 16384, 32768)
 DIMS = (256, 1280)
@@ -39,13 +39,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args()
-    commit = git_commit()  # the code measured: read before the runs, not after
+    about = provenance()  # the code measured: read before the runs, not after
     results = [measure(d, n) for d in args.dims for n in args.sizes]
     row = next((r for r in results if (r["d"], r["n"]) == (256, 8192)), None)
     report: dict[str, Any] = {
         "benchmark": "memory",
-        "cores": os.cpu_count(),
-        "commit": commit,
+        **about,
         "results": results,
     }
     if row:

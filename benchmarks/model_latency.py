@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from collections import defaultdict
@@ -37,7 +36,8 @@ from model_export.artifact import Manifest, load_manifest
 from model_export.lensnet import LensNet, init_random
 from service.runtime import CPU, CUDA, create_session
 
-from .latency import git_commit, model_dir, percentiles
+from . import provenance
+from .latency import model_dir, percentiles
 
 SIZES = (512, 2048, 8192, 16384)
 DIMS = (256, 1280)
@@ -53,17 +53,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="per-operator time at the largest N")
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args()
-    commit = git_commit()  # the code measured: read before the runs, not after
+    about = provenance(onnxruntime=ort.__version__, torch=torch.__version__)  # read before the runs, not after
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     results = [row for d in args.dims for row in measure_dim(d, args.sizes, args.runs, args.profile, threads)]
     report = {
         "benchmark": "model_latency",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": threads},
+        **about,
         "threads": {"onnxruntime_intra_op": threads, "torch": torch.get_num_threads()},
-        "commit": commit,
-        "onnxruntime": ort.__version__,
-        "torch": torch.__version__,
         "results": results,
         "targets": targets(results),
     }

@@ -135,6 +135,8 @@ TINY = {
     "v2_overhead": ["--pairs", "3", "--sizes", "64"],
     "latency": ["--requests", "3", "--sizes", "64", "--dims", "256", "--formats", "binary", "--concurrency", "1", "2"],
     "sessions": ["--n", "64", "--dims", "256", "--steps", "3", "--warmup", "1", "--no-soak"],
+    "model_latency": ["--dims", "256", "--sizes", "64", "--runs", "2"],
+    "memory": ["--dims", "256", "--sizes", "64"],
     "feedback": ["--batch", "50", "--entries", "64", "--pairs", "1", "--phase-s", "0.5", "--settle-s", "0.1"],
 }
 
