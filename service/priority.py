@@ -1,4 +1,4 @@
-"""Background threads that must yield the CPU to the model's threads (feedback, shadow scoring)."""
+"""Background threads that must yield the CPU to the model's threads (shadow scoring)."""
 
 from __future__ import annotations
 
