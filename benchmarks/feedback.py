@@ -67,14 +67,15 @@ def fresh_edits(
 
 
 def offer(port: int, bodies: list[bytes], items_per_s: float, batch: int, go: Event, start: Any, stop: Event,
-          out: Any) -> None:  # fmt: skip
+          out: Any, nice: int) -> None:  # fmt: skip
     """While `go` is set, post `bodies` in order, each once, on a fixed schedule: batch j of a phase
     is due at the phase's `start` (time.monotonic) + j·batch/items_per_s, whether or not earlier
     ones were answered (SENDERS connections); until `stop`. Its client work (http.client, bodies
-    encoded beforehand: ~0.2 ms a post) is not the service's cost, so it runs at nice SENDER_NICE:
+    encoded beforehand: ~0.2 ms a post) is not the service's cost, so it runs at `nice` (--sender-nice):
     below the server's threads, but not so low that a busy machine stops it keeping the schedule
-    (at nice 19 it fell ~1 s behind while other processes kept the 2 cores busy)."""
-    os.nice(SENDER_NICE)
+    (at nice 19 it fell ~1 s behind while other processes kept the 2 cores busy); the report says
+    how far behind it fell."""
+    os.nice(nice)
     lock = threading.Lock()
     state = {"next": 0, "start": -1.0, "due": 0}
     tally = {"accepted": 0, "other": 0, "late_ms_max": 0.0, "exhausted": False}
@@ -156,7 +157,9 @@ def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
         bodies = [body(items[i : i + args.batch]) for i in range(0, len(items) - args.batch + 1, args.batch)]
         context = multiprocessing.get_context("spawn")
         go, start, stop, out = context.Event(), context.Value("d", -1.0), context.Event(), context.Queue()
-        sender = context.Process(target=offer, args=(port, bodies, args.rate, args.batch, go, start, stop, out))
+        sender = context.Process(
+            target=offer, args=(port, bodies, args.rate, args.batch, go, start, stop, out, args.sender_nice)
+        )
         sender.start()
         lod, positions = synthetic_layout(args.entries, 32, 2, rng)
         embeddings = rng.standard_normal((args.entries, 256)).astype(np.float16)
@@ -281,6 +284,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=12, help="off/on phase pairs (orders alternate)")
     parser.add_argument("--phase-s", type=float, default=1.5, help="measured seconds per phase")
     parser.add_argument("--settle-s", type=float, default=0.25, help="unmeasured seconds at the start of a phase")
+    parser.add_argument("--sender-nice", type=int, default=SENDER_NICE, help="the feedback sender's nice value")
     parser.add_argument("--out", help="also write the report here")
     args = parser.parse_args()
     about = provenance()  # the code measured: read before the runs, not after
