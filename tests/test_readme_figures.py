@@ -3,13 +3,16 @@
 A block of the README (a table or a paragraph, up to the next blank line) that follows
 `<!-- figures: benchmarks/reports/…json -->` may only quote numbers the report holds: each
 number must equal some value of the report rounded to the README's decimals (thousands
-separators and a trailing `×` or `%` aside). The report must also name its commit.
+separators and a trailing `×` or `%` aside). The report must name its machine, the command that
+made it and its commit, measured on a clean tree at or after the last commit that changed the
+code it measures (the service, the export, the bundled model, the client, and its benchmark).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 from decimal import Decimal
 from typing import Any
 
@@ -17,6 +20,7 @@ import pytest
 
 from .live import REPO
 
+MEASURED = ("service", "model_export", "models", "clients/lensnet_client", "benchmarks/__init__.py")
 MARKER = re.compile(r"<!-- figures: (\S+) -->\n(.*?)(?:\n\s*\n|\Z)", re.DOTALL)
 NUMBER = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?:e(-?\d+))?(?![\w])")
 
@@ -64,10 +68,28 @@ def test_the_readme_cites_reports() -> None:
 @pytest.mark.parametrize("report,block", cited_blocks(), ids=lambda value: str(value)[:40])
 def test_cited_figures_are_in_their_report(report: str, block: str) -> None:
     data = json.loads((REPO / report).read_text())
-    assert data.get("commit"), f"{report} does not name the commit it measured"
+    for key in ("machine", "command", "commit"):
+        assert data.get(key), f"{report} does not name its {key}"
     values = report_values(data)
     missing = [figure for figure in figures(block) if not quoted(figure, values)]
     assert not missing, f"README figures not in {report}: {missing}"
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.mark.parametrize("report", sorted({report for report, _ in cited_blocks()}))
+def test_cited_reports_measured_the_current_code(report: str) -> None:
+    """A report older than the code it measured would quote figures of code that is gone."""
+    data = json.loads((REPO / report).read_text())
+    assert data.get("dirty") is False, f"{report} must say it measured a clean tree (dirty: false)"
+    paths = [*MEASURED, f"benchmarks/{data['benchmark']}.py"]
+    changed = git("rev-list", "-1", "HEAD", "--", *paths)
+    measured = subprocess.run(["git", "merge-base", "--is-ancestor", changed, data["commit"]], cwd=REPO)
+    assert measured.returncode == 0, (
+        f"{report} measured {data['commit'][:10]}, but {changed[:10]} changed what it measures since: rerun it"
+    )
 
 
 def test_a_figure_missing_from_its_report_is_caught() -> None:
