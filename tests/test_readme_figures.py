@@ -22,7 +22,7 @@ from .live import REPO
 
 MEASURED = ("service", "model_export", "models", "clients/lensnet_client", "benchmarks/__init__.py")
 MARKER = re.compile(r"<!-- figures: (\S+) -->\n(.*?)(?:\n\s*\n|\Z)", re.DOTALL)
-NUMBER = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?:e(-?\d+))?(?![\w])")
+NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:e-?\d+)?(?![\w])")
 
 
 def cited_blocks() -> list[tuple[str, str]]:
@@ -30,10 +30,9 @@ def cited_blocks() -> list[tuple[str, str]]:
 
 
 def figures(block: str) -> list[str]:
-    """The numbers of a README block as written (separators removed)."""
-    return [
-        "".join(part for part in match.groups(default="") if part).replace(",", "") for match in NUMBER.finditer(block)
-    ]
+    """The numbers of a README block as written (separators removed; a minus kept unless it joins
+    two numbers, as in a range "1.17-1.25")."""
+    return [match.group(0).replace(",", "") for match in NUMBER.finditer(block)]
 
 
 def report_values(node: Any) -> list[float]:
@@ -95,6 +94,7 @@ def test_cited_reports_measured_the_current_code(report: str) -> None:
 def test_a_figure_missing_from_its_report_is_caught() -> None:
     """The check itself: a made-up number next to a real one fails, the real one passes."""
     values = report_values({"results": [{"n": 8192, "ms": {"p50": 1234.5678}, "ratio": 1.0849}]})
-    assert figures("| 8,192 | 1,234.6 ms | 1.08× | p50 |") == ["8192", "1234.6", "1.08"]
+    assert figures("| 8,192 | 1,234.6 ms | 1.08× | p50 | -0.5 | 2-3 |") == ["8192", "1234.6", "1.08", "-0.5", "2", "3"]
+    assert quoted("-0.134", [-0.134]) and not quoted("0.134", [-0.134])
     assert all(quoted(figure, values) for figure in ["8192", "1234.6", "1.08", "1235"])
     assert not quoted("1234.7", values) and not quoted("1.09", values)
