@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -87,7 +88,8 @@ def test_cited_reports_measured_the_current_code(report: str) -> None:
     changed = git("rev-list", "-1", "HEAD", "--", *paths)
     measured = subprocess.run(["git", "merge-base", "--is-ancestor", changed, data["commit"]], cwd=REPO)
     assert measured.returncode == 0, (
-        f"{report} measured {data['commit'][:10]}, but {changed[:10]} changed what it measures since: rerun it"
+        f"{report} measured {data['commit'][:10]}, but {changed[:10]} changed what it measures since: rerun it "
+        f"(OUT={Path(report).parent} scripts/benchmarks {Path(report).stem}) and commit the report"
     )
 
 
