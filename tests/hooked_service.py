@@ -16,7 +16,8 @@ what its real work does first:
 Stages and the work that is hooked: admit (the admission place), queue (waiting for a model
 slot), decode (finishing the body's decoding), apply (staging a session delta), model
 (`Scorer.score`), allocate (the allocator), telemetry (score and allocation observation), encode
-(the answer's encoding). `model` wraps every `Scorer`, a shadow model's too: gate another stage
+(the answer's encoding), handoff (the way back: the inference thread's work is done, the event
+loop has not taken the answer yet). `model` wraps every `Scorer`, a shadow model's too: gate another stage
 when a shadow runs. One worker only (`--workers 1`): the hooks live in this process.
 """
 
@@ -110,7 +111,7 @@ def install(hooks: dict[str, Any]) -> None:
     """Patch the service's stage work with the given hooks (before the app is built)."""
     from service import pipeline
     from service.core import codec, sessions
-    from service.http import admission
+    from service.http import admission, app
     from service.metrics import Metrics
     from service.runtime import Scorer
 
@@ -128,12 +129,27 @@ def install(hooks: dict[str, Any]) -> None:
             _hook_place(admission.Admission, pause)
         elif stage == "queue":
             _hook_slot(admission.Admission, pause)
+        elif stage == "handoff":
+            _after(app, "_run", pause)
         elif stage in targets:
             for owner, name in targets[stage]:
                 _before(owner, name, pause)
         else:
-            expected = ["admit", "queue", *targets]
+            expected = ["admit", "queue", "handoff", *targets]
             raise SystemExit(f"hooked_service: unknown stage {stage!r}; expected one of {expected}")
+
+
+def _after(owner: Any, name: str, pause: Callable[[], None]) -> None:
+    """Make `owner.name` run `pause` once it has done its work, before it returns."""
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        pause()
+        return result
+
+    setattr(owner, name, hooked)
 
 
 def _hook_place(cls: Any, pause: Callable[[], None]) -> None:
