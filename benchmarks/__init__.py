@@ -48,9 +48,10 @@ def provenance(**versions: str) -> dict[str, Any]:
     """What a report must record to be reproduced: the commit and whether tracked files differ
     from it, the exact command line, and the machine (`versions`: libraries the benchmark measures).
     Call it before the runs: it names the code that was measured."""
+    carried = os.environ.get("LENSNET_SOURCE_COMMIT")  # a copy without .git (benchmarks/device/run.sh)
     return {
-        "commit": git_commit(),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "commit": carried.removesuffix("+dirty") if carried else git_commit(),
+        "dirty": carried.endswith("+dirty") if carried else bool(_git("status", "--porcelain", "--untracked-files=no")),
         "command": shlex.join(sys.orig_argv),
         "machine": {
             "cpus": os.cpu_count(),

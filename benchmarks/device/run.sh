@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU checks in one call on a lent machine (Python 3.12 with torch and CUDA 13, no package
+# index): install what pack.sh carried, build the C kernels, restore the D = 1,280 artifact, run
+# the GPU tests and the model-stage and whole-request benchmarks; reports and logs under $OUT.
+#   call 1 (carry .gpu):  mkdir -p /tmp/stage && cp .gpu/* /tmp/stage/
+#   call 2 (carry .gpu2): bash benchmarks/device/run.sh
+set -uo pipefail
+STAGE=${STAGE:-/tmp/stage}
+SITE=/tmp/site
+OUT=${OUT:?where reports go}
+export PYTHONUNBUFFERED=1
+cp -r .gpu2/* "$STAGE"/ && mkdir -p "$SITE" || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$STAGE"/whl/*.whl || exit 1
+tar -C "$SITE" -xJf "$STAGE/ort-rest.tar.xz" || exit 1
+cat "$STAGE"/cuda.so.xz.* | xz -dc > "$SITE/onnxruntime/capi/libonnxruntime_providers_cuda.so" || exit 1
+export PYTHONPATH="$SITE:$PWD:$PWD/clients" LENSNET_SOURCE_COMMIT=$(cat "$STAGE/commit")
+suffix=$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+include=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+gcc -O2 -std=c11 -shared -fPIC -I"$include" service/core/_allocator.c -o "service/core/_allocator$suffix" -lm || exit 1
+gcc -O2 -std=gnu11 -shared -fPIC -I"$include" service/core/_bulk.c -o "service/core/_bulk$suffix" || exit 1
+mkdir -p .bench/models && rm -rf .bench/models/d1280 && cp -r "$STAGE/d1280" .bench/models/d1280
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  nproc
+  python3 -c "import onnxruntime as o, numpy, torch; print('onnxruntime', o.__version__, o.get_available_providers(), 'numpy', numpy.__version__, 'torch', torch.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+step() {  # name, time limit (s), command...: its output to $OUT/name.log, its exit status noted
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
+}
+step fill 120 python3 -m benchmarks.device.slim fill .bench/models/d1280
+step pytest 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_runtime.py
+step model_latency 240 python3 -m benchmarks.model_latency --devices cuda --dims 256 1280 \
+  --sizes 512 2048 8192 16384 --runs 30 --profile --out "$OUT/model_latency.json"
+step latency 200 python3 -m benchmarks.latency --dims 256 1280 --sizes 512 2048 8192 16384 \
+  --formats binary --concurrency 1 --requests 30 --out "$OUT/latency.json"
+tail -n 3 "$OUT/pytest.log"
+python3 - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for name in ("model_latency", "latency"):
+    path = out / f"{name}.json"
+    if not path.exists():
+        print(name, "missing"); continue
+    report = json.loads(path.read_text())
+    for r in report["results"]:
+        if name == "model_latency":
+            print(r["d"], r["n"], r["engine"], r.get("ms", {}).get("p50"), r.get("torch_over_ort_p50", ""), r.get("error", "")[:80])
+        else:
+            server = r["server_ms"]
+            print(r["d"], r["n"], *(f"{k} {server.get(k, {}).get('p50')}" for k in ("total", "receive", "model")),
+                  "overhead", r["overhead_ms"].get("p50"), "client", r["client_ms"].get("p50"))
+    print(name, report.get("device", ""), report.get("precision", ""), "targets:",
+          json.dumps(report.get("targets") if name == "model_latency" else report.get("targets_met")))
+PY
