@@ -278,7 +278,7 @@ def service_scorer(settings: Settings, precision: str) -> Scorer:
     return Scorer(
         settings.model_dir, load_manifest(settings.model_dir), precision, settings.intra_op_threads,
         settings.intra_op_spinning, probe_entries=settings.auto_probe_entries,
-        shrink_entries=settings.arena_shrink_entries,
+        shrink_entries=settings.arena_shrink_entries, device=settings.device,
     )  # fmt: skip
 
 

@@ -4,8 +4,7 @@ For each D (256: the bundled model; 1,280: a random-init export of the training 
 width, 10 heads, cached in .bench/) and N it times, in one process and interleaved run by run:
 - each graph ONNX Runtime can run here, with the service's own session options
   (`service.runtime.create_session`): fp32 on the CPU; on CUDA (when available) fp16 and fp32,
-  each as the service runs it, with device-resident inputs and outputs (IOBinding), and captured
-  as a CUDA graph per N;
+  each as the service runs it and with device-resident inputs and outputs (IOBinding);
 - torch eager of the same module and weights (`model_export.lensnet`, attention by
   `scaled_dot_product_attention`): fp32 on the CPU, with the same thread count (one per core,
   stated in the report's `threads`); fp32 and fp16 blocks on CUDA;
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import os
 import tempfile
@@ -120,7 +118,7 @@ def measure_dim(
             if name.startswith("ort") and reference:
                 row["torch_reference"] = reference
                 row["torch_over_ort_p50"] = round(float(np.median(times[reference]) / np.median(times[name])), 3)
-                if profile and n == max(sizes) and not name.endswith(("iobinding", "graph")):
+                if profile and n == max(sizes) and not name.endswith("iobinding"):
                     providers = [CPU] if name.endswith("cpu") else [CUDA, CPU]
                     row["profile"] = profile_ops(path / manifest.graphs[precision].file, providers, feeds[precision])
             rows.append(row)
@@ -132,9 +130,10 @@ Engines = dict[str, tuple[Callable[[dict[str, np.ndarray]], Any], str]]
 
 def _engines(path: Path, manifest: Manifest, model: LensNet, threads: int, devices: list[str]) -> Engines:
     """Name → (run, precision). CPU: the fp32 graph and torch fp32. CUDA: each graph as the
-    service runs it (host arrays in and out), with device-resident inputs and outputs (IOBinding:
-    what is left without the copies), and captured as a CUDA graph per N; torch in fp32 and with
-    fp16 blocks (as the fp16 graph)."""
+    service runs it (host arrays in and out) and with device-resident inputs and outputs
+    (IOBinding: what is left without the copies); torch in fp32 and with fp16 blocks (as the fp16
+    graph). No CUDA-graph capture: ORT refuses it for the fp32 graph's `If`, and the fp16 graph's
+    shape nodes run on the CPU, which capture does not allow (an illegal memory access on an H200)."""
     engines: Engines = {}
     if "cpu" in devices:
         session = create_session(path / manifest.graphs["fp32"].file, [CPU], threads, False)
@@ -145,9 +144,7 @@ def _engines(path: Path, manifest: Manifest, model: LensNet, threads: int, devic
             graph = path / manifest.graphs[precision].file  # type: ignore[index]
             session = create_session(graph, [CUDA, CPU], threads, False)
             engines[f"ort-{precision}-cuda"] = (_ort_run(session), precision)
-            engines[f"ort-{precision}-cuda-iobinding"] = (_ort_bound(lambda _n, s=session: s), precision)
-            per_n = functools.cache(lambda _n, g=graph: _graph_session(g))
-            engines[f"ort-{precision}-cuda-graph"] = (_ort_bound(per_n), precision)
+            engines[f"ort-{precision}-cuda-iobinding"] = (_ort_bound(session), precision)
         half = copy.deepcopy(model)
         half.blocks.half()
         engines["torch-eager-fp32-cuda"] = (_torch_run(copy.deepcopy(model), "cuda"), "fp32")
@@ -186,32 +183,22 @@ def _ort_run(session: ort.InferenceSession) -> Callable[[dict[str, np.ndarray]],
     return lambda feed: session.run(None, feed)
 
 
-def _ort_bound(session_for: Callable[[int], ort.InferenceSession]) -> Callable[[dict[str, np.ndarray]], Any]:
+def _ort_bound(session: ort.InferenceSession) -> Callable[[dict[str, np.ndarray]], Any]:
     """Runs on inputs uploaded once per N and outputs left on the device (IOBinding)."""
     bindings: dict[int, ort.IOBinding] = {}
 
     def run(feed: dict[str, np.ndarray]) -> Any:
         n = feed["lod"].shape[1]
         if n not in bindings:
-            session = session_for(n)
             binding = session.io_binding()
             for name, array in feed.items():
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
             for output in session.get_outputs():
                 binding.bind_output(output.name, "cuda")
             bindings[n] = binding
-            run.sessions[n] = session  # type: ignore[attr-defined]
-        run.sessions[n].run_with_iobinding(bindings[n])  # type: ignore[attr-defined]
+        session.run_with_iobinding(bindings[n])
 
-    run.sessions = {}  # type: ignore[attr-defined]
     return run
-
-
-def _graph_session(graph: Path) -> ort.InferenceSession:
-    """A session that captures its first run as a CUDA graph and replays it (fixed shapes: one per N)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(graph), options, providers=[(CUDA, {"enable_cuda_graph": "1"}), CPU])
 
 
 def _torch_run(model: LensNet, device: str) -> Callable[[dict[str, np.ndarray]], Any]:

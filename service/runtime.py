@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -14,14 +15,16 @@ from model_export.artifact import GRAPH_DTYPES, Manifest, Precision
 
 log = logging.getLogger("lensnet.runtime")
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+Device = Literal["auto", "cpu", "cuda"]
 PROBE_RUNS = 3  # timed runs per candidate graph (after one untimed), median kept
 
 
 class Scorer:
     """Scores one snapshot per call. Thread-safe: ONNX Runtime sessions allow concurrent `run`.
 
-    `precision="auto"` takes the best provider here (CUDA when ONNX Runtime has it and it starts,
-    else the CPU) and the artifact's graphs built for it (`GraphSpec.providers`); with more than
+    `device` picks the execution provider: `auto` takes CUDA when ONNX Runtime has it and it
+    starts, else the CPU; `cpu` and `cuda` are what they say (`cuda` fails unless CUDA runs).
+    `precision="auto"` takes the artifact's graphs built for that provider (`GraphSpec.providers`); with more than
     one, it times each on a synthetic WC of `probe_entries` entries and keeps the fastest
     (`probe_ms` records what was measured).
     After a run over at least `shrink_entries` entries the CPU arena hands its free memory back
@@ -37,14 +40,20 @@ class Scorer:
         spinning: bool = False,
         probe_entries: int = 8192,
         shrink_entries: int = 8192,
+        device: Device = "auto",
     ) -> None:
         available = ort.get_available_providers()
-        if CUDA in available and hasattr(ort, "preload_dlls"):
+        if device == "cuda" and CUDA not in available:
+            raise RuntimeError(f"device cuda: this onnxruntime has no CUDA execution provider (it has {available})")
+        use_cuda = device != "cpu" and CUDA in available
+        if use_cuda and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when installed that way
-        providers = [CUDA, CPU] if CUDA in available else [CPU]
+        providers = [CUDA, CPU] if use_cuda else [CPU]
         sessions = _sessions(model_dir, manifest, precision, providers, intra_op_threads, spinning)
-        if providers[0] == CUDA and any(s.get_providers()[0] != CUDA for s in sessions.values()):
+        if use_cuda and any(s.get_providers()[0] != CUDA for s in sessions.values()):
             # ONNX Runtime lists CUDA but could not start it (driver, libraries): the CPU's graphs.
+            if device == "cuda":
+                raise RuntimeError("device cuda: the CUDA execution provider did not start (see ONNX Runtime's log)")
             log.warning("the CUDA execution provider did not start; running on the CPU")
             sessions = _sessions(model_dir, manifest, precision, [CPU], intra_op_threads, spinning)
         self.config = manifest.config

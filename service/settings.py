@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     )
 
     model_dir: Path = Field(BUNDLED_MODEL, description="model artifact directory", json_schema_extra=_shown_as("DIR"))
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="execution provider: auto = CUDA when ONNX Runtime has it and it starts, else the CPU; "
+        "cuda = fail at startup unless CUDA runs",
+    )
     precision: Literal["auto", "fp32", "fp16"] = Field(
         "auto",
         description="graph to run: auto = the artifact graph that runs fastest on this machine's execution provider "

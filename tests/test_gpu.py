@@ -51,7 +51,7 @@ def test_graphs_on_cuda_match_fp32_on_cpu(precision: str, bound: float) -> None:
 
 def test_auto_precision_measures_both_graphs_on_cuda_and_keeps_the_faster() -> None:
     """Both graphs are built for CUDA, so `auto` times each at startup instead of assuming one."""
-    scorer = Scorer(BUNDLED, load_manifest(BUNDLED), "auto")
+    scorer = Scorer(BUNDLED, load_manifest(BUNDLED), "auto", device="cuda")
     assert scorer.provider == "CUDAExecutionProvider"
     assert scorer.probe_ms is not None and set(scorer.probe_ms) == {"fp16", "fp32"}
     assert scorer.precision == min(scorer.probe_ms, key=lambda p: scorer.probe_ms[p])  # type: ignore[index]

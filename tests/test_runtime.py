@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import numpy as np
+import onnxruntime as ort
+import pytest
 
 from lensnet_client.layout import synthetic_layout
 from model_export.artifact import load_manifest
-from service.runtime import CPU, Scorer
+from service.runtime import CPU, CUDA, Scorer
 
 from .live import REPO
 
@@ -18,7 +20,7 @@ BUNDLED = REPO / "models" / "default"
 
 def test_auto_on_the_cpu_serves_the_graph_built_for_it_without_a_probe() -> None:
     manifest = load_manifest(BUNDLED)
-    scorer = Scorer(BUNDLED, manifest, "auto", intra_op_threads=2)
+    scorer = Scorer(BUNDLED, manifest, "auto", intra_op_threads=2, device="cpu")
     assert [p for p, g in manifest.graphs.items() if CPU in g.providers] == ["fp32"]
     assert (scorer.precision, scorer.provider, scorer.probe_ms) == ("fp32", CPU, None)
 
@@ -27,15 +29,21 @@ def test_auto_times_every_candidate_and_serves_the_fastest() -> None:
     """With both graphs declared for the CPU, both are timed, and the faster one is served."""
     manifest = load_manifest(BUNDLED)
     graphs = {p: g.model_copy(update={"providers": [CPU]}) for p, g in manifest.graphs.items()}
-    scorer = Scorer(BUNDLED, manifest.model_copy(update={"graphs": graphs}), "auto", 2, probe_entries=256)
+    scorer = Scorer(BUNDLED, manifest.model_copy(update={"graphs": graphs}), "auto", 2, probe_entries=256, device="cpu")
     assert scorer.probe_ms is not None and set(scorer.probe_ms) == {"fp32", "fp16"}
     assert all(ms > 0 for ms in scorer.probe_ms.values())
     assert scorer.precision == min(scorer.probe_ms, key=scorer.probe_ms.__getitem__)
     assert scorer.input_dtype == np.dtype("float16" if scorer.precision == "fp16" else "float32")
 
 
+@pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this onnxruntime has CUDA")
+def test_device_cuda_without_cuda_fails_with_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="device cuda: this onnxruntime has no CUDA execution provider"):
+        Scorer(BUNDLED, load_manifest(BUNDLED), "auto", 2, device="cuda")
+
+
 def test_a_forced_precision_is_served_as_asked() -> None:
-    scorer = Scorer(BUNDLED, load_manifest(BUNDLED), "fp16", intra_op_threads=2)
+    scorer = Scorer(BUNDLED, load_manifest(BUNDLED), "fp16", intra_op_threads=2, device="cpu")
     assert (scorer.precision, scorer.probe_ms, scorer.input_dtype) == ("fp16", None, np.dtype("float16"))
     lod, positions = synthetic_layout(300, 32, 2, np.random.default_rng(0))
     scores, non_finite = scorer.score(np.zeros((300, 256), np.float16), lod, positions)
@@ -50,7 +58,7 @@ from model_export.artifact import load_manifest
 from service.runtime import Scorer
 def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096
 model = Path(sys.argv[1])
-scorer = Scorer(model, load_manifest(model), 'fp32', 2, shrink_entries=int(sys.argv[2]))
+scorer = Scorer(model, load_manifest(model), 'fp32', 2, shrink_entries=int(sys.argv[2]), device='cpu')
 lod, positions = synthetic_layout(8192, 32, 2, np.random.default_rng(0))
 before = rss()
 scorer.score(np.ones((8192, 256), np.float32), lod, positions)

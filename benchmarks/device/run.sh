@@ -30,11 +30,11 @@ step() {  # name, time limit (s), command...: its output to $OUT/name.log, its e
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
 }
-step fill 120 python3 -m benchmarks.device.slim fill .bench/models/d1280
-step pytest 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_runtime.py
-step model_latency 240 python3 -m benchmarks.model_latency --devices cuda --dims 256 1280 \
+step fill 60 python3 -m benchmarks.device.slim fill .bench/models/d1280
+step pytest 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_runtime.py
+step model_latency 200 python3 -m benchmarks.model_latency --devices cuda --dims 256 1280 \
   --sizes 512 2048 8192 16384 --runs 30 --profile --out "$OUT/model_latency.json"
-step latency 200 python3 -m benchmarks.latency --dims 256 1280 --sizes 512 2048 8192 16384 \
+step latency 150 python3 -m benchmarks.latency --dims 256 1280 --sizes 512 2048 8192 16384 \
   --formats binary --concurrency 1 --requests 30 --out "$OUT/latency.json"
 tail -n 3 "$OUT/pytest.log"
 python3 - "$OUT" <<'PY'

@@ -90,7 +90,7 @@ class Service:
             s = self.settings
             scorer = Scorer(
                 s.model_dir, self.manifest, s.precision, s.intra_op_threads, s.intra_op_spinning,
-                probe_entries=s.auto_probe_entries, shrink_entries=s.arena_shrink_entries,
+                probe_entries=s.auto_probe_entries, shrink_entries=s.arena_shrink_entries, device=s.device,
             )  # fmt: skip
             warm = SessionStore(1, s.session_memory_bytes, s.session_ttl_s)
             Pipeline(scorer, self.manifest, None, s.max_entries, warm).warmup(s.warmup_sizes)
@@ -119,7 +119,8 @@ class Service:
         s = self.settings
         try:
             scorer = Scorer(s.shadow_model_dir, manifest, "auto", s.shadow_intra_op_threads, False,
-                            probe_entries=s.auto_probe_entries, shrink_entries=s.arena_shrink_entries)  # fmt: skip
+                            probe_entries=s.auto_probe_entries, shrink_entries=s.arena_shrink_entries,
+                            device=s.device)  # fmt: skip
         except Exception:
             log.exception("the shadow model failed to load; serving without it")
             return
