@@ -100,11 +100,10 @@ def server(args: list[str], url: str, ready_path: str) -> Iterator[subprocess.Po
         try:
             deadline = time.monotonic() + 300
             while not _answers(url + ready_path):
-                if process.poll() is not None:
+                if process.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
-                    raise RuntimeError(f"server exited: {log.read().decode()[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError("server did not become ready")
+                    state = "exited" if process.poll() is not None else "did not become ready"
+                    raise RuntimeError(f"server {state}: {log.read().decode()[-2000:]}")
                 time.sleep(0.2)
             yield process
         finally:

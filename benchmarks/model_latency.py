@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import tempfile
@@ -59,14 +60,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10, help="timed runs per configuration below N = 8,192")
     parser.add_argument("--profile", action="store_true", help="per-operator time at the largest N")
     parser.add_argument("--devices", nargs="+", choices=("cpu", "cuda"), default=DEVICES, help="engines' devices")
+    parser.add_argument("--engines", nargs="+", help="only these engines (names as in the report)")
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args()
     about = provenance(onnxruntime=ort.__version__, torch=torch.__version__)  # read before the runs, not after
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    results = [
-        row for d in args.dims for row in measure_dim(d, args.sizes, args.runs, args.profile, threads, args.devices)
-    ]
+    options = (args.sizes, args.runs, args.profile, threads, args.devices, args.engines)
+    results = [row for d in args.dims for row in measure_dim(d, *options)]
     report = {
         "benchmark": "model_latency",
         **about,
@@ -81,14 +82,14 @@ def main() -> None:
 
 
 def measure_dim(
-    d: int, sizes: list[int], runs: int, profile: bool, threads: int, devices: list[str]
+    d: int, sizes: list[int], runs: int, profile: bool, threads: int, devices: list[str], only: list[str] | None
 ) -> list[dict[str, Any]]:
     """Rows for width `d` on `devices`; ONNX Runtime gets `threads` intra-op threads, as torch
     does (set in main)."""
     path = model_dir(d)
     manifest = load_manifest(path)
     model = init_random(LensNet(manifest.config), seed=manifest.source.seed or 0).eval()
-    engines = _engines(path, manifest, model, threads, devices)
+    engines = _engines(path, manifest, model, threads, devices, only)
     rows = []
     for n in sizes:
         fp32 = _feed(manifest, n)
@@ -125,31 +126,40 @@ def measure_dim(
     return rows
 
 
-Engines = dict[str, tuple[Callable[[dict[str, np.ndarray]], Any], str]]
+Run = Callable[[dict[str, np.ndarray]], Any]
 
 
-def _engines(path: Path, manifest: Manifest, model: LensNet, threads: int, devices: list[str]) -> Engines:
-    """Name → (run, precision). CPU: the fp32 graph and torch fp32. CUDA: each graph as the
-    service runs it (host arrays in and out) and with device-resident inputs and outputs
-    (IOBinding: what is left without the copies); torch in fp32 and with fp16 blocks (as the fp16
-    graph). No CUDA-graph capture: ORT refuses it for the fp32 graph's `If`, and the fp16 graph's
-    shape nodes run on the CPU, which capture does not allow (an illegal memory access on an H200)."""
-    engines: Engines = {}
+def _engines(
+    path: Path, manifest: Manifest, model: LensNet, threads: int, devices: list[str], only: list[str] | None
+) -> dict[str, tuple[Run, str]]:
+    """Name → (run, precision), built only for the engines asked for (`only`: all). CPU: the fp32
+    graph and torch fp32. CUDA: each graph as the service runs it (host arrays in and out) and
+    with device-resident inputs and outputs (IOBinding: what is left without the copies); torch
+    in fp32 and with fp16 blocks (as the fp16 graph). No CUDA-graph capture: ORT refuses it for
+    the fp32 graph's `If`, and the fp16 graph's shape nodes run on the CPU, which capture does not
+    allow (an illegal memory access on an H200)."""
+
+    @functools.cache
+    def session(precision: str, provider: str) -> ort.InferenceSession:
+        providers = [provider] if provider == CPU else [provider, CPU]
+        return create_session(path / manifest.graphs[precision].file, providers, threads, False)  # type: ignore[index]
+
+    def half() -> LensNet:
+        copied = copy.deepcopy(model)
+        copied.blocks.half()
+        return copied
+
+    factories: dict[str, tuple[Callable[[], Run], str]] = {}
     if "cpu" in devices:
-        session = create_session(path / manifest.graphs["fp32"].file, [CPU], threads, False)
-        engines["ort-fp32-cpu"] = (_ort_run(session), "fp32")
-        engines["torch-eager-fp32-cpu"] = (_torch_run(model, "cpu"), "fp32")
+        factories["ort-fp32-cpu"] = (lambda: _ort_run(session("fp32", CPU)), "fp32")
+        factories["torch-eager-fp32-cpu"] = (lambda: _torch_run(model, "cpu"), "fp32")
     if "cuda" in devices:
-        for precision in ("fp16", "fp32"):
-            graph = path / manifest.graphs[precision].file  # type: ignore[index]
-            session = create_session(graph, [CUDA, CPU], threads, False)
-            engines[f"ort-{precision}-cuda"] = (_ort_run(session), precision)
-            engines[f"ort-{precision}-cuda-iobinding"] = (_ort_bound(session), precision)
-        half = copy.deepcopy(model)
-        half.blocks.half()
-        engines["torch-eager-fp32-cuda"] = (_torch_run(copy.deepcopy(model), "cuda"), "fp32")
-        engines["torch-eager-fp16-cuda"] = (_torch_run(half, "cuda"), "fp16")
-    return engines
+        for p in ("fp16", "fp32"):
+            factories[f"ort-{p}-cuda"] = (lambda p=p: _ort_run(session(p, CUDA)), p)
+            factories[f"ort-{p}-cuda-iobinding"] = (lambda p=p: _ort_bound(session(p, CUDA)), p)
+        factories["torch-eager-fp32-cuda"] = (lambda: _torch_run(copy.deepcopy(model), "cuda"), "fp32")
+        factories["torch-eager-fp16-cuda"] = (lambda: _torch_run(half(), "cuda"), "fp16")
+    return {name: (build(), p) for name, (build, p) in factories.items() if not only or name in only}
 
 
 def _reference(name: str, precision: str, times: dict[str, list[float]]) -> str | None:

@@ -24,35 +24,38 @@ mkdir -p .bench/models && rm -rf .bench/models/d1280 && cp -r "$STAGE/d1280" .be
   nproc
   python3 -c "import onnxruntime as o, numpy, torch; print('onnxruntime', o.__version__, o.get_available_providers(), 'numpy', numpy.__version__, 'torch', torch.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
-step() {  # name, time limit (s), command...: its output to $OUT/name.log, its exit status noted
+LOGS=$(mktemp -d)
+step() {  # name, time limit (s), command...: its output to $LOGS/name.log, its exit status noted
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$LOGS/steps.txt"
 }
+# One process per group of engines: a CUDA fault in one (the first H200 run had one) loses no other.
+model() { step "$1" "$2" python3 -m benchmarks.model_latency --devices cuda --dims 256 1280 \
+            --sizes 512 2048 8192 16384 --runs 30 --out "$OUT/$1.json" "${@:3}"; }
+latency() { step "$1" "$2" python3 -m benchmarks.latency --dims "$3" --sizes 512 2048 8192 16384 \
+              --formats binary --concurrency 1 --requests 30 --out "$OUT/$1.json"; }
 step fill 60 python3 -m benchmarks.device.slim fill .bench/models/d1280
-step pytest 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_runtime.py
-step model_latency 200 python3 -m benchmarks.model_latency --devices cuda --dims 256 1280 \
-  --sizes 512 2048 8192 16384 --runs 30 --profile --out "$OUT/model_latency.json"
-step latency 150 python3 -m benchmarks.latency --dims 256 1280 --sizes 512 2048 8192 16384 \
-  --formats binary --concurrency 1 --requests 30 --out "$OUT/latency.json"
-tail -n 3 "$OUT/pytest.log"
+[ "${PYTEST:-1}" = 1 ] && step pytest 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_runtime.py
+model model_latency 90 --engines ort-fp16-cuda ort-fp32-cuda --profile
+model model_latency_torch 50 --engines torch-eager-fp32-cuda torch-eager-fp16-cuda
+model model_latency_iobinding 50 --engines ort-fp16-cuda-iobinding ort-fp32-cuda-iobinding
+latency latency_d256 80 256
+latency latency_d1280 70 1280
+cp "$OUT/env.txt" "$LOGS/" && tar -C "$LOGS" -czf "$OUT/logs.tar.gz" .
 python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
-for name in ("model_latency", "latency"):
-    path = out / f"{name}.json"
-    if not path.exists():
-        print(name, "missing"); continue
+for path in sorted(Path(sys.argv[1]).glob("*.json")):
     report = json.loads(path.read_text())
     for r in report["results"]:
-        if name == "model_latency":
-            print(r["d"], r["n"], r["engine"], r.get("ms", {}).get("p50"), r.get("torch_over_ort_p50", ""), r.get("error", "")[:80])
+        if report["benchmark"] == "model_latency":
+            print(r["d"], r["n"], r["engine"], r.get("ms", {}).get("p50"), r.get("error", "")[:80])
         else:
             server = r["server_ms"]
             print(r["d"], r["n"], *(f"{k} {server.get(k, {}).get('p50')}" for k in ("total", "receive", "model")),
                   "overhead", r["overhead_ms"].get("p50"), "client", r["client_ms"].get("p50"))
-    print(name, report.get("device", ""), report.get("precision", ""), "targets:",
-          json.dumps(report.get("targets") if name == "model_latency" else report.get("targets_met")))
+    print(path.stem, report.get("device", ""), report.get("precision", ""), "targets:",
+          json.dumps(report.get("targets") if report["benchmark"] == "model_latency" else report.get("targets_met")))
 PY
