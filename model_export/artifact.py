@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .config import LensNetConfig
 
 MANIFEST_NAME = "manifest.json"
+CUDA_PROVIDER = "CUDAExecutionProvider"
 MANIFEST_FORMAT = 3
 """2: no Cast adapter graphs (the service converts embeddings itself); 3: fused attention, named
 per graph (`GraphSpec.attention`). Older artifacts are refused: re-export them with lensnet-export."""
@@ -61,6 +62,13 @@ class GraphSpec(_Strict):
     only considers (and times) the graphs built for the provider in use."""
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+
+    def runs_on(self, provider: str) -> bool:
+        """Whether a runtime may run this graph on `provider`: one it is built for, and never the
+        block-causal construction on CUDA, which artifacts exported before 2026-11-28 still list:
+        on an H200 (onnxruntime-gpu 1.31.1) it faulted the process's CUDA context, see
+        benchmarks/reports/2026-11-28-h200/faults.txt."""
+        return provider in self.providers and not (self.attention == "block-causal" and provider == CUDA_PROVIDER)
 
 
 class FileEntry(_Strict):

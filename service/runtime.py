@@ -50,7 +50,10 @@ class Scorer:
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when installed that way
         providers = [CUDA, CPU] if use_cuda else [CPU]
         sessions = _sessions(model_dir, manifest, precision, providers, intra_op_threads, spinning)
-        if use_cuda and any(s.get_providers()[0] != CUDA for s in sessions.values()):
+        on_cuda = [p for p in sessions if use_cuda and manifest.graphs[p].runs_on(CUDA)]
+        if device == "cuda" and not on_cuda:
+            raise RuntimeError(f"device cuda: no graph of precision {precision} runs on CUDA (fp16 does)")
+        if any(sessions[p].get_providers()[0] != CUDA for p in on_cuda):
             # ONNX Runtime lists CUDA but could not start it (driver, libraries): the CPU's graphs.
             if device == "cuda":
                 raise RuntimeError("device cuda: the CUDA execution provider did not start (see ONNX Runtime's log)")
@@ -99,10 +102,16 @@ def _sessions(
     model_dir: Path, manifest: Manifest, precision: str, providers: list[str], threads: int, spinning: bool
 ) -> dict[Precision, ort.InferenceSession]:
     """A session per candidate graph: the forced one, or (auto) those built for `providers[0]`
-    (any graph, if the artifact has none for it: each still computes the model)."""
+    (any graph, if the artifact has none for it: each still computes the model). A graph runs on
+    the providers it may run on (`GraphSpec.runs_on`), the CPU always among them."""
     graphs = manifest.graphs
-    chosen = [p for p, g in graphs.items() if providers[0] in g.providers] if precision == "auto" else [precision]
-    return {p: create_session(model_dir / graphs[p].file, providers, threads, spinning) for p in chosen or graphs}  # type: ignore[index]
+    chosen = [p for p, g in graphs.items() if g.runs_on(providers[0])] or list(graphs)
+    sessions = {}
+    for p in chosen if precision == "auto" else [precision]:
+        graph = graphs[p]  # type: ignore[index]
+        usable = [provider for provider in providers if provider == CPU or graph.runs_on(provider)]
+        sessions[p] = create_session(model_dir / graph.file, usable, threads, spinning)
+    return sessions  # type: ignore[return-value]
 
 
 def create_session(graph: Path, providers: list[str], intra_op_threads: int, spinning: bool) -> ort.InferenceSession:

@@ -11,6 +11,7 @@ import pytest
 
 from lensnet_client.layout import synthetic_layout
 from model_export.artifact import load_manifest
+from service import runtime
 from service.runtime import CPU, CUDA, Scorer
 
 from .live import REPO
@@ -23,6 +24,22 @@ def test_auto_on_the_cpu_serves_the_graph_built_for_it_without_a_probe() -> None
     scorer = Scorer(BUNDLED, manifest, "auto", intra_op_threads=2, device="cpu")
     assert [p for p, g in manifest.graphs.items() if CPU in g.providers] == ["fp32"]
     assert (scorer.precision, scorer.provider, scorer.probe_ms) == ("fp32", CPU, None)
+
+
+def test_the_block_causal_graph_never_runs_on_cuda_even_where_an_artifact_lists_it(monkeypatch) -> None:
+    """Artifacts exported before the H200 fault list CUDA for the fp32 (block-causal) graph; the
+    runtime keeps it on the CPU whatever the manifest says, and gives CUDA to the graphs built for it."""
+    manifest = load_manifest(BUNDLED)
+    old = manifest.graphs["fp32"].model_copy(update={"providers": [CPU, CUDA]})
+    legacy = manifest.model_copy(update={"graphs": {**manifest.graphs, "fp32": old}})
+    assert not old.runs_on(CUDA) and old.runs_on(CPU) and manifest.graphs["fp16"].runs_on(CUDA)
+    asked: dict[str, list[str]] = {}
+    monkeypatch.setattr(runtime, "create_session", lambda graph, providers, *_: asked.setdefault(graph.name, providers))
+    runtime._sessions(BUNDLED, legacy, "auto", [CUDA, CPU], 2, False)
+    assert asked == {"lensnet.fp16.onnx": [CUDA, CPU]}  # auto on CUDA: the fp16 graph only
+    asked.clear()
+    runtime._sessions(BUNDLED, legacy, "fp32", [CUDA, CPU], 2, False)
+    assert asked == {"lensnet.fp32.onnx": [CPU]}
 
 
 def test_auto_times_every_candidate_and_serves_the_fastest() -> None:
