@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .config import LensNetConfig
 
 MANIFEST_NAME = "manifest.json"
-CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER, CUDA_PROVIDER = "CPUExecutionProvider", "CUDAExecutionProvider"
+"""ONNX Runtime's names of the execution providers a graph can be built for (`GraphSpec.providers`)."""
 MANIFEST_FORMAT = 3
 """2: no Cast adapter graphs (the service converts embeddings itself); 3: fused attention, named
 per graph (`GraphSpec.attention`). Older artifacts are refused: re-export them with lensnet-export."""
@@ -66,8 +67,8 @@ class GraphSpec(_Strict):
     def runs_on(self, provider: str) -> bool:
         """Whether a runtime may run this graph on `provider`: one it is built for, and never the
         block-causal construction on CUDA, which artifacts exported before 2026-11-28 still list:
-        on an H200 (onnxruntime-gpu 1.31.1) it faulted the process's CUDA context, see
-        benchmarks/reports/2026-11-28-h200/faults.txt."""
+        on an H200 (onnxruntime-gpu 1.31.1 with torch's CUDA 13 libraries) its `If` faulted the
+        process's CUDA context, see benchmarks/reports/2026-11-28-h200/faults.txt."""
         return provider in self.providers and not (self.attention == "block-causal" and provider == CUDA_PROVIDER)
 
 

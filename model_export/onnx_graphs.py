@@ -25,9 +25,9 @@ CONSTRUCTIONS: dict[Precision, Attention] = {"fp32": "block-causal", "fp16": "ca
 """Each graph's causal attention (model_export/fused_attention.py): fp32 is the CPU's graph
 (flash-style pieces, memory linear in N), fp16 the CUDA one (ORT's fused causal kernels)."""
 BUILT_FOR: dict[Attention, list[str]] = {
-    # CPU only: on an H200 (onnxruntime-gpu 1.31.1) it faulted the CUDA context inside its If node
-    # (benchmarks/reports/2026-11-28-h200/faults.txt), and where it ran it was 4.4x slower than
-    # causal-mha at N = 8,192 (its 65-wide heads miss the flash kernel).
+    # CPU only: on an H200 (onnxruntime-gpu 1.31.1, torch's CUDA 13 libraries) its If node faulted
+    # the CUDA context (benchmarks/reports/2026-11-28-h200/faults.txt), and where it ran it was
+    # 4.4x slower than causal-mha at N = 8,192 (its 65-wide heads miss the flash kernel).
     "block-causal": ["CPUExecutionProvider"],
     "causal-mha": ["CUDAExecutionProvider"],  # ORT's CPU MHA writes out N x N scores when causal
     "mha": ["CPUExecutionProvider", "CUDAExecutionProvider"],

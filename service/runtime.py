@@ -5,17 +5,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
 from lensnet_client.layout import synthetic_layout
-from model_export.artifact import GRAPH_DTYPES, Manifest, Precision
+from model_export.artifact import CPU_PROVIDER, CUDA_PROVIDER, GRAPH_DTYPES, Manifest, Precision
+from service.settings import Device
 
 log = logging.getLogger("lensnet.runtime")
-CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
-Device = Literal["auto", "cpu", "cuda"]
+CUDA, CPU = CUDA_PROVIDER, CPU_PROVIDER
 PROBE_RUNS = 3  # timed runs per candidate graph (after one untimed), median kept
 
 
@@ -52,7 +51,8 @@ class Scorer:
         sessions = _sessions(model_dir, manifest, precision, providers, intra_op_threads, spinning)
         on_cuda = [p for p in sessions if use_cuda and manifest.graphs[p].runs_on(CUDA)]
         if device == "cuda" and not on_cuda:
-            raise RuntimeError(f"device cuda: no graph of precision {precision} runs on CUDA (fp16 does)")
+            cuda_graphs = [p for p, g in manifest.graphs.items() if g.runs_on(CUDA)]
+            raise RuntimeError(f"device cuda: no graph of precision {precision} runs on CUDA (these do: {cuda_graphs})")
         if any(sessions[p].get_providers()[0] != CUDA for p in on_cuda):
             # ONNX Runtime lists CUDA but could not start it (driver, libraries): the CPU's graphs.
             if device == "cuda":
@@ -102,10 +102,11 @@ def _sessions(
     model_dir: Path, manifest: Manifest, precision: str, providers: list[str], threads: int, spinning: bool
 ) -> dict[Precision, ort.InferenceSession]:
     """A session per candidate graph: the forced one, or (auto) those built for `providers[0]`
-    (any graph, if the artifact has none for it: each still computes the model). A graph runs on
-    the providers it may run on (`GraphSpec.runs_on`), the CPU always among them."""
+    (else the CPU's; else any graph: each still computes the model). A graph runs on the providers
+    it may run on (`GraphSpec.runs_on`), the CPU always among them."""
     graphs = manifest.graphs
-    chosen = [p for p, g in graphs.items() if g.runs_on(providers[0])] or list(graphs)
+    built_for = ([p for p, g in graphs.items() if g.runs_on(provider)] for provider in providers)
+    chosen = next((candidates for candidates in built_for if candidates), list(graphs))
     sessions = {}
     for p in chosen if precision == "auto" else [precision]:
         graph = graphs[p]  # type: ignore[index]

@@ -9,6 +9,8 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
+Device = Literal["auto", "cpu", "cuda"]
+"""Where the model runs (`Settings.device`)."""
 
 
 def _shown_as(metavar: str) -> dict[str, str]:
@@ -26,10 +28,10 @@ class Settings(BaseSettings):
     )
 
     model_dir: Path = Field(BUNDLED_MODEL, description="model artifact directory", json_schema_extra=_shown_as("DIR"))
-    device: Literal["auto", "cpu", "cuda"] = Field(
+    device: Device = Field(
         "auto",
         description="execution provider: auto = CUDA when ONNX Runtime has it and it starts, else the CPU; "
-        "cuda = fail at startup unless CUDA runs",
+        "cpu = the CPU even where CUDA runs; cuda = the model fails to load (never ready) unless CUDA runs",
     )
     precision: Literal["auto", "fp32", "fp16"] = Field(
         "auto",

@@ -579,6 +579,7 @@ def test_configmap_holds_valid_service_settings(monkeypatch: pytest.MonkeyPatch)
     assert set(data) <= fields, set(data) - fields
     settings = configmap_settings(monkeypatch)
     assert settings.precision == "auto" and settings.workers == 1, "one process per GPU, fp16 on CUDA"
+    assert settings.device == "cuda", "a GPU pod without CUDA must not become ready on the CPU"
     assert settings.intra_op_threads == int(container()["resources"]["requests"]["cpu"])
     assert container()["envFrom"] == [{"configMapRef": {"name": k8s_resources()["ConfigMap"]["metadata"]["name"]}}]
 

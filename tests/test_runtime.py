@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -26,20 +27,59 @@ def test_auto_on_the_cpu_serves_the_graph_built_for_it_without_a_probe() -> None
     assert (scorer.precision, scorer.provider, scorer.probe_ms) == ("fp32", CPU, None)
 
 
-def test_the_block_causal_graph_never_runs_on_cuda_even_where_an_artifact_lists_it(monkeypatch) -> None:
+class FakeCuda:
+    """This machine's onnxruntime claims CUDA. Sessions asked for CUDA start on it (`starts`), or
+    on the CPU as ONNX Runtime does when CUDA cannot start; `asked`: (graph file, providers)."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, list[str]]] = []
+        self.starts = True
+
+    def create_session(self, graph: Path, providers: list[str], *_: object) -> FakeCuda.Session:
+        self.asked.append((graph.name, providers))
+        return FakeCuda.Session(providers[0] if self.starts else CPU)
+
+    class Session:
+        def __init__(self, provider: str) -> None:
+            self.provider = provider
+
+        def get_providers(self) -> list[str]:
+            return [self.provider, CPU]
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
+    cuda = FakeCuda()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(ort, "preload_dlls", lambda: None, raising=False)
+    monkeypatch.setattr(runtime, "create_session", cuda.create_session)
+    return cuda
+
+
+def test_the_block_causal_graph_never_runs_on_cuda_even_where_an_artifact_lists_it(fake_cuda: FakeCuda) -> None:
     """Artifacts exported before the H200 fault list CUDA for the fp32 (block-causal) graph; the
     runtime keeps it on the CPU whatever the manifest says, and gives CUDA to the graphs built for it."""
     manifest = load_manifest(BUNDLED)
     old = manifest.graphs["fp32"].model_copy(update={"providers": [CPU, CUDA]})
     legacy = manifest.model_copy(update={"graphs": {**manifest.graphs, "fp32": old}})
     assert not old.runs_on(CUDA) and old.runs_on(CPU) and manifest.graphs["fp16"].runs_on(CUDA)
-    asked: dict[str, list[str]] = {}
-    monkeypatch.setattr(runtime, "create_session", lambda graph, providers, *_: asked.setdefault(graph.name, providers))
-    runtime._sessions(BUNDLED, legacy, "auto", [CUDA, CPU], 2, False)
-    assert asked == {"lensnet.fp16.onnx": [CUDA, CPU]}  # auto on CUDA: the fp16 graph only
-    asked.clear()
-    runtime._sessions(BUNDLED, legacy, "fp32", [CUDA, CPU], 2, False)
-    assert asked == {"lensnet.fp32.onnx": [CPU]}
+    scorer = Scorer(BUNDLED, legacy, "auto", 2)
+    assert (scorer.precision, scorer.provider, scorer.probe_ms) == ("fp16", CUDA, None)
+    assert fake_cuda.asked == [("lensnet.fp16.onnx", [CUDA, CPU])]  # auto on CUDA: the fp16 graph only
+    assert Scorer(BUNDLED, legacy, "fp32", 2).provider == CPU
+    assert fake_cuda.asked[-1] == ("lensnet.fp32.onnx", [CPU])
+    with pytest.raises(RuntimeError, match=r"no graph of precision fp32 runs on CUDA \(these do: \['fp16'\]\)"):
+        Scorer(BUNDLED, legacy, "fp32", 2, device="cuda")
+
+
+def test_cuda_that_does_not_start_falls_back_under_auto_and_fails_under_device_cuda(fake_cuda: FakeCuda) -> None:
+    fake_cuda.starts = False
+    manifest = load_manifest(BUNDLED)
+    scorer = Scorer(BUNDLED, manifest, "auto", 2)
+    assert (scorer.precision, scorer.provider) == ("fp32", CPU)  # then the CPU's graph
+    assert fake_cuda.asked[-1] == ("lensnet.fp32.onnx", [CPU])
+    with pytest.raises(RuntimeError, match="device cuda: the CUDA execution provider did not start"):
+        Scorer(BUNDLED, manifest, "auto", 2, device="cuda")
 
 
 def test_auto_times_every_candidate_and_serves_the_fastest() -> None:

@@ -3,17 +3,24 @@
 # index): install what pack.sh carried, build the C kernels, restore the D = 1,280 artifact, run
 # the GPU tests and the model-stage and whole-request benchmarks; reports and logs under $OUT.
 #   call 1 (carry .gpu):  mkdir -p /tmp/stage && cp .gpu/* /tmp/stage/
-#   call 2 (carry .gpu2): bash benchmarks/device/run.sh
+#   call 2 (carry .gpu2): bash benchmarks/device/run.sh   (ONLY="step names": just those; exit 1 if any failed)
 set -uo pipefail
 STAGE=${STAGE:-/tmp/stage}
 SITE=/tmp/site
 OUT=${OUT:?where reports go}
 export PYTHONUNBUFFERED=1
+LOGS=$(mktemp -d)
 cp -r .gpu2/* "$STAGE"/ && mkdir -p "$SITE" || exit 1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$STAGE"/whl/*.whl || exit 1
 tar -C "$SITE" -xJf "$STAGE/ort-rest.tar.xz" || exit 1
-cat "$STAGE"/cuda.so.xz.* | xz -dc > "$SITE/onnxruntime/capi/libonnxruntime_providers_cuda.so" || exit 1
-export PYTHONPATH="$SITE:$PWD:$PWD/clients" LENSNET_SOURCE_COMMIT=$(cat "$STAGE/commit")
+cat "$STAGE"/cuda.so.xz.a? > /tmp/cuda.so.xz && (cd /tmp && sha256sum --quiet -c "$STAGE/cuda.so.xz.sha256") || exit 1
+xz -dc /tmp/cuda.so.xz > "$SITE/onnxruntime/capi/libonnxruntime_providers_cuda.so" || exit 1
+# The reports name the commit pack.sh packed; a tree that differs from it here makes them dirty.
+commit=$(cat "$STAGE/commit")
+if ! sha256sum --quiet -c "$STAGE/tree.sha256" > "$LOGS/tree.log" 2>&1; then
+  echo "the checkout differs from $commit (see tree.log): reports will say dirty" && commit="${commit%+dirty}+dirty"
+fi
+export PYTHONPATH="$SITE:$PWD:$PWD/clients" LENSNET_SOURCE_COMMIT=$commit
 suffix=$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 include=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 gcc -O2 -std=c11 -shared -fPIC -I"$include" service/core/_allocator.c -o "service/core/_allocator$suffix" -lm || exit 1
@@ -24,28 +31,30 @@ mkdir -p .bench/models && rm -rf .bench/models/d1280 && cp -r "$STAGE/d1280" .be
   nproc
   python3 -c "import onnxruntime as o, numpy, torch; print('onnxruntime', o.__version__, o.get_available_providers(), 'numpy', numpy.__version__, 'torch', torch.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
-LOGS=$(mktemp -d)
+python3 -m benchmarks.device.slim fill .bench/models/d1280 > "$LOGS/fill.log" 2>&1 || { cat "$LOGS/fill.log"; exit 1; }
+failed=0
 step() {  # name, time limit (s), command...: its output to $LOGS/name.log, its exit status noted
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$2 status; shift 2
   [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0  # ONLY="names": just those steps
   local start=$SECONDS
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
-  echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$LOGS/steps.txt"
+  status=$?
+  [ "$status" = 0 ] || failed=1
+  echo "$name: exit $status after $((SECONDS - start)) s" | tee -a "$LOGS/steps.txt"
 }
 # One process per group of engines: a CUDA fault in one (the first H200 run had one) loses no other.
 model() { step "$1" "$2" python3 -m benchmarks.model_latency --devices cuda --dims 256 1280 \
             --sizes 512 2048 8192 16384 --runs 30 --out "$OUT/$1.json" "${@:3}"; }
-latency() { LENSNET_PRECISION=${4:-auto} step "$1" "$2" python3 -m benchmarks.latency --dims "$3" --sizes 512 2048 8192 16384 \
+latency() { step "$1" "$2" python3 -m benchmarks.latency --dims "$3" --sizes 512 2048 8192 16384 \
               --formats binary --concurrency 1 --requests 30 --out "$OUT/$1.json"; }
-step fill 60 python3 -m benchmarks.device.slim fill .bench/models/d1280
-[ "${PYTEST:-1}" = 1 ] && step pytest 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_runtime.py
-# The fp32 graph alone, from N = 2,048: at N = 512 its If node faulted on the H200 (an illegal
-# memory access after cudnnCreate failed inside it), twice, which ends the process's CUDA context.
+step pytest 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_runtime.py
+# The fp32 graph (never served on CUDA) alone, from N = 2,048: at N = 512 its If node faulted on
+# the H200 (cudnnCreate failed inside it, then an illegal memory access), ending the process's CUDA context.
 model model_latency 60 --engines ort-fp16-cuda ort-fp16-cuda-iobinding --profile
 model model_latency_fp32 40 --engines ort-fp32-cuda --sizes 2048 8192 16384
 model model_latency_torch 50 --engines torch-eager-fp32-cuda torch-eager-fp16-cuda
 latency latency_d256 80 256
-latency latency_d1280 90 1280 fp16  # auto's probe runs the fp32 graph too
+latency latency_d1280 90 1280
 cp "$OUT/env.txt" "$LOGS/" && tar -C "$LOGS" -czf "$OUT/logs.tar.gz" .
 python3 - "$OUT" <<'PY'
 import json, sys
@@ -62,3 +71,4 @@ for path in sorted(Path(sys.argv[1]).glob("*.json")):
     print(path.stem, report.get("device", ""), report.get("precision", ""), "targets:",
           json.dumps(report.get("targets") if report["benchmark"] == "model_latency" else report.get("targets_met")))
 PY
+exit $failed
