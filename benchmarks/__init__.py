@@ -44,6 +44,11 @@ def git_commit() -> str:
     return _git("rev-parse", "HEAD") or "unknown"
 
 
+CHANGED_CODE = ("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/reports")
+"""Tracked files that differ from the commit, reports aside: a rerun rewrites the reports of the
+folder it writes to, and a report is no code it measures."""
+
+
 def provenance(**versions: str) -> dict[str, Any]:
     """What a report must record to be reproduced: the commit and whether tracked files differ
     from it, the exact command line, and the machine (`versions`: libraries the benchmark measures).
@@ -51,7 +56,7 @@ def provenance(**versions: str) -> dict[str, Any]:
     carried = os.environ.get("LENSNET_SOURCE_COMMIT")  # a copy without .git (benchmarks/device/run.sh)
     return {
         "commit": carried.removesuffix("+dirty") if carried else git_commit(),
-        "dirty": carried.endswith("+dirty") if carried else bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "dirty": carried.endswith("+dirty") if carried else bool(_git(*CHANGED_CODE)),
         "command": shlex.join(sys.orig_argv),
         "machine": {
             "cpus": os.cpu_count(),
