@@ -8,12 +8,14 @@ import asyncio
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 
+import benchmarks
 from benchmarks import allocator, bare_server, latency, min_samples, percentiles
 from lensnet_client import FocusClient, FocusError
 from lensnet_client.client import parse_server_timing
@@ -156,3 +158,31 @@ def test_each_benchmark_runs_end_to_end_and_names_its_provenance(name: str) -> N
             assert result["requests"] == result["floor_ms"]["receive"]["samples"] == 3  # paired, warm-up not counted
             assert result["warmup_requests"] == latency.WARMUP * result["concurrency"]
             assert set(result["server_ms"]) >= {"receive", "model", "total"}
+
+
+def test_a_reports_dirty_flag_names_changed_code_not_rewritten_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a real git checkout: a rewritten report leaves the flag clean, any other edit sets it."""
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "benchmarks" / "reports").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "reports" / "r.json").write_text("{}")
+    (tmp_path / "README.md").write_text("a")
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    monkeypatch.setattr(benchmarks, "REPO", tmp_path)
+    monkeypatch.delenv("LENSNET_SOURCE_COMMIT", raising=False)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "benchmarks" / "reports" / "r.json").write_text('{"rerun": 1}')
+    assert (benchmarks.provenance()["commit"], benchmarks.provenance()["dirty"]) == (head, False)
+    (tmp_path / "README.md").write_text("b")
+    assert benchmarks.provenance()["dirty"] is True
+
+
+def test_a_copy_without_git_takes_its_commit_and_dirty_flag_from_the_packer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/device/run.sh: the commit pack.sh recorded, `+dirty` when the carried tree differs."""
+    monkeypatch.setenv("LENSNET_SOURCE_COMMIT", "0123abc")
+    assert (benchmarks.provenance()["commit"], benchmarks.provenance()["dirty"]) == ("0123abc", False)
+    monkeypatch.setenv("LENSNET_SOURCE_COMMIT", "0123abc+dirty")
+    assert (benchmarks.provenance()["commit"], benchmarks.provenance()["dirty"]) == ("0123abc", True)

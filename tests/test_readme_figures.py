@@ -107,21 +107,43 @@ def test_cited_reports_measured_the_current_code(report: str, block: str) -> Non
     known = subprocess.run(["git", "cat-file", "-e", f"{data['commit']}^{{commit}}"], cwd=REPO, capture_output=True)
     assert known.returncode == 0, f"{report} measured {data['commit'][:10]}, which is not in this repository's history"
     later = git("rev-list", f"{data['commit']}..HEAD", "--", *paths).split()
+    problem = staleness(data, block, later)
+    rerun = f"OUT={Path(report).parent} scripts/benchmarks {Path(report).stem}"
+    assert problem is None, f"{report}: {problem} (to rerun it here: {rerun}, then commit the report)"
+
+
+def staleness(report: dict[str, Any], block: str, later: list[str]) -> str | None:
+    """What is wrong with citing `report` in `block`, given the commits since it (`later`) that
+    changed what it measures; None if nothing."""
     declared = DECLARED.search(block)
     if declared is None:
-        assert not later, (
-            f"{report} measured {data['commit'][:10]}, but {later[0][:10]} changed what it measures since: rerun it "
-            f"(OUT={Path(report).parent} scripts/benchmarks {Path(report).stem}) and commit the report"
-        )
-        return
-    assert ran_on_cuda(data), f"{report} ran on this machine's kind: rerun it instead of declaring it older"
-    assert data["commit"].startswith(declared.group(1)), f"{report} measured {data['commit'][:10]}, not {declared[1]}"
+        if not later:
+            return None
+        return f"measured {report['commit'][:10]}, but {later[0][:10]} changed what it measures since"
+    if not ran_on_cuda(report):
+        return "ran on this machine's kind: rerun it instead of declaring it older"
+    if not report["commit"].startswith(declared.group(1)):
+        return f"measured {report['commit'][:10]}, not {declared.group(1)}"
     listed = declared.group(2).split(", ")
     named = sorted(next((sha for sha in later if sha.startswith(short)), short) for short in listed)
-    assert named == sorted(later), (
-        f"{report}: the commits since it measured that changed what it measures are {[c[:7] for c in later]}; "
-        f"its README block declares {listed}"
-    )
+    if named != sorted(later):
+        return f"the commits since it that changed what it measures are {[c[:7] for c in later]}; it declares {listed}"
+    return None
+
+
+def test_an_older_report_is_cited_only_as_declared() -> None:
+    """The rule on synthetic reports: undeclared and older fails; a declaration holds only for a
+    CUDA report, its own commit, and exactly the later commits."""
+    gpu = {"commit": "94e4511aa", "command": "x", "results": [{"engine": "ort-fp16-cuda"}]}
+    cpu = {"commit": "94e4511aa", "command": "x", "results": [{"engine": "ort-fp32-cpu"}]}
+    block = "Measured at 94e4511; changed since and not re-measured: b5b3565, 924a3b5.\n| 1 |"
+    later = ["b5b3565ff", "924a3b5ff"]
+    assert staleness(cpu, "| 1 |", []) is None and staleness(gpu, block, later) is None
+    assert "b5b3565ff changed what it measures" in str(staleness(cpu, "| 1 |", later))
+    assert "rerun it instead" in str(staleness(cpu, block, later))
+    assert "not 94e4511" in str(staleness({**gpu, "commit": "1111111"}, block, later))
+    assert "it declares" in str(staleness(gpu, block, later[:1]))  # one listed commit did not change it
+    assert "it declares" in str(staleness(gpu, block, [*later, "abcdef0ff"]))  # a later change left out
 
 
 def test_a_declaration_names_its_commits_and_hides_no_figure() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from model_export.artifact import load_manifest
 from service import runtime
 from service.runtime import CPU, CUDA, Scorer
 
-from .live import REPO
+from .live import REPO, LiveService
 
 BUNDLED = REPO / "models" / "default"
 
@@ -70,6 +71,40 @@ def test_the_block_causal_graph_never_runs_on_cuda_even_where_an_artifact_lists_
     assert fake_cuda.asked[-1] == ("lensnet.fp32.onnx", [CPU])
     with pytest.raises(RuntimeError, match=r"no graph of precision fp32 runs on CUDA \(these do: \['fp16'\]\)"):
         Scorer(BUNDLED, legacy, "fp32", 2, device="cuda")
+
+
+def test_device_cpu_keeps_to_the_cpu_where_cuda_runs(fake_cuda: FakeCuda) -> None:
+    scorer = Scorer(BUNDLED, load_manifest(BUNDLED), "auto", 2, device="cpu")
+    assert (scorer.precision, scorer.provider) == ("fp32", CPU)
+    assert fake_cuda.asked == [("lensnet.fp32.onnx", [CPU])]
+
+
+def test_auto_on_cuda_takes_the_cpus_graphs_when_none_runs_on_cuda(fake_cuda: FakeCuda) -> None:
+    """Not every graph: the fp16 graph here is built for no provider this machine runs it on."""
+    manifest = load_manifest(BUNDLED)
+    elsewhere = manifest.graphs["fp16"].model_copy(update={"providers": ["TensorrtExecutionProvider"]})
+    artifact = manifest.model_copy(update={"graphs": {**manifest.graphs, "fp16": elsewhere}})
+    scorer = Scorer(BUNDLED, artifact, "auto", 2)
+    assert (scorer.precision, scorer.provider, scorer.probe_ms) == ("fp32", CPU, None)
+    assert fake_cuda.asked == [("lensnet.fp32.onnx", [CPU])]
+
+
+def test_device_cuda_on_a_machine_without_it_never_becomes_ready_and_says_why() -> None:
+    """The setting reaches the model's loading: the process stays up but answers 503 on both probes
+    (a liveness probe restarts it), and its log says why."""
+    if CUDA in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    service = LiveService("--device", "cuda")
+    try:
+        deadline = time.monotonic() + 60
+        while "model failed to load" not in service.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "device cuda: this onnxruntime has no CUDA execution provider" in service.log()
+        assert service.http.get("/healthz").status_code == 503
+        assert service.http.get("/readyz").status_code == 503
+        assert service.process.poll() is None
+    finally:
+        assert service.stop() == 0
 
 
 def test_cuda_that_does_not_start_falls_back_under_auto_and_fails_under_device_cuda(fake_cuda: FakeCuda) -> None:
