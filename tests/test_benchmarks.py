@@ -186,3 +186,17 @@ def test_a_copy_without_git_takes_its_commit_and_dirty_flag_from_the_packer(monk
     assert (benchmarks.provenance()["commit"], benchmarks.provenance()["dirty"]) == ("0123abc", False)
     monkeypatch.setenv("LENSNET_SOURCE_COMMIT", "0123abc+dirty")
     assert (benchmarks.provenance()["commit"], benchmarks.provenance()["dirty"]) == ("0123abc", True)
+
+
+def test_model_latency_gpu_targets_read_the_graph_the_service_runs_on_cuda() -> None:
+    """The fp16 graph as served: not the faster-looking fp32 rows, not device-resident runs."""
+    from benchmarks.model_latency import targets
+
+    def row(n: int, engine: str, p50: float) -> dict[str, Any]:
+        return {"d": 256, "n": n, "engine": engine, "ms": {"p50": p50}}
+
+    rows = [row(n, "ort-fp16-cuda", ms) for n, ms in ((512, 0.4), (2048, 0.6), (8192, 1.4))]
+    rows += [row(n, engine, 0.1) for n in (512, 2048, 8192) for engine in ("ort-fp32-cuda", "ort-fp16-cuda-iobinding")]
+    found = targets(rows)
+    assert found["gpu_model_p50_ms_8k"] == {"target": 1.5, "measured": 1.4, "met": True}
+    assert found["gpu_model_p50_ms_le_2k"] == {"target": 0.5, "measured": 0.6, "met": False}
