@@ -14,9 +14,10 @@ Two parts, one JSON report:
   focus p50s are compared paired, in one run, with a bootstrap interval over the pairs. Overhead
   beside the model is total − model (Server-Timing), reported per condition.
 - **in process**: the route's own work (bulk JSON check, matching, windows, histograms) per item
-  for fully matched and fully duplicate batches, and one gauge refresh over full windows.
+  for fully matched and fully duplicate batches, the body's parse alone, and one gauge refresh
+  over full windows.
 
-    python -m benchmarks.feedback [--rate 10000] [--batch 500] [--entries 512] [--pairs 10] [--out report.json]
+    python -m benchmarks.feedback [--rate 10000] [--batch 500] [--entries 512] [--pairs 24] [--out report.json]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.synchronize import Event
 from typing import Any
 
@@ -252,13 +254,15 @@ def in_process(batch: int, repeats: int) -> dict[str, Any]:
             ids.append(policy.memory.remember(made, time.monotonic()))
         bodies.append(body([(d, k, float(rng.normal())) for d in ids for k in range(per_decision)]))
 
-    def run() -> float:
+    def per_item_us(work: Callable[[bytes], object]) -> float:
         start = time.perf_counter()
         for raw in bodies:
-            policy.feedback(parser.parse(raw))
+            work(raw)
         return (time.perf_counter() - start) / (len(bodies) * batch) * 1e6
 
-    matched_us, duplicate_us = run(), run()
+    parse_us = per_item_us(parser.parse)
+    matched_us = per_item_us(lambda raw: policy.feedback(parser.parse(raw)))
+    duplicate_us = per_item_us(lambda raw: policy.feedback(parser.parse(raw)))
     windows = policy.correlation.windows.values()
     for _ in range(max(w.capacity for w in windows) // batch + 1):
         x = rng.uniform(-1, 1, batch)
@@ -268,6 +272,7 @@ def in_process(batch: int, repeats: int) -> dict[str, Any]:
     refresh_ms = (time.perf_counter() - start) * 1e3
     return {
         "items_per_batch": batch,
+        "us_per_item_parse": parse_us,
         "us_per_item_matched": matched_us,
         "us_per_item_duplicate": duplicate_us,
         "cpu_share_at_10k_items_per_s_matched": matched_us * 1e4 / 1e6,
@@ -281,7 +286,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=10_000, help="feedback items per second, offered")
     parser.add_argument("--batch", type=int, default=500, help="items per POST")
     parser.add_argument("--entries", type=int, default=512, help="WC length of the focus requests")
-    parser.add_argument("--pairs", type=int, default=12, help="off/on phase pairs (orders alternate)")
+    parser.add_argument(
+        "--pairs", type=int, default=24, help="off/on phase pairs (orders alternate; 12 left a ±5 %% interval)"
+    )
     parser.add_argument("--phase-s", type=float, default=1.5, help="measured seconds per phase")
     parser.add_argument("--settle-s", type=float, default=0.25, help="unmeasured seconds at the start of a phase")
     parser.add_argument("--sender-nice", type=int, default=SENDER_NICE, help="the feedback sender's nice value")

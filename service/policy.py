@@ -11,9 +11,10 @@ niced thread the scheduler leaves waiting while it holds the GIL stalls every fo
 Python stages behind it (measured: focus p50 ×2.6 on a busy 2-core machine with the thread at nice
 19). Its work is small instead: ~2 µs an item and a refresh every few seconds.
 
-A batch is handled as columns, never as per-item objects: `parse_feedback` checks a JSON body in
-bulk and the memory, windows and histograms take arrays. Per item that leaves json.loads' own
-~1.5 µs; the GIL the focus requests' Python stages need is held for short stretches only.
+A batch is handled as columns, never as per-item objects: `FeedbackBody.parse` checks a JSON body
+in bulk and the memory, windows and histograms take arrays. The body is parsed by orjson: the
+standard library's json.loads took ~1.9 µs of the ~4.4 µs an item cost here, orjson ~0.5 µs. The
+GIL the focus requests' Python stages need is held for short stretches only.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from .core.allocator import Allocation, AllocatorOptions
@@ -94,7 +96,7 @@ class FeedbackBody:
         self.model = feedback_request(max_items)
 
     def parse(self, body: bytes) -> FeedbackBatch:
-        """The batch in `body`. The usual body (valid, ASCII ids) is checked in bulk on json.loads'
+        """The batch in `body`. The usual body (valid, ASCII ids) is checked in bulk on orjson's
         result; anything else goes through the model, which words the error (raising pydantic's
         ValidationError) or, for a valid body the bulk check does not cover, yields the items."""
         batch = _bulk_batch(body, self.max_items)
@@ -109,17 +111,18 @@ class FeedbackBody:
 
 
 def _edit_column(edits: list[int]) -> np.ndarray:
+    """The edit indices, capped at EDIT_CAP (no decision has that many edits: bad_index either way)."""
     try:
-        return np.array(edits, dtype=np.int64)
-    except OverflowError:  # an index no decision has: any value past the last edit answers bad_index
+        return np.minimum(np.array(edits, dtype=np.int64), EDIT_CAP)
+    except OverflowError:  # beyond int64
         return np.array([min(edit, EDIT_CAP) for edit in edits], dtype=np.int64)
 
 
 def _bulk_batch(body: bytes, max_items: int) -> FeedbackBatch | None:
     """The batch if the body is a valid, plain one (C-speed checks over whole columns), else None."""
     try:
-        document = json.loads(body.decode())  # UTF-8 only, as pydantic reads JSON
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        document = orjson.loads(body)  # strict: UTF-8, no NaN, 64-bit integers; else the model decides
+    except orjson.JSONDecodeError:
         return None
     if type(document) is not dict or len(document) != 1 or type(items := document.get("items")) is not list:
         return None
