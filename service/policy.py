@@ -9,12 +9,14 @@ each worker of a multi-process server keeps its own series fresh), in `executor`
 the event loop, at the process's own priority. Not niced: this is Python holding the GIL, and a
 niced thread the scheduler leaves waiting while it holds the GIL stalls every focus request's
 Python stages behind it (measured: focus p50 ×2.6 on a busy 2-core machine with the thread at nice
-19). Its work is small instead: ~2 µs an item and a refresh every few seconds.
+19). Its work is small instead: a few µs an item (`benchmarks.feedback` measures it) and a refresh
+every few seconds.
 
 A batch is handled as columns, never as per-item objects: `FeedbackBody.parse` checks a JSON body
-in bulk and the memory, windows and histograms take arrays. The body is parsed by orjson: the
-standard library's json.loads took ~1.9 µs of the ~4.4 µs an item cost here, orjson ~0.5 µs. The
-GIL the focus requests' Python stages need is held for short stretches only.
+in bulk and the memory, windows and histograms take arrays. The body is parsed by orjson, several
+times faster than the standard library's json.loads, which was the largest part of an item's cost
+(`benchmarks.feedback` reports the parse's own cost per item). The GIL the focus requests' Python
+stages need is held for short stretches only.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def _edit_column(edits: list[int]) -> np.ndarray:
 def _bulk_batch(body: bytes, max_items: int) -> FeedbackBatch | None:
     """The batch if the body is a valid, plain one (C-speed checks over whole columns), else None."""
     try:
-        document = orjson.loads(body)  # strict: UTF-8, no NaN, 64-bit integers; else the model decides
+        document = orjson.loads(body)  # UTF-8, no NaN/Infinity; integers past 64 bits come back as floats
     except orjson.JSONDecodeError:
         return None
     if type(document) is not dict or len(document) != 1 or type(items := document.get("items")) is not list:

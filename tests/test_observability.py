@@ -436,10 +436,10 @@ RECORDED_REL = 0.1
 
 
 def check_recorded(stack: Stack, record: str, result: list[dict[str, Any]], rel: float, rate: float) -> None:
-    """`record`'s series at `stack.at` hold what the known traffic gives: shares of `rate` (the
-    scoring requests' rate from the same evaluation) where the traffic fixes them (all counters
-    start at 0 and are scraped together, so the ratios of their rates are the ratios of their
-    counts; within `rel`), bounds where the model's scores decide."""
+    """`record`'s series (as one evaluation of the rule gives them) hold what the known traffic
+    gives: shares of `rate` (the scoring requests' rate from the same evaluation) where the traffic
+    fixes them (all counters start at 0 and are scraped together, so the ratios of their rates are
+    the ratios of their counts; within `rel`), bounds where the model's scores decide."""
     values = [float(sample["value"][1]) for sample in result]
     total = stack.sent.total()
     by_status = Counter({status: n for (_, status), n in stack.sent.items()})
@@ -490,7 +490,9 @@ def test_rule_expression_has_the_value_the_traffic_gives(stack: Stack, rule: dic
     # At the rule's own evaluation time the recorded series it reads are the ones it read; at any
     # other time they are up to an evaluation older than its raw rates, and over this short traffic
     # one evaluation moves a rate's extrapolation by more than 10 % (CI saw 13 %).
-    at = stack.value(f'max(timestamp({rule["record"]}{{job="{JOB}"}}))', at=stack.at)
+    stamps = stack.query(f'timestamp({rule["record"]}{{job="{JOB}"}})', at=stack.at)
+    assert stamps, f"{rule['record']}: Prometheus recorded nothing"
+    at = max(float(sample["value"][1]) for sample in stamps)
     result = stack.query(rule["expr"], at=at)
     raw = not referenced_recordings(rule["expr"])
     raw_rate = float(stack.query(f"sum(rate({SCORING}[5m]))", at=at)[0]["value"][1])

@@ -246,10 +246,10 @@ BODIES = [
     '{"items": [{"decision_id": "\\ud800", "edit": 0, "delta_nll": 1}]}', '{"items": [', "",
     # where a JSON parser's limits lie: 64-bit integers, float rounding, nesting depth
     *(f'{{"items": [{{"decision_id": "a", "edit": {edit}, "delta_nll": 1}}]}}'
-      for edit in (2**63 - 1, 2**63, 2**64 - 1, 2**64, "-0", "0e0")),
+      for edit in (2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63) - 1, "-0", "0e0")),
     *(f'{{"items": [{{"decision_id": "a", "edit": 0, "delta_nll": {value}}}]}}'
       for value in ("2.2250738585072011e-308", "5e-324", "1.7976931348623157e308", "-0.0", "9007199254740993",
-                    "0.1000000000000000055511151231257827", "1e-400", "-1E+2")),
+                    "0.1000000000000000055511151231257827", "1e-400", "-1E+2", 2**64, -(2**63) - 1)),
     '{"items": [' + "[" * 2000 + "]" * 2000 + "]}",
 ]  # fmt: skip
 
