@@ -153,6 +153,10 @@ def test_each_benchmark_runs_end_to_end_and_names_its_provenance(name: str) -> N
     assert report["commit"] == head and isinstance(report["dirty"], bool)
     assert report["command"].endswith(" ".join(args[1:])) and report["machine"]["cpus"] >= 1
     assert quoted_beyond_their_samples(report) == []
+    if name == "sessions":
+        (steady,) = report["steady"]
+        assert (steady["device"], steady["precision"]) == ("CPUExecutionProvider", "fp32")
+        assert "gpu_step_total_p99_le_3ms" not in steady["targets"]  # a CUDA target, and 3 steps give no p99
     if name == "latency":
         for result in report["results"]:
             assert result["requests"] == result["floor_ms"]["receive"]["samples"] == 3  # paired, warm-up not counted
@@ -186,6 +190,27 @@ def test_a_copy_without_git_takes_its_commit_and_dirty_flag_from_the_packer(monk
     assert (benchmarks.provenance()["commit"], benchmarks.provenance()["dirty"]) == ("0123abc", False)
     monkeypatch.setenv("LENSNET_SOURCE_COMMIT", "0123abc+dirty")
     assert (benchmarks.provenance()["commit"], benchmarks.provenance()["dirty"]) == ("0123abc", True)
+
+
+def test_session_targets_check_the_whole_step_p99_on_cuda_only_where_there_is_one() -> None:
+    from benchmarks.sessions import targets
+
+    def run(overhead: float, total: dict[str, float]) -> dict[str, Any]:
+        return {"overhead_ms": {"p50": overhead}, "stages_ms": {"total": total}}
+
+    step, full = run(0.4, {"samples": 100, "p50": 2.0, "p99": 2.9}), run(8.0, {"samples": 20, "p50": 9.0})
+    met = targets(step, full, 9000, "CUDAExecutionProvider")
+    assert met == {"step_bytes_without_created_le_64KiB": True, "step_overhead_p50_le_0.5ms": True,
+                   "overhead_ratio_p50_le_0.1": True, "gpu_step_total_p99_le_3ms": True}  # fmt: skip
+    step["stages_ms"]["total"]["p99"] = 3.1
+    assert targets(step, full, 9000, "CUDAExecutionProvider")["gpu_step_total_p99_le_3ms"] is False
+    assert "gpu_step_total_p99_le_3ms" not in targets(step, full, 9000, "CPUExecutionProvider")
+    del step["stages_ms"]["total"]["p99"]  # fewer than 100 steps: no p99 to check
+    assert "gpu_step_total_p99_le_3ms" not in targets(step, full, 9000, "CUDAExecutionProvider")
+    assert targets(run(0.6, {"p50": 2.0}), full, 70000, "CPUExecutionProvider") == {
+        "step_bytes_without_created_le_64KiB": False, "step_overhead_p50_le_0.5ms": False,
+        "overhead_ratio_p50_le_0.1": True,
+    }  # fmt: skip
 
 
 def test_model_latency_gpu_targets_read_the_graph_the_service_runs_on_cuda() -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one call on a lent machine (Python 3.12 with torch and CUDA 13, no package
 # index): install what pack.sh carried, build the C kernels, restore the D = 1,280 artifact, run
-# the GPU tests and the model-stage and whole-request benchmarks; reports and logs under $OUT.
+# the GPU tests and the model-stage, whole-request and session-step benchmarks, sampling each
+# process's GPU memory (gpu_memory.csv; steps.txt says when each step ran); reports and logs under $OUT.
 #   call 1 (carry .gpu):  mkdir -p /tmp/stage && cp .gpu/* /tmp/stage/
 #   call 2 (carry .gpu2): bash benchmarks/device/run.sh   (ONLY="step names": just those; exit 1 if any failed)
 set -uo pipefail
@@ -40,13 +41,16 @@ step() {  # name, time limit (s), command...: its output to $LOGS/name.log, its 
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   status=$?
   [ "$status" = 0 ] || failed=1
-  echo "$name: exit $status after $((SECONDS - start)) s" | tee -a "$LOGS/steps.txt"
+  echo "$name: exit $status after $((SECONDS - start)) s, ended $(date +%T)" | tee -a "$LOGS/steps.txt"
 }
 # One process per group of engines: a CUDA fault in one (the first H200 run had one) loses no other.
 model() { step "$1" "$2" python3 -m benchmarks.model_latency --devices cuda --dims 256 1280 \
             --sizes 512 2048 8192 16384 --runs 30 --out "$OUT/$1.json" "${@:3}"; }
 latency() { step "$1" "$2" python3 -m benchmarks.latency --dims "$3" --sizes 512 2048 8192 16384 \
               --formats binary --concurrency 1 --requests 30 --out "$OUT/$1.json"; }
+# GPU memory per process, four times a second, while the steps run (nvidia-smi's own timestamps).
+nvidia-smi --query-compute-apps=timestamp,pid,process_name,used_memory --format=csv -lms 250 > "$OUT/gpu_memory.csv" 2>&1 &
+sampler=$!
 step pytest 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_runtime.py
 # The fp32 graph (never served on CUDA) alone, from N = 2,048: at N = 512 its If node faulted on
 # the H200 (cudnnCreate failed inside it, then an illegal memory access), ending the process's CUDA context.
@@ -55,12 +59,24 @@ model model_latency_fp32 40 --engines ort-fp32-cuda --sizes 2048 8192 16384
 model model_latency_torch 50 --engines torch-eager-fp32-cuda torch-eager-fp16-cuda
 latency latency_d256 80 256
 latency latency_d1280 90 1280
+# A session step at N = 8,192 on the GPU (issue: the whole step's p99 toward 3 ms at D = 256).
+sessions() { step "$1" "$2" python3 -m benchmarks.sessions --n 8192 --dims "$3" --warmup 5 --no-soak \
+               --out "$OUT/$1.json" "${@:4}"; }
+sessions sessions_d256 60 256 --steps 100 --full-every 5
+sessions sessions_d1280 60 1280 --steps 20 --full-every 2
+kill "$sampler" 2> /dev/null
 cp "$OUT/env.txt" "$LOGS/" && tar -C "$LOGS" -czf "$OUT/logs.tar.gz" .
 python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 for path in sorted(Path(sys.argv[1]).glob("*.json")):
     report = json.loads(path.read_text())
+    if report["benchmark"] == "sessions":
+        for r in report["steady"]:
+            total = r["step"]["stages_ms"]["total"]
+            print(r["device"], r["precision"], r["d"], r["n"], "step total p50", total["p50"], "p99", total.get("p99"),
+                  "overhead p50", r["step"]["overhead_ms"]["p50"], "targets:", json.dumps(r["targets"]))
+        continue
     for r in report["results"]:
         if report["benchmark"] == "model_latency":
             print(r["d"], r["n"], r["engine"], r.get("ms", {}).get("p50"), r.get("error", "")[:80])
