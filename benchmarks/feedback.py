@@ -14,8 +14,9 @@ Two parts, one JSON report:
   focus p50s are compared paired, in one run, with a bootstrap interval over the pairs. Overhead
   beside the model is total − model (Server-Timing), reported per condition.
 - **in process**: the route's own work (bulk JSON check, matching, windows, histograms) per item
-  for fully matched and fully duplicate batches, the body's parse alone, and one gauge refresh
-  over full windows.
+  for fully matched and fully duplicate batches, the body's parse alone, its JSON decode alone by
+  orjson (the route's) and by the standard library's json.loads, and one gauge refresh over full
+  windows.
 
     python -m benchmarks.feedback [--rate 10000] [--batch 500] [--entries 512] [--pairs 24] [--out report.json]
 """
@@ -34,6 +35,7 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 import numpy as np
+import orjson
 
 from lensnet_client import FocusClient, synthetic_layout
 from lensnet_client.layout import Edit
@@ -260,9 +262,13 @@ def in_process(batch: int, repeats: int) -> dict[str, Any]:
             work(raw)
         return (time.perf_counter() - start) / (len(bodies) * batch) * 1e6
 
+    def handle(raw: bytes) -> bytes:
+        return policy.feedback(parser.parse(raw))
+
+    # The JSON decode alone, by the parser the route uses and by the standard library's it replaced.
+    decode_us = {"orjson": per_item_us(orjson.loads), "json": per_item_us(json.loads)}
     parse_us = per_item_us(parser.parse)
-    matched_us = per_item_us(lambda raw: policy.feedback(parser.parse(raw)))
-    duplicate_us = per_item_us(lambda raw: policy.feedback(parser.parse(raw)))
+    matched_us, duplicate_us = per_item_us(handle), per_item_us(handle)  # every item matched, then all repeats
     windows = policy.correlation.windows.values()
     for _ in range(max(w.capacity for w in windows) // batch + 1):
         x = rng.uniform(-1, 1, batch)
@@ -272,6 +278,7 @@ def in_process(batch: int, repeats: int) -> dict[str, Any]:
     refresh_ms = (time.perf_counter() - start) * 1e3
     return {
         "items_per_batch": batch,
+        "us_per_item_decode": decode_us,
         "us_per_item_parse": parse_us,
         "us_per_item_matched": matched_us,
         "us_per_item_duplicate": duplicate_us,
