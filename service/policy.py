@@ -12,10 +12,10 @@ Python stages behind it (measured: focus p50 ×2.6 on a busy 2-core machine with
 19). Its work is small instead: a few µs an item (`benchmarks.feedback` measures it) and a refresh
 every few seconds.
 
-A batch is handled as columns, never as per-item objects: `FeedbackBody.parse` checks a JSON body
-in bulk and the memory, windows and histograms take arrays. The body is parsed by orjson, several
-times faster than the standard library's json.loads, which was the largest part of an item's cost
-(`benchmarks.feedback` reports the parse's own cost per item). The GIL the focus requests' Python
+A batch is handled as columns, never as per-item objects: `FeedbackBody.parse` reads the usual
+JSON body straight into columns in one C pass (parsing it into Python objects, then checking
+them, was the largest part of an item's cost; `benchmarks.feedback` reports the parse's own cost
+per item) and the memory, windows and histograms take arrays. The GIL the focus requests' Python
 stages need is held for short stretches only.
 """
 
@@ -27,12 +27,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from operator import itemgetter
 
 import numpy as np
-import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from .core import _bulk
 from .core.allocator import Allocation, AllocatorOptions
 from .core.correlation import PolicyCorrelation, benefit
 from .core.decisions import RESULTS, DecisionMemory, Result
@@ -86,30 +85,30 @@ class FeedbackBatch:
 
 
 EDIT_CAP = 1 << 62
-_FIELDS = tuple(FeedbackItem.model_fields)  # decision_id, edit, delta_nll
 
 
 class FeedbackBody:
     """The /v1/feedback body: its pydantic model (the schema, and the wording of every error) and
-    a bulk parser that accepts only what the model accepts."""
+    a bulk reader of the usual body that accepts only what the model accepts."""
 
     def __init__(self, max_items: int) -> None:
         self.max_items = max_items
         self.model = feedback_request(max_items)
 
     def parse(self, body: bytes) -> FeedbackBatch:
-        """The batch in `body`. The usual body (valid, ASCII ids) is checked in bulk on orjson's
-        result; anything else goes through the model, which words the error (raising pydantic's
-        ValidationError) or, for a valid body the bulk check does not cover, yields the items."""
-        batch = _bulk_batch(body, self.max_items)
-        if batch is None:
-            items = self.model.model_validate_json(body).items  # type: ignore[attr-defined]
-            batch = FeedbackBatch(
-                [item.decision_id for item in items],
-                _edit_column([item.edit for item in items]),
-                np.array([item.delta_nll for item in items], dtype=np.float64),
-            )
-        return batch
+        """The batch in `body`. A body of the usual form (ASCII ids without escapes, plain numbers)
+        is read in one C pass (`_bulk.feedback_columns`); anything else goes through the model,
+        which words the error (raising pydantic's ValidationError) or yields the items."""
+        columns = _bulk.feedback_columns(body, self.max_items, MAX_DECISION_ID)
+        if columns is not None:
+            ids, edits, deltas = columns
+            return FeedbackBatch(ids, np.frombuffer(edits, dtype="<i8"), np.frombuffer(deltas, dtype="<f8"))
+        items = self.model.model_validate_json(body).items  # type: ignore[attr-defined]
+        return FeedbackBatch(
+            [item.decision_id for item in items],
+            _edit_column([item.edit for item in items]),
+            np.array([item.delta_nll for item in items], dtype=np.float64),
+        )
 
 
 def _edit_column(edits: list[int]) -> np.ndarray:
@@ -118,32 +117,6 @@ def _edit_column(edits: list[int]) -> np.ndarray:
         return np.minimum(np.array(edits, dtype=np.int64), EDIT_CAP)
     except OverflowError:  # beyond int64
         return np.array([min(edit, EDIT_CAP) for edit in edits], dtype=np.int64)
-
-
-def _bulk_batch(body: bytes, max_items: int) -> FeedbackBatch | None:
-    """The batch if the body is a valid, plain one (C-speed checks over whole columns), else None."""
-    try:
-        document = orjson.loads(body)  # UTF-8, no NaN/Infinity; integers past 64 bits come back as floats
-    except orjson.JSONDecodeError:
-        return None
-    if type(document) is not dict or len(document) != 1 or type(items := document.get("items")) is not list:
-        return None
-    if not 1 <= len(items) <= max_items or set(map(type, items)) != {dict} or set(map(len, items)) != {len(_FIELDS)}:
-        return None  # (three keys each, all of _FIELDS present below: exactly those)
-    try:
-        ids, edits, deltas = (list(map(itemgetter(name), items)) for name in _FIELDS)
-    except KeyError:
-        return None
-    if (set(map(type, ids)) != {str} or set(map(type, edits)) != {int} or not set(map(type, deltas)) <= {float, int}
-            or max(map(len, ids)) > MAX_DECISION_ID or not "".join(ids).isascii() or min(edits) < 0):  # fmt: skip
-        return None
-    try:
-        delta = np.array(deltas, dtype=np.float64)
-    except OverflowError:
-        return None
-    if not np.isfinite(delta).all():
-        return None
-    return FeedbackBatch(ids, _edit_column(edits), delta)
 
 
 class PolicyHealth:

@@ -147,6 +147,18 @@ def test_feedback_needs_json(live: LiveService) -> None:
     assert code == 415 and problem["field"] == "Content-Type"
 
 
+def test_feedback_takes_only_post_and_counts_every_answer(live: LiveService) -> None:
+    """The route is served beside FastAPI: a GET still gets a 405 problem naming what is allowed,
+    and each answer is counted under the route's own label."""
+    label = 'lensnet_request_duration_seconds_count{endpoint="/v1/feedback",status="405"}'
+    before = live.metrics().get(label, 0.0)
+    response = live.http.get("/v1/feedback")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"].endswith(":http-error")
+    assert live.metrics()[label] == before + 1
+
+
 def test_openapi_documents_feedback_and_decision_ids(live: LiveService) -> None:
     document = live.http.get("/openapi.json").json()
     operation = document["paths"]["/v1/feedback"]["post"]

@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from pydantic import ValidationError
 from scipy import stats
@@ -251,12 +253,31 @@ BODIES = [
       for value in ("2.2250738585072011e-308", "5e-324", "1.7976931348623157e308", "-0.0", "9007199254740993",
                     "0.1000000000000000055511151231257827", "1e-400", "-1E+2", 2**64, -(2**63) - 1)),
     '{"items": [' + "[" * 2000 + "]" * 2000 + "]}",
+    # the C reader's own edges: white space, escapes, raw bytes, number grammar, trailing bytes
+    '\t{\r\n"items"\t:\n[ {"decision_id"\n:\t"a" ,"edit" : 7 , "delta_nll":-2.5E-3 } ]\n}\t',
+    '{"items": [{"decision\\u005fid": "a", "edit": 0, "delta_nll": 1}]}',  # an escaped key
+    '{"items": [{"decision_id": "a\\"b", "edit": 0, "delta_nll": 1}]}', '{"items": [{"decision_id": "a\x7fb", "edit": 0, "delta_nll": 1}]}',
+    '{"items": [{"decision_id": "a\tb", "edit": 0, "delta_nll": 1}]}', '{"items": [{"decision_id": "", "edit": 0, "delta_nll": 1}]}',
+    '{"items": [{"decision_id": "a", "edit": 0, "edit": 1, "delta_nll": 1}]}',
+    '{"items": [{"decision_id": "a", "edit": 01, "delta_nll": 1}]}', '{"items": [{"decision_id": "a", "edit": +1, "delta_nll": 1}]}',
+    '{"items": [{"decision_id": "a", "edit": 1e5, "delta_nll": 1}]}', '{"items": [{"decision_id": "a", "edit": 0, "delta_nll": 1.}]}',
+    '{"items": [{"decision_id": "a", "edit": 0, "delta_nll": .5}]}', '{"items": [{"decision_id": "a", "edit": 0, "delta_nll": -}]}',
+    '{"items": [{"decision_id": "a", "edit": 0, "delta_nll": 1e}]}', '{"items": [{"decision_id": "a", "edit": 0, "delta_nll": 0x10}]}',
+    *(f'{{"items": [{{"decision_id": "a", "edit": {edit}, "delta_nll": 1}}]}}'
+      for edit in (10**17, 10**18 - 1, 10**18, 10**19, 2**62, 2**62 + 1)),
+    '{"items": [{"decision_id": "a", "edit": 0, "delta_nll": 0.' + "1" * 70 + '}]}',
+    f'{{"items": [{ITEM},]}}', f'{{"items": [{ITEM}]}} x', f'{{"items": [{ITEM}]}}{{}}', f'{{"items": [{ITEM}]', f'{{"items": [{ITEM}]}}\x00',
+    f'{{"items": [{ITEM}], }}', '{"items": [{}]}', '{"items": [{"decision_id": "a", "edit": 0, "delta_nll": 1,}]}',
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("text", [*BODIES, "\ufeff" + BODIES[0]])
 def test_bulk_feedback_parser_accepts_exactly_what_the_model_accepts(text: str) -> None:
     """Every body parses to the model's own items, or raises the model's own first error."""
+    assert_parsed_like_the_model(text)
+
+
+def assert_parsed_like_the_model(text: str) -> None:
     body = FeedbackBody(max_items=5)
     raw = text.encode()
     try:
@@ -272,6 +293,32 @@ def test_bulk_feedback_parser_accepts_exactly_what_the_model_accepts(text: str) 
     assert batch.decision_id == [item.decision_id for item in items]
     assert batch.edit.tolist() == [min(item.edit, EDIT_CAP) for item in items]
     assert batch.delta_nll.tolist() == [item.delta_nll for item in items]
+
+
+JSON_PIECES = st.sampled_from(
+    ['{', '}', '[', ']', ',', ':', ' ', '\n', '"items"', '"decision_id"', '"edit"', '"delta_nll"', '"x"', '"ab-1f"',
+     '"é"', '"\\u0041"', "0", "7", "-1", "1.5", "-0.25e-3", "1E400", "00", "true", "null", "NaN", "9" * 20]
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.tuples(st.text("0123456789abcdef-", max_size=20), st.integers(-2, 2**64), st.floats()), max_size=7),
+    st.lists(st.tuples(st.integers(0, 400), JSON_PIECES), max_size=3),
+    st.integers(0, 2),
+)
+def test_bulk_feedback_parser_agrees_with_the_model_on_mutated_bodies(
+    items: list[tuple[str, int, float]], edits: list[tuple[int, str]], spacing: int
+) -> None:
+    """Bodies written like a stack would (in three spacings), some with pieces of JSON spliced in:
+    the parser's answer is the model's, item for item, or the model's own first error."""
+    separators = [(",", ":"), (", ", ": "), (",\n  ", " :\t")][spacing]
+    listed = [{"decision_id": d, "edit": e, "delta_nll": v} for d, e, v in items]
+    text = json.dumps({"items": listed}, separators=separators)
+    for at, piece in edits:
+        at = at % (len(text) + 1)
+        text = text[:at] + piece + text[at:]
+    assert_parsed_like_the_model(text)
 
 
 def test_bulk_feedback_parser_takes_the_usual_body_without_the_model() -> None:

@@ -19,7 +19,7 @@ download() { $PY -m pip download -q --no-deps --only-binary=:all: --python-versi
              "${platforms[@]}" -d "$1" "${@:2}"; }
 download "$WORK" "$ORT_GPU"
 # The service's runtime packages the image lacks, at this venv's versions.
-pins=$($PY -m pip freeze | grep -iE '^(fastapi|starlette|pydantic|pydantic[-_]core|pydantic[-_]settings|python[-_]dotenv|annotated[-_]types|annotated[-_]doc|typing[-_]inspection|uvicorn|httptools|opentelemetry[-_]api|orjson)==' || true)
+pins=$($PY -m pip freeze | grep -iE '^(fastapi|starlette|pydantic|pydantic[-_]core|pydantic[-_]settings|python[-_]dotenv|annotated[-_]types|annotated[-_]doc|typing[-_]inspection|uvicorn|httptools|opentelemetry[-_]api)==' || true)
 [ -n "$pins" ] || { echo "pack.sh: .venv lacks the service's packages (scripts/bootstrap test)" >&2; exit 1; }
 download .gpu2/whl $pins 2> >(grep -v "is ignored: it is neither" >&2)
 (cd "$WORK" && unzip -q onnxruntime_gpu-*.whl && rm onnxruntime_gpu-*.whl)

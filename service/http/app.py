@@ -35,9 +35,11 @@ from ..runtime import Scorer
 from ..settings import Settings
 from ..shadow import ShadowScorer, check_compatible
 from ..traces import TraceWriter
-from . import feedback, openapi, v2
+from . import openapi, v2
 from .admission import Admission
 from .calls import CallSpec, Wire, negotiate_v1, problem_response
+from .feedback import PATH as FEEDBACK
+from .feedback import FeedbackEndpoint
 from .sessions import SessionEndpoints
 from .upload import declared_length, read_body
 
@@ -236,12 +238,12 @@ class Service:
 
 class FocusApp:
     """The ASGI app: request telemetry around everything; the scoring calls (/v1/focus, /v1/score,
-    v2 infer, the /v1/sessions routes) go straight to their endpoints (the hot path: no middleware
-    stack, router, request models or dependency solving between arrival and reading the body); the
-    rest goes to FastAPI (docs, /v1/model, feedback, probes, metrics, v2 metadata)."""
+    v2 infer, the /v1/sessions routes) and feedback go straight to their endpoints (the hot paths:
+    no middleware stack, router, request models or dependency solving between arrival and reading
+    the body); the rest goes to FastAPI (docs, /v1/model, probes, metrics, v2 metadata)."""
 
-    def __init__(self, api: FastAPI, service: Service) -> None:
-        self.api, self.service, self.metrics = api, service, service.metrics
+    def __init__(self, api: FastAPI, service: Service, feedback: FeedbackEndpoint) -> None:
+        self.api, self.service, self.metrics, self.feedback = api, service, service.metrics, feedback
         v1 = {path: Wire(path, negotiate_v1(), run, problem_response)
               for path, run in (("/v1/focus", Pipeline.focus), ("/v1/score", Pipeline.score))}  # fmt: skip
         infer = Wire(v2.INFER, v2.negotiate, Pipeline.infer, v2.error_response)
@@ -256,7 +258,9 @@ class FocusApp:
         start = time.perf_counter()
         scope.setdefault("state", {})["arrival"] = start
         path = scope["path"]
-        endpoint: ScoringEndpoint | SessionEndpoints | None = self.scoring.get(path)
+        endpoint: ScoringEndpoint | SessionEndpoints | FeedbackEndpoint | None = self.scoring.get(path)
+        if path == FEEDBACK:
+            endpoint = self.feedback
         label = endpoint.wire.label if isinstance(endpoint, ScoringEndpoint) else path
         if endpoint is None and (template := self.sessions.template(path)):
             endpoint, label = self.sessions, template
@@ -415,11 +419,11 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(v2.router(service))  # its infer route only answers other model names
-    feedback.install(app, service.policy, settings)
 
     config = service.manifest.config
-    openapi.install(app, config.embed_dim, config.max_lod)  # documents /v1/focus and /v1/score, served by FocusApp
-    return FocusApp(app, service)
+    feedback = FeedbackEndpoint(service.policy, settings)
+    openapi.install(app, config.embed_dim, config.max_lod, feedback.body.model)  # the routes FocusApp serves
+    return FocusApp(app, service, feedback)
 
 
 def _run(wire: Wire, pipeline: Pipeline, call: Call) -> Reply:

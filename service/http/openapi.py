@@ -1,8 +1,9 @@
 """OpenAPI documentation (/docs) for the endpoints that read their bodies themselves.
 
-/v1/focus and /v1/score are plain ASGI endpoints that accept two content types and decode arrays
-without pydantic (that would take seconds for 8k × D lists), so their operations and
-request/response schemas are declared here and added to the generated document.
+/v1/focus, /v1/score and the session routes are plain ASGI endpoints that accept two content
+types and decode arrays without pydantic (that would take seconds for 8k × D lists), and
+/v1/feedback reads its batches in bulk, so their operations and request/response schemas are
+declared here and added to the generated document.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..core.allocator import REJECT_REASONS
 from ..core.codec import EMBEDDING_DTYPES, INDEX_DTYPES
 from ..core.problems import MEDIA_TYPE as PROBLEM
 from ..pipeline import FocusFields, StepFields
+from ..policy import FeedbackResponse
 
 
 class ArrayObject(BaseModel):
@@ -244,15 +246,32 @@ def _pin_to_model(schemas: dict[str, Any], embed_dim: int, max_lod: int) -> None
         properties["positions"]["anyOf"][0]["items"].update(minimum=0, exclusiveMaximum=POSITION_LIMIT)
 
 
-def install(app: FastAPI, embed_dim: int, max_lod: int) -> None:
+def feedback_operation(request: type[BaseModel]) -> dict[str, Any]:
+    """POST /v1/feedback, whose body model carries the configured batch bound."""
+    return {
+        "summary": "Measured ΔNLL of returned edits: matched to their decisions, fed to the policy-health gauges",
+        "operationId": "feedback",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(request)}}},
+        "responses": {
+            "200": {
+                "description": "OK: one result per item",
+                "content": {"application/json": {"schema": _ref(FeedbackResponse)}},
+            },
+            **problem_responses((400, 405, 408, 413, 415, 422, 429, 500)),
+        },
+    }
+
+
+def install(app: FastAPI, embed_dim: int, max_lod: int, feedback: type[BaseModel]) -> None:
     """Add the operations and schemas above to the generated OpenAPI document, for a model of
-    `embed_dim` and `max_lod`."""
+    `embed_dim` and `max_lod`, and feedback bodies of model `feedback`."""
 
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
             document = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             scoring = {path: {"post": operation} for path, operation in OPERATIONS.items()}
-            document["paths"] = scoring | {"/v1/sessions/{id}": MANAGEMENT} | document["paths"]
+            plain = {"/v1/sessions/{id}": MANAGEMENT, "/v1/feedback": {"post": feedback_operation(feedback)}}
+            document["paths"] = scoring | plain | document["paths"]
             schemas = document.setdefault("components", {}).setdefault("schemas", {})
             models = (
                 FocusRequest,
@@ -262,6 +281,7 @@ def install(app: FastAPI, embed_dim: int, max_lod: int) -> None:
                 StepRequest,
                 SessionResponse,
                 SessionInfo,
+                FeedbackResponse,
             )
             for model in (*models, Problem):
                 schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
