@@ -102,7 +102,7 @@ class FeedbackBody:
         columns = _bulk.feedback_columns(body, self.max_items, MAX_DECISION_ID)
         if columns is not None:
             ids, edits, deltas = columns
-            return FeedbackBatch(ids, np.frombuffer(edits, dtype="<i8"), np.frombuffer(deltas, dtype="<f8"))
+            return FeedbackBatch(ids, np.frombuffer(edits, dtype=np.int64), np.frombuffer(deltas, dtype=np.float64))
         items = self.model.model_validate_json(body).items  # type: ignore[attr-defined]
         return FeedbackBatch(
             [item.decision_id for item in items],

@@ -5,8 +5,8 @@
  *   the body streams in). numpy converts float16 at ~1.7 ns an element here; F16C does 8 per
  *   instruction, so the conversion hides in the time the body takes to arrive.
  * - bucket counts of scores by LOD (telemetry: the score histogram of a whole WC in one pass).
- * - /v1/feedback bodies of the usual form as columns (ids, edits, ΔNLLs): a batch of 500 items in
- *   tens of µs where a JSON parser and per-column checks in Python took ~0.7 ms. Anything else
+ * - /v1/feedback bodies of the usual form as columns (ids, edits, ΔNLLs), without a Python object
+ *   per item or field (`benchmarks.feedback` times it against the body's pydantic model). Anything else
  *   (escapes, other fields, key repeats, numbers at 64-bit edges) is left to the body's pydantic
  *   model, which decides it and words its errors. It builds Python strings, so it holds the GIL;
  *   the array kernels release it.
@@ -401,6 +401,8 @@ static int take_double(Cursor *c, double *value) {
         return -1;
 #endif
     c->at += length;
+    if (integral && *value == 0)
+        *value = 0.0; /* an integer: -0 is the integer 0 to the model, so +0.0 */
     return isfinite(*value) ? 1 : 0;
 }
 
@@ -542,9 +544,9 @@ static PyMethodDef methods[] = {
     {"feedback_columns", py_feedback_columns, METH_VARARGS,
      "feedback_columns(body, max_items, max_id_length) -> (ids, edits, deltas) | None: a /v1/feedback\n"
      "body of the usual form ({\"items\": [...]}, 1 ... max_items items of exactly decision_id (printable\n"
-     "ASCII, no escapes, at most max_id_length), edit (an unsigned integer of at most 18 digits) and a\n"
-     "finite delta_nll) as a list of str and the bytes of int64 and float64 columns; None for any other\n"
-     "body (valid or not), which the caller's model decides."},
+     "ASCII or DEL, no escapes, at most max_id_length), edit (an unsigned integer of at most 18 digits) and\n"
+     "a finite delta_nll of at most 64 characters) as a list of str and the bytes of int64 and float64\n"
+     "columns in native byte order; None for any other body (valid or not), which the caller's model decides."},
     {"set_vector", py_set_vector, METH_O,
      "set_vector(on) -> bool: use the F16C path when the CPU has it (the default); False forces the\n"
      "portable path. Returns whether the vector path is in use."},

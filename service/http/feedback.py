@@ -5,9 +5,8 @@ slow), then parsed and validated strictly (400 unparseable, 422 a wrong field, n
 matched in the policy's thread, off the event loop (README, "Policy health"). At most
 `MAX_PENDING` batches wait for it; beyond, 429 with Retry-After. A valid batch always answers 200
 with one result per item, encoded by the policy. Served beside FastAPI, like the scoring
-endpoints: its middleware, routing and response machinery cost ~0.4 ms a batch, which at
-10,000 items/s is CPU taken from the focus requests' model (`benchmarks.feedback`); the
-operation is documented in `openapi.OPERATIONS`.
+endpoints: at 10,000 items/s its middleware and routing are CPU taken from the focus requests'
+model (README, "Policy health"); the operation is documented by `openapi.feedback_operation`.
 """
 
 from __future__ import annotations
