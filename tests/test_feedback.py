@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 
+import httpx
 import numpy as np
 import pytest
 from scipy import stats
 
 from examples.policy_health import collect_edits, gauges, send_feedback
 from lensnet_client import FocusClient, frame
-from service.http.feedback import MAX_PENDING
+from service.http.feedback import MAX_PENDING, FeedbackEndpoint
+from service.metrics import Metrics
+from service.policy import PolicyHealth
+from service.settings import Settings
 
 from .live import LiveService, snapshot
 
@@ -187,3 +192,23 @@ def test_feedback_beyond_the_pending_bound_gets_429(live: LiveService) -> None:
         time.sleep(0.2)
     code, problem = post(live, {"items": [{"decision_id": "a-1", "edit": 0, "delta_nll": 0.1}]})
     assert code == 200 and problem["results"] == ["unknown_decision"]
+
+
+def test_a_failure_inside_the_route_answers_500_and_the_next_batch_is_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the policy's work (not bad input) is a 500 problem, logged, and the route keeps serving."""
+    policy = PolicyHealth(Settings(), Metrics(0.003, 2))
+    endpoint = FeedbackEndpoint(policy, Settings())
+    body = {"items": [{"decision_id": "a-1", "edit": 0, "delta_nll": 0.1}]}
+    real = policy.feedback
+    monkeypatch.setattr(policy, "feedback", lambda batch: 1 / 0)
+
+    async def post() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=endpoint), base_url="http://x") as http:
+            return await http.post("/v1/feedback", json=body)
+
+    failed = asyncio.run(post())
+    assert failed.status_code == 500 and failed.headers["content-type"] == "application/problem+json"
+    assert failed.json()["type"].endswith(":internal-error") and endpoint.pending == 0
+    monkeypatch.setattr(policy, "feedback", real)
+    served = asyncio.run(post())
+    assert served.status_code == 200 and served.json()["results"] == ["unknown_decision"]

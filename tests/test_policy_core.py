@@ -260,6 +260,11 @@ BODIES = [
     *(f'{{"items": [{{"decision_id": "{raw}", "edit": 0, "delta_nll": 1}}]}}'
       for raw in ('a\\"b', "a\x7fb", "a\tb", "")),
     '{"items": [{"decision_id": "a", "edit": 0, "edit": 1, "delta_nll": 1}]}',
+    # a repeated field in place of a missing one: three fields, but not the three the model needs
+    '{"items": [{"decision_id": "a", "decision_id": "b", "edit": 0}]}',
+    '{"items": [{"decision_id": "a", "edit": 0, "edit": 1}]}',
+    '{"items": [{"delta_nll": 1, "edit": 0, "delta_nll": 2}]}',
+    '{"items": [{"decision_id": "été", "edit": 0, "delta_nll": 1}]}',  # raw UTF-8, not an escape
     *(f'{{"items": [{{"decision_id": "a", "edit": {edit}, "delta_nll": 1}}]}}' for edit in ("01", "+1", "1e5")),
     *(f'{{"items": [{{"decision_id": "a", "edit": 0, "delta_nll": {value}}}]}}'
       for value in ("1.", ".5", "-", "1e", "0x10", "0." + "1" * 70)),
