@@ -9,7 +9,9 @@ what its real work does first:
 - `{"gate": DIR}`: once DIR/armed exists (a test arms it after start-up, so warm-up passes, or
   before, to hold the warm-up), write DIR/entered-<k> (k = 1, 2, … per call), then wait until
   DIR/open exists (at most 60 s, then go on), so a test knows a request is inside the stage and
-  decides when it leaves.
+  decides when it leaves;
+- `{"fail": DIR}`: while DIR/armed exists, raise `RuntimeError` (a bug in the stage, not bad
+  input), so a test sees what the service answers and keeps after one.
 
 `Gate` is the test's side of a gate: arm it, see requests enter, open or close it again.
 
@@ -79,6 +81,14 @@ def _pause(spec: Any) -> Callable[[], None]:
     """The action a hook spec stands for (see the module docstring)."""
     if isinstance(spec, int | float):
         return functools.partial(time.sleep, float(spec))
+    if "fail" in spec:
+        armed = Path(spec["fail"]) / "armed"
+
+        def fail() -> None:
+            if armed.exists():
+                raise RuntimeError("hooked_service: a planted failure")
+
+        return fail
     gate = Path(spec["gate"])
     counter, lock = itertools.count(1), threading.Lock()
 

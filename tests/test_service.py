@@ -383,6 +383,28 @@ def test_a_client_gone_mid_upload_is_not_an_error(live: LiveService) -> None:
     assert good.status_code == 200
 
 
+def test_a_bug_while_scoring_is_a_500_problem_and_the_service_keeps_serving(tmp_path: Path) -> None:
+    """A failure that is no one's input (here planted in the response encoder) answers an
+    internal-error problem without its text, is logged with its traceback, counted under 500, and
+    the next request is served."""
+    failing = tmp_path / "fail"
+    failing.mkdir()
+    service = LiveService(hooks={"encode": {"fail": str(failing)}}).wait_ready()
+    body = frame_body(*snapshot(64, seed=11), options={"w_max": 64})
+    try:
+        (failing / "armed").touch()
+        failed = service.http.post("/v1/focus", content=body, headers={"content-type": FRAME})
+        assert failed.status_code == 500 and failed.headers["content-type"] == "application/problem+json"
+        problem = failed.json()
+        assert problem["type"] == "urn:lensnet:problem:internal-error" and "planted" not in problem["detail"]
+        assert service.metrics()['lensnet_request_duration_seconds_count{endpoint="/v1/focus",status="500"}'] == 1
+        (failing / "armed").unlink()
+        assert service.http.post("/v1/focus", content=body, headers={"content-type": FRAME}).status_code == 200
+        assert "unhandled error on /v1/focus" in service.log() and "a planted failure" in service.log()
+    finally:
+        assert service.stop() == 0
+
+
 def test_metrics_count_exactly_what_was_served() -> None:
     """Every allocation counter moves by exactly what the answers report; with a budget no request
     can miss (60 s), none is counted over it."""

@@ -156,6 +156,36 @@ def test_a_step_past_its_deadline_is_undone(tmp_path: Path) -> None:
         assert service.stop() == 0
 
 
+def test_a_bug_inside_a_step_is_a_500_and_the_step_is_undone(tmp_path: Path) -> None:
+    """A failure after the delta was staged (here in the allocator: a bug, not bad input) answers
+    500 internal-error, leaves the session as it was, and the same step then succeeds."""
+    failing = tmp_path / "fail"
+    failing.mkdir()
+    service = LiveService(hooks={"allocate": {"fail": str(failing)}}).wait_ready()
+    embeddings, lod, positions = snapshot(64, seed=8)
+    try:
+        with FocusClient(service.url, timeout=60) as client, FocusSession(client, w_max=64) as session:
+            session.open(embeddings, lod, positions)
+            sid = session.state.session_id
+            append = tail_append(session.lod, session.positions, 16)
+            (failing / "armed").touch()
+            with pytest.raises(FocusError) as error:
+                session.step(applied=[], **append)
+            assert error.value.status == 500 and error.value.problem["type"].endswith(":internal-error")
+            assert "planted" not in error.value.problem["detail"]  # the log has it, the caller does not
+            info = service.http.get(f"/v1/sessions/{sid}").json()
+            assert (info["version"], info["n"]) == (1, 64)
+            (failing / "armed").unlink()
+            result = session.step(applied=[], **append, return_scores=True)
+            assert result.version == 2 and session.resyncs == 0
+            whole = np.concatenate([embeddings, append["append_embeddings"]])
+            stateless = client.focus(whole, session.lod, session.positions, w_max=64, return_scores=True)
+            assert np.array_equal(result.scores, stateless.scores) and result.edits == stateless.edits
+        assert "a planted failure" in service.log()
+    finally:
+        assert service.stop() == 0
+
+
 def test_session_calls_use_the_same_limits_and_json(live: LiveService) -> None:
     too_big = live.http.post("/v1/sessions", content=b"x" * ((2 << 20) + 1), headers={"content-type": FRAME})
     assert too_big.status_code == 413

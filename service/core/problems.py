@@ -72,3 +72,8 @@ def unavailable(slug: str, title: str, detail: str, retry_after_s: int, status: 
     return Problem(
         status, slug, title, detail, headers={"Retry-After": str(retry_after_s)}, retry_after_s=retry_after_s
     )
+
+
+def internal_error() -> Problem:
+    """A bug, not bad input: the caller learns only that the request failed (the log has the rest)."""
+    return Problem(500, "internal-error", "Internal error", "the request failed inside the service; see its log")

@@ -168,9 +168,7 @@ class Service:
             ) from None
         except Exception as exc:  # a bug, not bad input: log it, answer 500, keep serving
             log.exception("unhandled error on %s", wire.label)
-            raise problems.Problem(
-                500, "internal-error", "Internal error", "the request failed; see the service log"
-            ) from exc
+            raise problems.internal_error() from exc
 
     async def _serve(self, request: Request, wire: Wire, spec: CallSpec) -> Response:
         clock = StageClock(request.state.arrival)
@@ -358,10 +356,7 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path)
-        problem = problems.Problem(
-            500, "internal-error", "Internal error", "the request failed inside the service; see its log"
-        )
-        return problem_response(problem, request.url.path)
+        return problem_response(problems.internal_error(), request.url.path)
 
     @app.get("/v1/model", summary="The loaded artifact: version, checksum, precision, provider, D, B, max LOD")
     async def model() -> dict[str, Any]:

@@ -90,10 +90,7 @@ class FeedbackEndpoint:
             response = problem_response(problem, PATH)
         except Exception:  # a bug, not bad input: log it, answer 500, keep serving
             log.exception("unhandled error on %s", PATH)
-            response = problem_response(
-                problems.Problem(500, "internal-error", "Internal error", "the request failed; see the service log"),
-                PATH,
-            )
+            response = problem_response(problems.internal_error(), PATH)
         await response(scope, receive, send)
 
     async def _answer(self, request: Request) -> Response:
