@@ -363,18 +363,27 @@ static int grow(Columns *columns) {
     return 0;
 }
 
-/* A key: the bytes between its quotes (no escapes), and the colon after it. */
-static int take_key(Cursor *c, const char **key, Py_ssize_t *length) {
+/* A string of printable ASCII and DEL, no escapes: the bytes between its quotes. Any other
+ * string (escapes, control bytes, non-ASCII) is not the usual form: 0. */
+static int take_string(Cursor *c, const char **start, Py_ssize_t *length) {
     if (!take(c, "\"", 1))
         return 0;
-    const char *start = c->at;
-    while (c->at < c->end && *c->at != '"' && *c->at != '\\')
+    *start = c->at;
+    while (c->at < c->end && *c->at != '"') {
+        unsigned char byte = (unsigned char)*c->at;
+        if (byte < 0x20 || byte > 0x7f || byte == '\\')
+            return 0;
         c->at++;
-    if (c->at == c->end || *c->at != '"')
+    }
+    if (c->at == c->end)
         return 0;
-    *key = start;
-    *length = c->at++ - start;
-    return take(c, ":", 1);
+    *length = c->at++ - *start;
+    return 1;
+}
+
+/* A key (a string as above) and the colon after it. */
+static int take_key(Cursor *c, const char **key, Py_ssize_t *length) {
+    return take_string(c, key, length) && take(c, ":", 1);
 }
 
 static int is_key(const char *key, Py_ssize_t length, const char *name) {
@@ -382,8 +391,8 @@ static int is_key(const char *key, Py_ssize_t length, const char *name) {
 }
 
 /* A finite JSON number as the double Python's float() gives for it (both round correctly; glibc's
- * strtod_l with the C locale skips the x87 control-word switch PyOS_string_to_double makes on
- * every call, a third of this parser's time). 1 taken, 0 not a finite number, -1 error. */
+ * strtod_l with the C locale also skips the x87 control-word switch PyOS_string_to_double makes
+ * on every call). 1 taken, 0 not a finite number, -1 error. */
 static int take_double(Cursor *c, double *value) {
     int integral;
     skip_space(c);
@@ -418,19 +427,10 @@ static int take_item(Cursor *c, Columns *columns, Py_ssize_t max_id_length, PyOb
             return 0;
         if (is_key(key, key_length, "decision_id") && !(seen & 1)) {
             seen |= 1;
-            if (!take(c, "\"", 1))
+            const char *start;
+            Py_ssize_t length;
+            if (!take_string(c, &start, &length) || length > max_id_length)
                 return 0;
-            const char *start = c->at;
-            while (c->at < c->end && *c->at != '"') { /* printable ASCII and DEL, no escapes */
-                unsigned char byte = (unsigned char)*c->at;
-                if (byte < 0x20 || byte > 0x7f || byte == '\\')
-                    return 0;
-                c->at++;
-            }
-            Py_ssize_t length = c->at - start;
-            if (c->at == c->end || length > max_id_length)
-                return 0;
-            c->at++;
             if (*last_id && PyUnicode_GET_LENGTH(*last_id) == length &&
                 memcmp(PyUnicode_DATA(*last_id), start, (size_t)length) == 0) {
                 Py_INCREF(*last_id); /* a decision's edits usually come together: one string for them */
@@ -553,9 +553,21 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+#if defined(__GLIBC__)
+static void free_module(void *unused) {
+    (void)unused;
+    if (c_locale) {
+        freelocale(c_locale);
+        c_locale = (locale_t)0;
+    }
+}
+#else
+#define free_module NULL
+#endif
+
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "service._bulk", "Bulk kernels: float16 conversion, bucket counts, feedback columns.", -1, methods,
-    NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "service._bulk", "Bulk kernels: float16 conversion, bucket counts, feedback columns.",
+    -1, methods, NULL, NULL, NULL, free_module,
 };
 
 PyMODINIT_FUNC PyInit__bulk(void) {
