@@ -13,7 +13,7 @@ import torch
 from onnx import helper
 from onnxscript import opset18 as op
 
-from model_export.artifact import GRAPH_DTYPES, Attention, GraphSpec, Precision, TensorSpec
+from model_export.artifact import CPU_PROVIDER, CUDA_PROVIDER, GRAPH_DTYPES, Attention, GraphSpec, Precision, TensorSpec
 
 from .fused_attention import TRANSLATIONS, expand_block_causal, fused_attention, quiet_exporter
 from .lensnet import LensNet
@@ -28,9 +28,9 @@ BUILT_FOR: dict[Attention, list[str]] = {
     # CPU only: on an H200 (onnxruntime-gpu 1.31.1, torch's CUDA 13 libraries) its If node faulted
     # the CUDA context (benchmarks/reports/2026-11-28-h200/faults.txt), and where it ran it was
     # 4.4x slower than causal-mha at N = 8,192 (its 65-wide heads miss the flash kernel).
-    "block-causal": ["CPUExecutionProvider"],
-    "causal-mha": ["CUDAExecutionProvider"],  # ORT's CPU MHA writes out N x N scores when causal
-    "mha": ["CPUExecutionProvider", "CUDAExecutionProvider"],
+    "block-causal": [CPU_PROVIDER],
+    "causal-mha": [CUDA_PROVIDER],  # ORT's CPU MHA writes out N x N scores when causal
+    "mha": [CPU_PROVIDER, CUDA_PROVIDER],
 }
 """The providers each construction is built for (the manifest's `GraphSpec.providers`)."""
 

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import torch
 
 from lensnet_client.layout import synthetic_layout
-from model_export.artifact import ParityBounds, ParityCase, ParityReport, Precision
+from model_export.artifact import CPU_PROVIDER, ParityBounds, ParityCase, ParityReport, Precision
 
 from .config import PARITY_SIZES
 from .lensnet import LensNet
@@ -35,7 +35,7 @@ def parity_inputs(model: LensNet, batch: int, n: int, rng: np.random.Generator) 
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), providers=[CPU_PROVIDER])
 
 
 def sign_agreement(reference: np.ndarray, candidate: np.ndarray, min_abs: float) -> tuple[float, int]:
