@@ -1,7 +1,8 @@
 """Benchmarks: each prints one JSON report on stdout (see the README for the commands).
 
-Shared by them: `percentiles`, which quotes only the percentiles its sample count supports, and
-`provenance`, what every report records about the run (commit, dirty checkout, command, machine).
+Shared by them: `percentiles`, which quotes only the percentiles its sample count supports,
+`p50_ratio_interval`, the interval of a ratio measured side by side, and `provenance`, what every
+report records about the run (commit, dirty checkout, command, machine).
 """
 
 from __future__ import annotations
@@ -37,6 +38,19 @@ def percentiles(values: Sequence[float], digits: int = 4) -> dict[str, float | i
         summary |= {f"p{q}": round(float(np.percentile(v, q)), digits) + 0.0 for q in quoted}  # + 0.0: no -0.0
         summary["max"] = round(float(v.max()), digits) + 0.0
     return summary
+
+
+def p50_ratio_interval(top: Sequence[Sequence[float]], bottom: Sequence[Sequence[float]], seed: int = 1) -> list[float]:
+    """95 % bootstrap interval of p50(top) / p50(bottom) over paired groups: `top[k]` and
+    `bottom[k]` ran side by side (interleaved or back to back), so whole pairs, not single samples,
+    are resampled: noise that slowed both members of a pair cancels in the ratio."""
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(2000):
+        chosen = rng.integers(0, len(top), len(top))
+        ratios.append(np.median(np.concatenate([top[k] for k in chosen]))
+                      / np.median(np.concatenate([bottom[k] for k in chosen])))  # fmt: skip
+    return [float(v) for v in np.percentile(ratios, [2.5, 97.5])]
 
 
 def git_commit() -> str:

@@ -42,7 +42,7 @@ from service.metrics import Metrics
 from service.policy import FeedbackBody, PolicyHealth
 from service.settings import Settings
 
-from . import provenance
+from . import p50_ratio_interval, provenance
 from .latency import free_port, server
 
 TARGET_P50_RATIO = 1.05
@@ -134,17 +134,6 @@ def body(items: list[tuple[str, int, float]]) -> bytes:
     return json.dumps({"items": [{"decision_id": d, "edit": e, "delta_nll": v} for d, e, v in items]}).encode()
 
 
-def p50_ratio_interval(on: list[list[float]], off: list[list[float]], rng: np.random.Generator) -> list[float]:
-    """95 % bootstrap interval of p50(on)/p50(off), resampling whole pairs (phases of one pair ran
-    back to back, so pairs, not requests, are the independent units)."""
-    ratios = []
-    for _ in range(2000):
-        chosen = rng.integers(0, len(on), len(on))
-        ratios.append(np.median(np.concatenate([on[k] for k in chosen]))
-                      / np.median(np.concatenate([off[k] for k in chosen])))  # fmt: skip
-    return [float(v) for v in np.percentile(ratios, [2.5, 97.5])]
-
-
 def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -220,7 +209,7 @@ def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
         "focus_client_p50_ms": p50,
         "focus_client_p90_ms": {phase: float(np.percentile(v, 90)) for phase, v in pooled.items()},
         "p50_ratio_on_off": ratio,
-        "p50_ratio_95ci_pairs": p50_ratio_interval(on, off, np.random.default_rng(1)),
+        "p50_ratio_95ci_pairs": p50_ratio_interval(on, off),
         "p50_ratio_per_pair": [float(np.median(a) / np.median(b)) for a, b in zip(on, off, strict=True)],
         "server_total_p50_ms": {phase: float(np.median(v)) for phase, v in total.items()},
         "server_overhead_beside_model_p50_ms": {phase: float(np.median(v)) for phase, v in overhead.items()},

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 import benchmarks
@@ -225,3 +226,29 @@ def test_model_latency_gpu_targets_read_the_graph_the_service_runs_on_cuda() -> 
     found = targets(rows)
     assert found["gpu_model_p50_ms_8k"] == {"target": 1.5, "measured": 1.4, "met": True}
     assert found["gpu_model_p50_ms_le_2k"] == {"target": 0.5, "measured": 0.6, "met": False}
+
+
+def test_the_ratio_interval_resamples_pairs_so_noise_both_members_shared_cancels() -> None:
+    """Each pair ran side by side: a slow pair slows both members, which the paired interval
+    must not count as doubt about the ratio (1.25 here), while a pairing broken by a mismatch does."""
+    rng = np.random.default_rng(7)
+    load = rng.uniform(1.0, 3.0, 15)  # per-pair machine noise, up to 3x
+    top, bottom = [[1.25 * f] for f in load], [[f] for f in load]
+    low, high = benchmarks.p50_ratio_interval(top, bottom)
+    assert low == pytest.approx(1.25) and high == pytest.approx(1.25)
+    shuffled = [bottom[k] for k in rng.permutation(15)]  # same samples, pairing lost
+    low, high = benchmarks.p50_ratio_interval(top, shuffled)
+    assert low < 1.25 < high and high - low > 0.3
+
+
+def test_the_cpu_model_target_is_met_over_its_interval_only_when_the_interval_clears_it() -> None:
+    from benchmarks.model_latency import targets
+
+    def rows(ratio: float, interval: list[float]) -> list[dict[str, Any]]:
+        return [{"d": 256, "n": 8192, "engine": "ort-fp32-cpu", "ms": {"p50": 1000.0}, "peak_rss_growth_mib": 150.0,
+                 "torch_over_ort_p50": ratio, "torch_over_ort_p50_95ci_rounds": interval}]  # fmt: skip
+
+    met = targets(rows(1.05, [1.01, 1.09]))["cpu_speedup_vs_torch_8k"]
+    assert met == {"target": 1.0, "measured": 1.05, "met": True, "interval_95": [1.01, 1.09], "met_over_interval": True}
+    noisy = targets(rows(1.05, [0.97, 1.12]))["cpu_speedup_vs_torch_8k"]
+    assert (noisy["met"], noisy["met_over_interval"]) == (True, False)
