@@ -99,9 +99,19 @@ class FocusFields(BaseModel):
 
 
 class StepOptions(FocusOptions):
-    """A session step's option overrides; omitted ones keep the session's (its creation options)."""
+    """A session step's option overrides: omitted ones keep the session's (its creation options);
+    `null` takes the allocator default instead, whatever the session's (a client that re-created
+    its session with one step's overrides puts its defaults back this way)."""
 
-    w_max: int | None = Field(None, description="WC budget in entries (the session's when omitted)")
+    w_max: int | None = Field(None, ge=1, description="WC budget in entries (the session's when omitted)")
+
+    def over(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """The options of this step: `defaults` (the session's) with these set over them."""
+        given = self.model_dump(include=self.model_fields_set)
+        if "w_max" in given and given["w_max"] is None:
+            raise problems.invalid("options.w_max", "an integer >= 1 (the session's when omitted)", "null")
+        chosen = {**defaults, **given}
+        return {name: value for name, value in chosen.items() if value is not None}
 
 
 class StepFields(BaseModel):
@@ -342,10 +352,6 @@ class Pipeline:
         if self.metrics:
             self.metrics.session_resyncs.labels(reason=reason).inc()
 
-    def _observe_store(self) -> None:
-        if self.metrics:
-            self.metrics.observe_sessions(len(self.store), self.store.bytes)
-
     def _memory_problem(self, nbytes: int) -> problems.Problem:
         limit = f"{self.store.memory_bytes} bytes of session state (--session-memory-bytes)"
         return problems.too_large("session", limit, f"{nbytes} bytes")
@@ -438,7 +444,6 @@ class Pipeline:
         self.store.add(session)
         if self.metrics:
             self.metrics.session_creates.inc()
-        self._observe_store()
         stage.done("apply")  # keeping the session
         return reply
 
@@ -451,11 +456,11 @@ class Pipeline:
         session = self._session(call.session or "")
         if not session.lock.acquire(blocking=False):
             self._resync("version")
-            raise _conflict(session, "another step of this session is in progress")
+            raise _conflict(session, fields.version, "another step of this session is in progress")
         try:
             if fields.version != session.version:
                 self._resync("version")
-                raise _conflict(session, f"version {fields.version} is not the session's current one")
+                raise _conflict(session, fields.version, f"version {fields.version} is not the session's current one")
             delta = self._delta(request, fields)
             try:
                 planned = sessions.plan(session, delta, self.config.embed_dim)
@@ -468,7 +473,7 @@ class Pipeline:
                 raise problems.too_large("resulting WC", f"{self.max_entries} entries", f"{n} entries")
             version = session.version + 1
             inputs = self._allocator_inputs(
-                {**session.options, **fields.options.model_dump(exclude_none=True)},
+                fields.options.over(session.options),
                 lambda window: sessions.ages(planned.history, version, window),
             )
             growth = session.rows.growth(planned.length)
@@ -492,7 +497,6 @@ class Pipeline:
         self.store.update(session)
         if self.metrics:
             self.metrics.session_steps.inc()
-        self._observe_store()
         stage.done("apply")  # committing the step
         return reply
 
@@ -506,7 +510,7 @@ class Pipeline:
 
     def session_info(self, session_id: str) -> dict[str, Any]:
         """GET /v1/sessions/{id}: what the session holds (a look, not a resync: a 404 is not counted)."""
-        session = self.store.get(session_id)
+        session = self.store.peek(session_id)
         if session is None:
             raise _not_found(session_id)
         now = time.monotonic()
@@ -525,7 +529,6 @@ class Pipeline:
         """DELETE /v1/sessions/{id}."""
         if not self.store.remove(session_id):
             raise _not_found(session_id)
-        self._observe_store()
 
     def decide(
         self,
@@ -619,11 +622,11 @@ def _not_found(session_id: str) -> problems.Problem:
     )  # fmt: skip
 
 
-def _conflict(session: sessions.Session, why: str) -> problems.Problem:
+def _conflict(session: sessions.Session, sent: int, why: str) -> problems.Problem:
     return problems.Problem(
         409, "session-version-conflict", "Session version conflict",
         f"{why}: the session is at version {session.version}; create it again from the full snapshot",
-        field="version", expected=str(session.version), current_version=session.version,
+        field="version", expected=str(session.version), got=str(sent), current_version=session.version,
     )  # fmt: skip
 
 

@@ -136,7 +136,7 @@ class Settings(BaseSettings):
     session_memory_bytes: int = Field(
         2 << 30,
         ge=1 << 20,
-        description="bytes of session state (embeddings in the graph's dtype) held per process",
+        description="bytes of session state (embeddings in the graph's dtype, metadata, history) held per process",
         json_schema_extra=_shown_as("BYTES"),
     )
     session_ttl_s: float = Field(

@@ -3,6 +3,8 @@ server-side history, and the store's bounds (count, memory, idle TTL)."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -13,6 +15,9 @@ from lensnet_client.layout import apply_step
 from service.core import codec, problems
 from service.core.allocator import AllocatorOptions, HistoryItem, allocate, check_layout
 from service.core.sessions import (
+    EDIT_BYTES,
+    HISTORY_ENTRY_BYTES,
+    MAX_COOLDOWN_STEPS,
     Delta,
     DeltaError,
     Rows,
@@ -202,8 +207,10 @@ class Clock:
 
 def test_store_evicts_least_recently_used_beyond_count_memory_and_ttl() -> None:
     evicted: list[str] = []
+    changes: list[tuple[int, int]] = []
     clock = Clock()
-    store = SessionStore(3, 10_000, 60.0, on_evict=evicted.append, clock=clock)
+    store = SessionStore(3, 10_000, 60.0, on_evict=evicted.append, clock=clock,
+                         on_change=lambda count, nbytes: changes.append((count, nbytes)))  # fmt: skip
     sessions = [session_with(20, seed=i) for i in range(5)]
     for i, session in enumerate(sessions[:3]):
         session.id = f"s{i}"
@@ -214,14 +221,20 @@ def test_store_evicts_least_recently_used_beyond_count_memory_and_ttl() -> None:
     assert evicted == ["count"] and store.get("s1") is None and len(store) == 3
     per = sessions[0].nbytes
     assert store.bytes == 3 * per
+    assert changes[-1] == (3, 3 * per)
     store.memory_bytes = 3 * per - 1
-    assert store.fits(sessions[0], 0)  # makes room: the least recently used other one goes
+    assert store.fits(sessions[0], 0) and len(store) == 3  # it could fit, but a check evicts nothing…
+    store.update(sessions[0])  # …the call that succeeded does: the least recently used other one goes
     assert evicted == ["count", "memory"] and store.get("s2") is None and store.bytes == 2 * per
-    assert not store.fits(None, store.memory_bytes + 1)  # could never fit: nothing evicted for it
+    assert changes[-1] == (2, 2 * per)
+    assert not store.fits(None, store.memory_bytes + 1)  # could never fit
     assert len(store) == 2
+    clock.now = 30.0
+    assert store.peek("s3") is sessions[3]  # a look, not a use: s3 still expires at 60
     clock.now = 61.0
-    assert store.get("s0") is None and evicted == ["count", "memory", "ttl", "ttl"]
-    assert store.bytes == 0 and len(store) == 0
+    store.sweep()  # no call needed to expire them
+    assert evicted == ["count", "memory", "ttl", "ttl"] and store.get("s0") is None
+    assert store.bytes == 0 and len(store) == 0 and changes[-1] == (0, 0)
     assert not store.remove("s3")
 
 
@@ -272,3 +285,31 @@ def test_a_delta_needs_all_three_append_arrays() -> None:
     with pytest.raises(problems.Problem) as error:
         reader.feed(body, more=False)
     assert error.value.status == 422 and error.value.extensions["field"] == "append_lod"
+
+
+def test_a_sessions_bytes_count_its_history_and_edits_at_what_they_cost() -> None:
+    """The memory bound covers what a caller chooses besides rows: up to 1,024 history entries
+    (about 150 kB a session, measured here) and the last answer's edits."""
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    items = [HistoryItem("expand", 1, 10**12 + 32 * k, 2 + k % 900) for k in range(1024)]  # as a request gives them
+    history = stamped(items)
+    del items
+    held_history = tracemalloc.get_traced_memory()[0] - before
+    edits = tuple(Edit("expand", 10**6 + k, 1, 4, 1, 0, 4 * k + 10**9, 4, k / 1e3, "threshold") for k in range(64))
+    held_edits = tracemalloc.get_traced_memory()[0] - before - held_history
+    tracemalloc.stop()
+    assert held_history <= len(history) * HISTORY_ENTRY_BYTES and held_edits <= len(edits) * EDIT_BYTES
+    bare = session_with(32)
+    full = session_with(32)
+    full.history, full.edits = history, edits
+    assert full.nbytes - bare.nbytes == 1024 * HISTORY_ENTRY_BYTES + 64 * EDIT_BYTES
+
+
+def test_a_creations_history_keeps_only_what_a_cooldown_can_reach() -> None:
+    items = [HistoryItem("collapse", 1, 4 * k, age) for k, age in enumerate((1, MAX_COOLDOWN_STEPS - 1,
+                                                                            MAX_COOLDOWN_STEPS, 10**6))]  # fmt: skip
+    kept = stamped(items)
+    assert [2 - entry.version for entry in kept] == [1, MAX_COOLDOWN_STEPS - 1]  # ages as of version 1
+    assert ages(kept, 2, MAX_COOLDOWN_STEPS) == [HistoryItem("collapse", 1, 0, 2),
+                                                 HistoryItem("collapse", 1, 4, MAX_COOLDOWN_STEPS)]  # fmt: skip

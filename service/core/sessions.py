@@ -30,6 +30,9 @@ from lensnet_client.layout import Edit, Layout, apply_step
 from .allocator import MAX_COOLDOWN_STEPS, HistoryItem, check_layout
 
 MAX_HISTORY = 1024  # entries kept for cooldown, newest first (as the client's History)
+HISTORY_ENTRY_BYTES, EDIT_BYTES = 192, 256
+"""What one kept history entry (a `Stamped`) and one kept edit cost in memory, counted against the
+bound (measured at ~156 and ~227 B on CPython 3.11; tests/test_sessions_core.py checks them)."""
 EvictionReason = Literal["count", "memory", "ttl"]
 
 
@@ -211,7 +214,10 @@ class Session:
 
     @property
     def nbytes(self) -> int:
-        return self.rows.nbytes + self.layout.lod.nbytes + self.layout.positions.nbytes
+        """Bytes held: rows, metadata, and the history and last edits (small each, but a caller
+        chooses up to 1,024 history entries per session)."""
+        held = self.rows.nbytes + self.layout.lod.nbytes + self.layout.positions.nbytes
+        return held + len(self.history) * HISTORY_ENTRY_BYTES + len(self.edits) * EDIT_BYTES
 
 
 @dataclass(slots=True)
@@ -268,6 +274,8 @@ def plan(session: Session, delta: Delta, embed_dim: int) -> Plan:
         if not finite.all():
             row = int(np.argmin(finite))
             raise DeltaError(f"{name}[{row}]", "finite values", "NaN or inf", row)
+    if delta.trim_head == kept and not delta.append_lod.size:
+        raise DeltaError("trim_head", f"< {kept} when nothing is appended (a WC keeps an entry)", str(kept))
     lod, positions = splice_layout(old, applied, delta.trim_head, delta.append_lod, delta.append_positions)
     layout = check_layout(lod, positions, old.block_size, old.max_lod)
     splices, at = [], 0
@@ -322,8 +330,10 @@ class Stamped(NamedTuple):
 
 
 def stamped(history: Sequence[HistoryItem]) -> tuple[Stamped, ...]:
-    """A creation's history (ages as of version 1), newest first."""
-    ordered = sorted(history, key=lambda item: item.age)[:MAX_HISTORY]
+    """A creation's history (ages as of version 1), newest first; entries older than any cooldown
+    window can look back are not kept."""
+    recent = [item for item in history if item.age < MAX_COOLDOWN_STEPS]
+    ordered = sorted(recent, key=lambda item: item.age)[:MAX_HISTORY]
     return tuple(Stamped(item.action, item.lod, item.position, 2 - item.age) for item in ordered)
 
 
@@ -352,16 +362,19 @@ def ages(history: tuple[Stamped, ...], version: int, window: int) -> list[Histor
 
 class SessionStore:
     """The sessions of one process, least recently used first. Bounds: `max_sessions`,
-    `memory_bytes` (rows + metadata held), `ttl_s` idle; beyond one, the least recently used go
-    (`on_evict(reason)` is told). Thread-safe."""
+    `memory_bytes` (`Session.nbytes` held), `ttl_s` idle; beyond one, the least recently used go
+    (`on_evict(reason)` is told). Others are evicted only for a call that succeeded (`add`,
+    `update`): a refused one changes no other caller's session. `on_change(sessions, bytes)` hears
+    every change, expiries included. Thread-safe."""
 
     def __init__(
         self, max_sessions: int, memory_bytes: int, ttl_s: float,
         on_evict: Callable[[EvictionReason], None] = lambda reason: None,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[int, int], None] = lambda sessions, nbytes: None,
     ) -> None:  # fmt: skip
         self.max_sessions, self.memory_bytes, self.ttl_s = max_sessions, memory_bytes, ttl_s
-        self.on_evict, self.clock = on_evict, clock
+        self.on_evict, self.clock, self.on_change = on_evict, clock, on_change
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.held: dict[str, int] = {}  # bytes accounted per session
         self.bytes = 0
@@ -380,15 +393,22 @@ class SessionStore:
                 self.sessions.move_to_end(session_id)
             return session
 
-    def fits(self, session: Session | None, extra: int) -> bool:
-        """Whether `extra` more bytes for `session` (None: a new one) fit the memory bound, evicting
-        other sessions (least recently used first) to make room; False if they never could."""
+    def peek(self, session_id: str) -> Session | None:
+        """`get` without counting as use: a look (a monitor's GET) keeps no session alive."""
         with self.lock:
-            own = self.held.get(session.id, 0) if session else 0
-            if own + extra > self.memory_bytes:
-                return False
-            self._evict_to(self.memory_bytes - extra, keep=session.id if session else None)
-            return True
+            self._expire()
+            return self.sessions.get(session_id)
+
+    def fits(self, session: Session | None, extra: int) -> bool:
+        """Whether `extra` more bytes for `session` (None: a new one) could fit the memory bound,
+        once others are evicted; nothing is evicted here (`add`/`update` do, after the call succeeded)."""
+        own = self.held.get(session.id, 0) if session else 0
+        return own + extra <= self.memory_bytes
+
+    def sweep(self) -> None:
+        """Drop the sessions idle past the TTL now (calls do it too; this frees them without calls)."""
+        with self.lock:
+            self._expire()
 
     def add(self, session: Session) -> None:
         with self.lock:
@@ -398,6 +418,7 @@ class SessionStore:
             self._evict_to(self.memory_bytes, keep=session.id)
             while len(self.sessions) > self.max_sessions:
                 self._drop(next(iter(self.sessions)), "count")
+            self.on_change(len(self.sessions), self.bytes)
 
     def update(self, session: Session) -> None:
         """A committed step changed the session's size."""
@@ -405,6 +426,7 @@ class SessionStore:
             if session.id in self.sessions:
                 self._account(session)
                 self._evict_to(self.memory_bytes, keep=session.id)
+                self.on_change(len(self.sessions), self.bytes)
 
     def remove(self, session_id: str) -> bool:
         with self.lock:
@@ -435,3 +457,4 @@ class SessionStore:
         self.bytes -= self.held.pop(session_id)
         if reason:
             self.on_evict(reason)
+        self.on_change(len(self.sessions), self.bytes)

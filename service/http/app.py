@@ -55,6 +55,7 @@ REFUSALS = {
 }
 TIMEOUT_EXPECTED = "a finite number of milliseconds > 0"
 ABANDON_WAIT_S = 2.0  # after the grace period: how long the 503s to cancelled requests may take to leave
+SWEEP_MIN_S, SWEEP_MAX_S = 1.0, 60.0  # how often idle sessions are expired between calls: a quarter TTL within these
 
 
 class Service:
@@ -69,7 +70,7 @@ class Service:
         evicted = self.metrics.session_evictions
         self.sessions = SessionStore(
             settings.max_sessions, settings.session_memory_bytes, settings.session_ttl_s,
-            on_evict=lambda reason: evicted.labels(reason=reason).inc(),
+            on_evict=lambda reason: evicted.labels(reason=reason).inc(), on_change=self.metrics.observe_sessions,
         )  # fmt: skip
         self.pipeline: Pipeline | None = None
         self.load_error: str | None = None
@@ -325,7 +326,9 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.get_running_loop().run_in_executor(None, service.load)
+        sweeping = asyncio.create_task(_sweep(service.sessions))
         yield
+        sweeping.cancel()
         await loading
         service.executor.shutdown(wait=False, cancel_futures=True)
         if service.pipeline is not None and service.pipeline.shadow is not None:
@@ -419,6 +422,14 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FocusApp
     feedback = FeedbackEndpoint(service.policy, settings)
     openapi.install(app, config.embed_dim, config.max_lod, feedback.body.model)  # the routes FocusApp serves
     return FocusApp(app, service, feedback)
+
+
+async def _sweep(store: SessionStore) -> None:
+    """Expire idle sessions without waiting for a session call (which also expires them), so their
+    memory and the gauges follow the TTL on a quiet process too."""
+    while True:
+        await asyncio.sleep(min(SWEEP_MAX_S, max(SWEEP_MIN_S, store.ttl_s / 4)))
+        store.sweep()
 
 
 def _run(wire: Wire, pipeline: Pipeline, call: Call) -> Reply:
