@@ -26,7 +26,7 @@ from lensnet_client import (
 )
 
 from .hooked_service import Gate
-from .live import LiveService, snapshot
+from .live import LiveService, snapshot, wait_for_metric
 
 FRAME = frame.MEDIA_TYPE
 D, B = 256, 32
@@ -100,7 +100,7 @@ def test_failed_steps_leave_the_session_exactly_as_it_was(live: LiveService) -> 
             ({"version": 1, "applied": []}, broken, 422, f"positions[{first.length_before}]"),
             ({"version": 1, "applied": []}, bad_rows, 422, "append_embeddings[0]"),
             ({"version": 1, "applied": [99]}, {}, 422, "applied[0]"),
-            ({"version": 1, "applied": [], "trim_head": 300}, {}, 422, "lod"),  # nothing left
+            ({"version": 1, "applied": [], "trim_head": 300}, {}, 422, "trim_head"),  # nothing left
             ({"version": 1, "applied": [], "bogus": 1}, {}, 422, "bogus"),
             ({"version": 1, "applied": [], "options": {"max_edits": 0}}, {}, 422, "options.max_edits"),
             ({"version": 2, "applied": []}, {}, 409, "version"),
@@ -234,12 +234,62 @@ def test_client_recovers_from_404_and_409_with_a_full_upload(live: LiveService) 
                                      return_scores=True)  # fmt: skip
             assert new.edits == stateless.edits and np.array_equal(new.scores, stateless.scores)
             assert new.version == 1 and new.session_id != sid  # a fresh session
+            assert live.http.get(f"/v1/sessions/{sid}").status_code == 404  # a 409's old one deleted
             result = new
         assert s.resyncs == 2
     after = live.metrics()
     for reason in ("not_found", "version"):
         key = f'lensnet_session_resyncs_total{{reason="{reason}"}}'
         assert after[key] - before.get(key, 0) == 1
+
+
+def test_a_resync_on_a_step_with_overrides_keeps_them_to_that_step(live: LiveService) -> None:
+    """The step that re-creates the session has one-step overrides: its answer follows them, and
+    the later steps answer with the caller's options again (as a session never lost would)."""
+    embeddings, lod, positions = snapshot(256, seed=12)
+    wc = {"embeddings": embeddings}
+    history = History()
+    with FocusClient(live.url) as client, FocusSession(client, w_max=250, snapshot=lambda: wc["embeddings"]) as s:
+        result = s.open(embeddings, lod, positions)
+        for k, overrides in enumerate(({"max_edits": 1, "tau_expand": 0.01}, {}, {})):
+            if k == 0:
+                live.http.delete(f"/v1/sessions/{s.state.session_id}")  # lost: this step re-creates it
+            created, append, applied = created_for(result, k), tail_append(s.lod, s.positions, 8, k), list(result.edits)
+            wc["embeddings"] = np.concatenate(
+                [edit_rows(wc["embeddings"], applied, created), append["append_embeddings"]]
+            )
+            history.record(applied)
+            new = s.step(created=created, **append, return_scores=True, **overrides)
+            stateless = client.focus(wc["embeddings"], s.lod, s.positions, w_max=250, history=history,
+                                     return_scores=True, **overrides)  # fmt: skip
+            assert new.edits == stateless.edits and np.array_equal(new.scores, stateless.scores), k
+            assert len(new.edits) <= (1 if k == 0 else 8)
+            result = new
+        assert s.resyncs == 1 and len(result.edits) > 1  # the override's max_edits did not stay
+
+
+def test_a_null_step_option_takes_the_allocator_default(live: LiveService) -> None:
+    embeddings, lod, positions = snapshot(300, seed=13)
+    arrays = {"embeddings": embeddings, "lod": lod, "positions": positions}
+
+    def answer(path: str, fields: dict[str, Any], sent: dict[str, Any]) -> httpx.Response:
+        headers = {"content-type": FRAME, "accept": "application/json"}
+        return live.http.post(path, content=frame.pack(fields, sent), headers=headers)
+
+    created = answer("/v1/sessions", {"options": {"w_max": 280, "max_edits": 1}}, arrays)
+    sid = created.json()["session_id"]
+    assert created.status_code == 201 and len(created.json()["edits"]) == 1
+    step = f"/v1/sessions/{sid}/focus"
+    kept = answer(step, {"version": 1, "applied": []}, {})
+    assert kept.status_code == 200 and len(kept.json()["edits"]) == 1  # omitted: the session's
+    reset = answer(step, {"version": 2, "applied": [], "options": {"max_edits": None}}, {})
+    stateless = answer("/v1/focus", {"options": {"w_max": 280}}, arrays)
+    assert reset.status_code == 200 and reset.json()["edits"] == stateless.json()["edits"]
+    assert len(reset.json()["edits"]) > 1
+    no_budget = post_step(live, sid, {"version": 3, "applied": [], "options": {"w_max": None}}, {})
+    assert no_budget.status_code == 422 and no_budget.json()["field"] == "options.w_max"
+    stale = post_step(live, sid, {"version": 1, "applied": []}, {})
+    assert stale.status_code == 409 and (stale.json()["got"], stale.json()["expected"]) == ("1", "3")
 
 
 def test_client_without_a_snapshot_surfaces_the_404(live: LiveService) -> None:
@@ -255,13 +305,17 @@ def test_client_without_a_snapshot_surfaces_the_404(live: LiveService) -> None:
 def test_async_session_steps_and_recovers(live: LiveService) -> None:
     embeddings, lod, positions = snapshot(128, seed=9)
 
-    async def run() -> tuple[int, int]:
+    async def run() -> tuple[int, int, int]:
         async with AsyncFocusClient(live.url) as client, AsyncFocusSession(client, w_max=120) as session:
             result = await session.open(embeddings, lod, positions)
             result = await session.step(created=created_for(result), applied=None)
-            return result.version or 0, session.resyncs
+            sid = session.state.session_id
+            assert post_step(live, sid, {"version": 2, "applied": []}, {}).status_code == 200  # now stale here
+            again = await session.step(applied=[], embeddings=np.zeros((session.lod.size, D), np.float16))
+            assert again.version == 1 and again.session_id != sid  # re-created after the 409…
+            return result.version or 0, session.resyncs, live.http.get(f"/v1/sessions/{sid}").status_code
 
-    assert asyncio.run(run()) == (2, 0)
+    assert asyncio.run(run()) == (2, 1, 404)  # …and the old one deleted
 
 
 def test_steps_and_sessions_are_counted(live: LiveService) -> None:
@@ -303,9 +357,20 @@ def test_bounds_evict_least_recently_used_and_refuse_what_never_fits() -> None:
             with pytest.raises(FocusError) as error:
                 FocusSession(client, w_max=1100).open(*snapshot(1100, seed=9))
             assert error.value.status == 413 and error.value.field == "session"
-            time.sleep(2.2)
-            assert service.http.get(f"/v1/sessions/{big.state.session_id}").status_code == 404
-            assert service.metrics()['lensnet_session_evictions_total{reason="ttl"}'] == 1
+            broken = snapshot(600, seed=9)  # would fit only once `big` went, and is refused: `big` stays
+            broken[0][5, 0] = np.nan
+            with pytest.raises(FocusError) as error:
+                FocusSession(client, w_max=600).open(*broken)
+            assert error.value.status == 422
+            samples = service.metrics()
+            assert samples['lensnet_session_evictions_total{reason="memory"}'] == 3
+            assert samples["lensnet_sessions_active"] == 1
+            time.sleep(1.0)
+            assert service.http.get(f"/v1/sessions/{big.state.session_id}").status_code == 200  # a look, not a use
+            # No session call from here: the idle session expires, and the gauges follow.
+            wait_for_metric(service, 'lensnet_session_evictions_total{reason="ttl"}', 1, timeout=10)
+            samples = service.metrics()
+            assert samples["lensnet_sessions_active"] == 0 and samples["lensnet_session_bytes"] == 0
     finally:
         assert service.stop() == 0
 

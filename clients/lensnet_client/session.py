@@ -11,15 +11,20 @@ applied edits in its `History`. When the service answers 404 (the session was ev
 or lives in another process) or 409 (versions disagree, e.g. an answer was lost), the step is
 answered anyway by re-creating the session from the caller's full embeddings (`snapshot()` or
 the step's `embeddings=`) with that history: one full upload, never a wrong answer. Every step
-sends all options, so a re-created session answers exactly as the old one would have.
+sends all options, so a re-created session answers exactly as the old one would have; one
+re-created with a step's overrides (its answer must follow them) gets `null` for them on later
+steps (the service's default, as the old session had). A 409 re-creation first deletes the old
+session (it still holds a WC on that process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import httpx
 import numpy as np
 
 from .client import AsyncFocusClient, FocusClient, FocusError, FocusResult, History, _float_array, _index_array
@@ -33,11 +38,13 @@ Snapshot = Callable[[], np.ndarray]
 
 
 class _Pending(NamedTuple):
-    """A step's resulting WC metadata and history, adopted once the service answered."""
+    """A step's resulting WC metadata and history, adopted once the service answered; for a
+    creation, its options (the service session's defaults from then on)."""
 
     lod: np.ndarray
     positions: np.ndarray
     history: History
+    defaults: dict[str, Any] | None = None
 
 
 class _SessionState:
@@ -48,7 +55,8 @@ class _SessionState:
     ) -> None:
         self.protocol, self.snapshot = protocol, snapshot
         self.options = {"w_max": w_max, **{k: v for k, v in options.items() if v is not None}}
-        self.history = History(horizon)
+        self.defaults = dict(self.options)  # what the service's session holds as its options
+        self.history = History(max(horizon, self.options.get("cooldown_steps", 0)))
         self.routing_key = secrets.token_urlsafe(12)
         self.session_id: str | None = None
         self.version = 0
@@ -62,13 +70,20 @@ class _SessionState:
     def create(
         self, embeddings: np.ndarray, pending: _Pending, overrides: Mapping[str, Any], return_scores: bool,
         deadline_ms: float | None,
-    ) -> tuple[bytes, dict[str, str]]:  # fmt: skip
-        options = {**self.options, **{k: v for k, v in overrides.items() if v is not None}}
+    ) -> tuple[bytes, dict[str, str], _Pending]:  # fmt: skip
+        options = self.chosen(overrides)
         w_max = options.pop("w_max")
         content, headers = self.protocol.focus_request(
             (embeddings, pending.lod, pending.positions), w_max, options, pending.history, return_scores, deadline_ms
         )
-        return content, self.headers(headers)
+        return content, self.headers(headers), pending._replace(defaults={"w_max": w_max, **options})
+
+    def chosen(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """This call's options: the session's, `overrides` over them (a larger `cooldown_steps`
+        also lengthens the history kept, so a re-creation carries all it needs)."""
+        options = {**self.options, **{k: v for k, v in overrides.items() if v is not None}}
+        self.history.horizon = max(self.history.horizon, options.get("cooldown_steps", 0))
+        return options
 
     def opening(self, lod: np.ndarray, positions: np.ndarray, history: History | None) -> _Pending:
         return _Pending(np.asarray(lod, dtype=np.int64), np.asarray(positions, dtype=np.int64),
@@ -87,6 +102,8 @@ class _SessionState:
             self.lod, self.positions, self.edits, applied, trim_head, _index_array(append_lod, "append_lod"),
             _index_array(append_positions, "append_positions"), block,
         )  # fmt: skip
+        options = self.chosen(overrides)  # first: it may lengthen the history kept
+        options |= {k: None for k in self.defaults if k not in options}  # null: the service's default
         chosen = range(len(self.edits)) if applied is None else applied
         history = self.history.copy()
         history.record([self.edits[i] for i in sorted(chosen)])
@@ -99,7 +116,6 @@ class _SessionState:
                 "append_lod": _index_array(append_lod, "append_lod"),
                 "append_positions": _index_array(append_positions, "append_positions"),
             }
-        options = {**self.options, **{k: v for k, v in overrides.items() if v is not None}}
         fields: dict[str, Any] = {"version": self.version, "trim_head": trim_head, "options": options,
                                   "return_scores": return_scores}  # fmt: skip
         if applied is not None:
@@ -119,6 +135,8 @@ class _SessionState:
 
     def adopt(self, result: FocusResult, pending: _Pending) -> FocusResult:
         self.session_id, self.version = result.session_id, result.version or 0
+        if pending.defaults is not None:
+            self.defaults = pending.defaults
         self.lod, self.positions, self.history, self.edits = (
             pending.lod,
             pending.positions,
@@ -146,8 +164,12 @@ class FocusSession:
     def __enter__(self) -> FocusSession:
         return self
 
-    def __exit__(self, *_: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            self.close()
+        else:  # the caller's error is the one to see, not a failed clean-up
+            with contextlib.suppress(httpx.HTTPError):
+                self.close()
 
     @property
     def lod(self) -> np.ndarray:
@@ -168,9 +190,11 @@ class FocusSession:
         return_scores: bool = False, deadline_ms: float | None = None,
     ) -> FocusResult:  # fmt: skip
         """Create the session from a full WC (the answer is /v1/focus's for it)."""
-        pending = self.state.opening(lod, positions, history)
-        request = self.state.create(embeddings, pending, {}, return_scores, deadline_ms)
-        return self.state.adopt(self.client.protocol.focus_result(self.client._post("/v1/sessions", *request)), pending)
+        content, headers, pending = self.state.create(
+            embeddings, self.state.opening(lod, positions, history), {}, return_scores, deadline_ms
+        )
+        return self.state.adopt(self.client.protocol.focus_result(self.client._post("/v1/sessions", content, headers)),
+                                pending)  # fmt: skip
 
     def step(
         self, *, created: np.ndarray | None = None, append_embeddings: np.ndarray | None = None,
@@ -192,10 +216,14 @@ class FocusSession:
         except FocusError as error:
             if error.status not in RESYNC_STATUSES:
                 raise
-            full = state.full_embeddings(embeddings, pending, error)
+            full, status = state.full_embeddings(embeddings, pending, error), error.status
         state.resyncs += 1
-        request = state.create(full, pending, overrides, return_scores, deadline_ms)
-        return state.adopt(self.client.protocol.focus_result(self.client._post("/v1/sessions", *request)), pending)
+        if status == 409:  # the old session still holds its WC there
+            with contextlib.suppress(httpx.HTTPError):
+                self.close()
+        content, headers, pending = state.create(full, pending, overrides, return_scores, deadline_ms)
+        return state.adopt(self.client.protocol.focus_result(self.client._post("/v1/sessions", content, headers)),
+                           pending)  # fmt: skip
 
     def close(self) -> None:
         """Delete the session on the service (nothing if it is already gone)."""
@@ -217,8 +245,12 @@ class AsyncFocusSession:
     async def __aenter__(self) -> AsyncFocusSession:
         return self
 
-    async def __aexit__(self, *_: object) -> None:
-        await self.close()
+    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            await self.close()
+        else:  # the caller's error is the one to see, not a failed clean-up
+            with contextlib.suppress(httpx.HTTPError):
+                await self.close()
 
     @property
     def lod(self) -> np.ndarray:
@@ -236,9 +268,10 @@ class AsyncFocusSession:
         self, embeddings: np.ndarray, lod: np.ndarray, positions: np.ndarray, *, history: History | None = None,
         return_scores: bool = False, deadline_ms: float | None = None,
     ) -> FocusResult:  # fmt: skip
-        pending = self.state.opening(lod, positions, history)
-        request = self.state.create(embeddings, pending, {}, return_scores, deadline_ms)
-        response = await self.client._post("/v1/sessions", *request)
+        content, headers, pending = self.state.create(
+            embeddings, self.state.opening(lod, positions, history), {}, return_scores, deadline_ms
+        )
+        response = await self.client._post("/v1/sessions", content, headers)
         return self.state.adopt(self.client.protocol.focus_result(response), pending)
 
     async def step(
@@ -258,10 +291,13 @@ class AsyncFocusSession:
         except FocusError as error:
             if error.status not in RESYNC_STATUSES:
                 raise
-            full = state.full_embeddings(embeddings, pending, error)
+            full, status = state.full_embeddings(embeddings, pending, error), error.status
         state.resyncs += 1
-        request = state.create(full, pending, overrides, return_scores, deadline_ms)
-        response = await self.client._post("/v1/sessions", *request)
+        if status == 409:  # the old session still holds its WC there
+            with contextlib.suppress(httpx.HTTPError):
+                await self.close()
+        content, headers, pending = state.create(full, pending, overrides, return_scores, deadline_ms)
+        response = await self.client._post("/v1/sessions", content, headers)
         return state.adopt(self.client.protocol.focus_result(response), pending)
 
     async def close(self) -> None:
