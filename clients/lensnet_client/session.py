@@ -151,7 +151,8 @@ class FocusSession:
 
     `snapshot` (optional): returns the caller's full [N, D] embeddings of the current WC (after
     the step being sent), for re-creating the session after a 404/409; a step may pass
-    `embeddings=` instead. `history_horizon`: steps of history kept (>= the cooldown_steps used).
+    `embeddings=` instead. `history_horizon`: steps of history kept (raised to the largest
+    `cooldown_steps` used).
     """
 
     def __init__(
