@@ -29,6 +29,8 @@ Attention = Literal["block-causal", "causal-mha", "mha"]
 """How a graph computes attention (model_export/fused_attention.py): `block-causal` (causal from
 non-causal fused pieces; the CPU's fp32 graph), `causal-mha` (ORT's fused causal kernels; the CUDA
 fp16 graph), `mha` (a non-causal model)."""
+WRITTEN_OUT_ON_CPU: frozenset[Attention] = frozenset({"causal-mha"})
+"""Constructions whose attention the CPU EP computes by writing out N x N scores (memory N²)."""
 
 
 class _Strict(BaseModel):
@@ -78,12 +80,15 @@ class FileEntry(_Strict):
 
 
 class ParityCase(_Strict):
+    """One WC size's parity. The fp16 fields are null where the export did not run the fp16 graph:
+    its CPU-run attention would write out more than `parity.WRITTEN_OUT_MAX_BYTES` of scores."""
+
     n: int
     batch: int
     fp32_vs_torch_max_abs: float
-    fp16_vs_fp32_max_abs: float
-    fp16_sign_agreement: float
-    fp16_sign_entries: int
+    fp16_vs_fp32_max_abs: float | None
+    fp16_sign_agreement: float | None
+    fp16_sign_entries: int | None
 
 
 class ParityBounds(_Strict):

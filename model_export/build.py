@@ -20,6 +20,7 @@ from model_export.artifact import (
     GRAPH_FILES,
     MANIFEST_FORMAT,
     MANIFEST_NAME,
+    WRITTEN_OUT_ON_CPU,
     Manifest,
     ModelInfo,
     ParityReport,
@@ -76,9 +77,9 @@ def build_artifact(
     staging.chmod(0o755)  # mkdtemp makes it private; artifacts are read by other users (containers)
     try:
         graphs = {precision: export_graph(model, precision, staging / name) for precision, name in GRAPH_FILES.items()}
-        parity = measure_parity(
-            model, {precision: staging / spec.file for precision, spec in graphs.items()}, parity_sizes, parity_seed
-        )
+        paths = {precision: staging / spec.file for precision, spec in graphs.items()}
+        written_out = graphs["fp16"].attention in WRITTEN_OUT_ON_CPU
+        parity = measure_parity(model, paths, parity_sizes, parity_seed, fp16_written_out=written_out)
         if not parity.passed:
             raise ParityError(parity)
         manifest = Manifest(

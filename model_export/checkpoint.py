@@ -55,11 +55,20 @@ def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+def _unwrapped(key: str) -> str:
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def _find_state_dict(obj: Any, depth: int = 0) -> Mapping[str, torch.Tensor] | None:
     if _is_tensor_dict(obj):
         return obj
     if not isinstance(obj, Mapping) or depth >= _MAX_NESTING:
         return None
+    tensors = {key: value for key, value in obj.items() if isinstance(value, torch.Tensor)}
+    if any(isinstance(key, str) and _unwrapped(key).startswith(LENSNET_PREFIX) for key in tensors):
+        return tensors  # a flat checkpoint: `lensnet.`-prefixed weights beside other entries (a step count…)
     for key in NESTING_KEYS:
         found = _find_state_dict(obj.get(key), depth + 1)
         if found is not None:
@@ -131,6 +140,16 @@ def check_state_dict(model: LensNet, state: Mapping[str, torch.Tensor]) -> None:
         raise CheckpointError("checkpoint does not match the LensNet config:\n  " + "\n  ".join(problems))
 
 
+def check_values(state: Mapping[str, torch.Tensor]) -> None:
+    """Raise one `CheckpointError` naming every tensor that is not floating point or holds NaN/inf."""
+    kinds = [f"{key} ({value.dtype})" for key, value in state.items() if not value.is_floating_point()]
+    broken = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    problems = [f"not floating point: {', '.join(kinds)}"] if kinds else []
+    problems += [f"NaN or inf in: {', '.join(broken)}"] if broken else []
+    if problems:
+        raise CheckpointError("checkpoint weights are unusable:\n  " + "\n  ".join(problems))
+
+
 def load_lensnet(path: Path, overrides: Mapping[str, Any]) -> LensNet:
     """Load a checkpoint into a LensNet with `strict=True`, in fp32.
 
@@ -145,5 +164,6 @@ def load_lensnet(path: Path, overrides: Mapping[str, Any]) -> LensNet:
         raise CheckpointError(str(exc)) from exc
     model = LensNet(config)
     check_state_dict(model, state)
+    check_values(state)
     model.load_state_dict({key: value.float() for key, value in state.items()}, strict=True)
     return model.eval()

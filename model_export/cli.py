@@ -26,6 +26,19 @@ or unreadable/mismatched checkpoint.
 """
 
 CONFIG_FLAGS = ("embed_dim", "layers", "num_heads", "block_size", "max_lod", "head", "positional")
+NOT_IN_WEIGHTS = ("num_heads", "block_size", "max_lod", "positional", "causal")
+"""Config fields a checkpoint's tensors cannot reveal: the defaults apply unless stated."""
+
+
+def parity_sizes(text: str) -> list[int]:
+    """--parity-sizes: comma-separated WC lengths >= 1 (checked before any export work)."""
+    try:
+        sizes = [int(size) for size in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return sizes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,7 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     artifact.add_argument("--description", help="free text for the manifest")
     artifact.add_argument(
         "--parity-sizes",
-        default=",".join(map(str, PARITY_SIZES)),
+        type=parity_sizes,
+        default=list(PARITY_SIZES),
         help=f"WC lengths for the parity report (default: {','.join(map(str, PARITY_SIZES))})",
     )
     return parser.parse_args(argv)
@@ -72,7 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Config fields the user stated: the --config file, then flags."""
-    overrides: dict[str, Any] = json.loads(args.config.read_text()) if args.config else {}
+    overrides = json.loads(args.config.read_text()) if args.config else {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--config: a LensNet config is an object of its fields, got {type(overrides).__name__}")
     overrides.update({name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None})
     if args.bidirectional:
         overrides["causal"] = False
@@ -89,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lensnet-export: needs the export extra (pip install 'lensnet-focus[export]'): {exc}", file=sys.stderr)
         return 2
     try:
-        sizes = [int(size) for size in args.parity_sizes.split(",")]
+        sizes = args.parity_sizes
         overrides = config_overrides(args)
         if args.random_init:
             model = init_random(LensNet(LensNetConfig.from_dict(overrides)), args.seed).eval()
@@ -103,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             model = load_lensnet(args.checkpoint, overrides)
+            if defaulted := [name for name in NOT_IN_WEIGHTS if name not in overrides]:
+                chosen = ", ".join(f"{name}={getattr(model.config, name)!r}" for name in defaulted)
+                note = "state them if the model was trained otherwise: parity cannot tell"
+                print(f"lensnet-export: not in the weights and not stated, so the defaults: {chosen} ({note})",
+                      file=sys.stderr)  # fmt: skip
             source = Source(kind="checkpoint", file=args.checkpoint.name, sha256=sha256_file(args.checkpoint))
             info = ModelInfo(
                 name=args.name or "lensnet",

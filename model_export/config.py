@@ -12,6 +12,11 @@ LEVEL_EMBEDDINGS = 4
 """Rows of `level_embed`: fixed by the training repo, so `max_lod` can be at most 3."""
 PARITY_SIZES = (1, 101, 2048, 8192)
 """WC lengths of the export's parity report: one entry, a length no B divides, up to 8,192."""
+MAX_HEAD_DIM = 1024
+"""Largest head_dim of a causal model: its block-causal attention weights scores by up to
+e^{2 sqrt(hd)}, finite in fp32 up to here (model_export/fused_attention.py)."""
+_TYPES: dict[str, type] = {"embed_dim": int, "layers": int, "num_heads": int, "block_size": int, "max_lod": int,
+                           "head": str, "positional": str, "causal": bool}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -28,11 +33,22 @@ class LensNetConfig:
     causal: bool = True
 
     def __post_init__(self) -> None:
+        # Exact types: JSON's 4.0 or "2" and Python's True are not the ints a config needs.
+        wrong = [
+            f"{name} must be {kind.__name__}, got {getattr(self, name)!r}"
+            for name, kind in _TYPES.items()
+            if type(getattr(self, name)) is not kind
+        ]
+        if wrong:
+            raise ValueError("invalid LensNet config: " + "; ".join(wrong))
         problems = []
         if self.embed_dim < 2 or self.num_heads < 1 or self.embed_dim % self.num_heads:
             problems.append(f"embed_dim ({self.embed_dim}) must be a positive multiple of num_heads ({self.num_heads})")
         elif (self.embed_dim // self.num_heads) % 2:
             problems.append(f"head_dim = embed_dim / num_heads ({self.embed_dim // self.num_heads}) must be even")
+        elif self.causal and self.embed_dim // self.num_heads > MAX_HEAD_DIM:
+            problems.append(f"head_dim = embed_dim / num_heads ({self.embed_dim // self.num_heads}) must be at most "
+                            f"{MAX_HEAD_DIM} for a causal model (use more heads)")  # fmt: skip
         if self.layers < 1:
             problems.append(f"layers must be >= 1, got {self.layers}")
         if self.block_size < 2:
@@ -60,6 +76,8 @@ class LensNetConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LensNetConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a LensNet config is an object of its fields, got {type(data).__name__}")
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown LensNet config keys: {sorted(unknown)}")

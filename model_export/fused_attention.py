@@ -43,6 +43,7 @@ import torch
 from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 
+from .config import MAX_HEAD_DIM
 from .lensnet import attention
 
 Value = Any
@@ -55,8 +56,6 @@ WRITTEN_OUT_MAX = 512
 the 2-core CPU (one attention, 4 heads of 64): the pieces take 0.74x the written-out CPU time at
 N = 768 and 0.64x at 1,024; at 512 both cost the same, and with two threads the written-out
 graph's fewer operators win (13 vs 19 ms)."""
-MAX_HEAD_DIM = 1024
-"""Largest head_dim whose block-causal weights (up to e^{2 sqrt(hd)} times N) stay finite in fp32."""
 
 _MHA_SCHEMA = OpSchema(
     "MultiHeadAttention",

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lensnet_client.layout import synthetic_layout
-from model_export.artifact import CPU_PROVIDER, CUDA_PROVIDER, GRAPH_DTYPES, Manifest, Precision
+from model_export.artifact import CPU_PROVIDER, CUDA_PROVIDER, GRAPH_DTYPES, WRITTEN_OUT_ON_CPU, Manifest, Precision
 from service.settings import Device
 
 log = logging.getLogger("lensnet.runtime")
@@ -74,6 +74,12 @@ class Scorer:
         self._shrink = ort.RunOptions()
         self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         log.info("loaded %s (%s) on %s", manifest.graphs[self.precision].file, self.precision, self.provider)
+        if self.provider == CPU and manifest.graphs[self.precision].attention in WRITTEN_OUT_ON_CPU:
+            log.warning(
+                "the %s graph's attention (%s) writes out N x N scores on the CPU (about %d MiB per head at "
+                "N = 8,192): prefer --precision auto or fp32 there", self.precision,
+                manifest.graphs[self.precision].attention, 8192 * 8192 * 4 >> 20,
+            )  # fmt: skip
 
     def _probe(self, session: ort.InferenceSession, dtype: str, n: int) -> float:
         """Median ms of `session.run` on a synthetic valid WC of `n` entries."""

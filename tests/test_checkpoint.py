@@ -39,6 +39,7 @@ FORMS: dict[str, Callable[[dict], object]] = {
     "ddp-whole-model": lambda sd: (
         {f"module.lensnet.{k}": v for k, v in sd.items()} | {"module.gistnet.proj.weight": torch.ones(2, 2)}
     ),
+    "prefixed-with-metadata": lambda sd: {f"lensnet.{k}": v for k, v in sd.items()} | {"step": 9, "lr": 0.1},
 }
 
 
@@ -137,3 +138,30 @@ def test_checkpoint_without_lensnet_weights(tmp_path: Path) -> None:
     torch.save({"optimizer": {"lr": 0.1}, "step": 3}, path)
     with pytest.raises(CheckpointError, match="no LensNet state_dict found"):
         load_lensnet(path, STATED)
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda sd: sd | {"blocks.0.attn.c_q.weight": sd["blocks.0.attn.c_q.weight"].long()}, "not floating point"),
+        (lambda sd: sd | {"scorer.0.bias": sd["scorer.0.bias"] * float("nan")}, r"NaN or inf in: scorer\.0\.bias"),
+    ],
+)
+def test_unusable_weights_are_a_checkpoint_error(
+    tmp_path: Path, small_model: LensNet, spoil: Callable[[dict], dict], message: str
+) -> None:
+    path = tmp_path / "spoiled.pt"
+    torch.save(spoil(small_model.state_dict()), path)
+    with pytest.raises(CheckpointError, match=message):
+        load_lensnet(path, STATED)
+
+
+@pytest.mark.parametrize("stated", [{"layers": "2"}, {"num_heads": 4.0}, {"max_lod": True}])
+def test_stated_values_of_the_wrong_type_are_a_checkpoint_error(
+    tmp_path: Path, small_model: LensNet, stated: dict
+) -> None:
+    path = tmp_path / "ckpt.pt"
+    torch.save(small_model.state_dict(), path)
+    (name,) = stated
+    with pytest.raises(CheckpointError, match=f"{name} must be"):
+        load_lensnet(path, STATED | stated)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from model_export import build as build_module
+from model_export import parity as parity_module
 from model_export.artifact import ArtifactError, ModelInfo, Source, load_manifest, sha256_file
 from model_export.cli import main as export_main
 from model_export.config import LensNetConfig
@@ -145,6 +146,7 @@ def test_cli_from_nested_checkpoint(tmp_path: Path, small_model: LensNet) -> Non
     manifest = load_manifest(out)
     assert manifest.source.sha256 == sha256_file(checkpoint) and manifest.source.file == "run.pt"
     assert (manifest.model.version, manifest.model.trained) == ("run-9", True)
+    assert "so the defaults: positional='gaussian', causal=True" in result.stderr  # the ones not stated
     feed = parity_inputs(small_model, 1, 200, np.random.default_rng(1))
     got = cpu_session(out / "lensnet.fp32.onnx").run(None, feed)[0]
     assert np.abs(got - _module_scores(small_model, feed)).max() <= 1e-4
@@ -158,6 +160,50 @@ def test_cli_refuses_existing_output_and_bad_checkpoints(tmp_path: Path) -> None
     result = _run_cli("--checkpoint", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "not a loadable PyTorch weights file" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"layers": "2"}, "layers must be int, got '2'"),
+        ({"embed_dim": 64, "num_heads": 4.0}, "num_heads must be int, got 4.0"),
+        ([1], "a LensNet config is an object of its fields, got list"),
+        ({"embed_dim": 2048, "num_heads": 1}, "must be at most 1024 for a causal model"),
+    ],
+)
+def test_cli_refuses_a_bad_config_before_exporting(tmp_path: Path, config: object, message: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = _run_cli("--random-init", "--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("sizes", ["0", "1,-3", "x", ""])
+def test_cli_refuses_bad_parity_sizes_before_exporting(tmp_path: Path, sizes: str) -> None:
+    result = _run_cli("--random-init", *SMALL_FLAGS, "--out", str(tmp_path / "o"), "--parity-sizes", sizes)
+    assert result.returncode == 2 and "--parity-sizes: expected comma-separated integers >= 1" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_fp16_graph_runs_in_parity_only_where_its_written_out_scores_stay_bounded(
+    tmp_path: Path, small_model: LensNet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The causal fp16 graph writes out heads x N² scores on the CPU EP: parity runs it up to the
+    bound and leaves its fields null beyond (the fp32 graph, memory-linear, runs at every size)."""
+    monkeypatch.setattr(parity_module, "WRITTEN_OUT_MAX_BYTES", SMALL.num_heads * 64 * 64 * 4)
+    manifest = build_module.build_artifact(
+        small_model, tmp_path / "art", ModelInfo(name="x", version="1", description="", trained=False),
+        Source(kind="random-init", seed=0), parity_sizes=(1, 64, 65),
+    )  # fmt: skip
+    cases = {(c.batch, c.n): c for c in manifest.parity.cases}
+    assert {key for key, c in cases.items() if c.fp16_vs_fp32_max_abs is not None} == {(1, 1), (1, 64)}
+    assert all(c.fp16_sign_agreement is None and c.fp16_sign_entries is None for key, c in cases.items()
+               if key not in ((1, 1), (1, 64)))  # fmt: skip
+    assert manifest.parity.passed and manifest.parity.fp16_vs_fp32_max_abs == max(
+        cases[key].fp16_vs_fp32_max_abs
+        for key in ((1, 1), (1, 64))  # type: ignore[type-var]
+    )
+    assert load_manifest(tmp_path / "art").parity == manifest.parity  # nulls round-trip
 
 
 def test_cli_help_explains_usage() -> None:

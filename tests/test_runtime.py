@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -169,3 +170,13 @@ def test_big_runs_hand_the_arena_back_and_smaller_ones_keep_it() -> None:
     kept, shrunk = _rss_growth_after_8k(8193), _rss_growth_after_8k(8192)
     assert kept > 200 << 20
     assert shrunk < 100 << 20
+
+
+def test_a_forced_fp16_graph_on_the_cpu_warns_that_it_writes_out_attention(caplog: pytest.LogCaptureFixture) -> None:
+    manifest = load_manifest(BUNDLED)
+    with caplog.at_level(logging.WARNING, logger="lensnet.runtime"):
+        assert Scorer(BUNDLED, manifest, "auto", 2, device="cpu").precision == "fp32"
+        assert not caplog.records  # auto on the CPU: the memory-linear graph, nothing to say
+        assert Scorer(BUNDLED, manifest, "fp16", 2, device="cpu").provider == CPU
+    (record,) = caplog.records
+    assert "writes out N x N scores on the CPU" in record.getMessage()
