@@ -451,9 +451,9 @@ class Pipeline:
         """POST /v1/sessions/{id}/focus: apply the delta to the session's WC and answer like
         /v1/focus for the result; all or nothing."""
         stage = call.clock
+        session = self._session(call.session or "")  # first: a gone session is a 404 whatever the body
         request = call.reader.finish()
         fields = _fields(StepFields, request.fields)
-        session = self._session(call.session or "")
         if not session.lock.acquire(blocking=False):
             self._resync("version")
             raise _conflict(session, fields.version, "another step of this session is in progress")

@@ -194,6 +194,8 @@ def test_session_calls_use_the_same_limits_and_json(live: LiveService) -> None:
         live.http.post("/v1/sessions/nope/focus", content=b"{}", headers={"content-type": "text/plain"}).status_code
         == 415
     )
+    gone = live.http.post("/v1/sessions/nope/focus", json={"bogus": 1})  # a broken body to a gone session:
+    assert gone.status_code == 404 and gone.json()["type"].endswith(":session-not-found")  # the 404 to act on
     embeddings, lod, positions = snapshot(64, seed=6)
     body = {"embeddings": embeddings.astype(np.float32).tolist(), "lod": lod.tolist(), "positions": positions.tolist(),
             "options": {"w_max": 64}}  # fmt: skip
