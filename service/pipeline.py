@@ -98,11 +98,23 @@ class FocusFields(BaseModel):
     return_scores: bool = False
 
 
+def _step_schema(schema: dict[str, Any]) -> None:
+    """StepOptions in OpenAPI: no option has a default of its own (omitted: the session's), `null`
+    is the allocator default, and `w_max` is never null."""
+    for name, field in schema["properties"].items():
+        field.pop("default", None)
+        if name == "w_max":
+            field.update(next(kind for kind in field.pop("anyOf") if kind.get("type") == "integer"))
+        else:
+            field["description"] += "; omitted: the session's, null: the allocator default"
+
+
 class StepOptions(FocusOptions):
     """A session step's option overrides: omitted ones keep the session's (its creation options);
     `null` takes the allocator default instead, whatever the session's (a client that re-created
     its session with one step's overrides puts its defaults back this way)."""
 
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_step_schema)
     w_max: int | None = Field(None, ge=1, description="WC budget in entries (the session's when omitted)")
 
     def over(self, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -433,8 +445,9 @@ class Pipeline:
         inputs = self._allocator_inputs(chosen, history)
         rows = sessions.Rows(request.snapshot.embeddings)
         session = sessions.Session(call.session or "", rows, layout, chosen, sessions.stamped(history))
-        if not self.store.fits(None, session.nbytes):
-            raise self._memory_problem(session.nbytes)
+        held = session.nbytes + inputs[0].max_edits * sessions.EDIT_BYTES  # with the answer's edits
+        if not self.store.fits(None, held):
+            raise self._memory_problem(held)
         stage.done("decode")
         extra = {"session_id": session.id, "version": 1}
         allocation, reply = self._decide(
@@ -476,7 +489,7 @@ class Pipeline:
                 fields.options.over(session.options),
                 lambda window: sessions.ages(planned.history, version, window),
             )
-            growth = session.rows.growth(planned.length)
+            growth = sessions.step_growth(session, planned, inputs[0].max_edits)
             if not self.store.fits(session, growth):
                 raise self._memory_problem(session.nbytes + growth)
             stage.done("decode")
@@ -492,9 +505,9 @@ class Pipeline:
                 step.rollback()
                 raise
             step.commit(allocation.edits)
+            self.store.update(session)  # under the session's lock: its size cannot change meanwhile
         finally:
             session.lock.release()
-        self.store.update(session)
         if self.metrics:
             self.metrics.session_steps.inc()
         stage.done("apply")  # committing the step

@@ -252,3 +252,6 @@ def test_the_cpu_model_target_is_met_over_its_interval_only_when_the_interval_cl
     assert met == {"target": 1.0, "measured": 1.05, "met": True, "interval_95": [1.01, 1.09], "met_over_interval": True}
     noisy = targets(rows(1.05, [0.97, 1.12]))["cpu_speedup_vs_torch_8k"]
     assert (noisy["met"], noisy["met_over_interval"]) == (True, False)
+    (few,) = rows(1.05, [])
+    del few["torch_over_ort_p50_95ci_rounds"]  # too few rounds for an interval: no verdict over it
+    assert targets([few])["cpu_speedup_vs_torch_8k"]["met_over_interval"] is None

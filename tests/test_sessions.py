@@ -82,6 +82,10 @@ def test_openapi_documents_the_session_endpoints(live: LiveService) -> None:
     assert {"404", "409"} <= set(document["paths"]["/v1/sessions/{id}/focus"]["post"]["responses"])
     assert {"delete", "get"} <= set(document["paths"]["/v1/sessions/{id}"])
     assert {"StepRequest", "SessionResponse", "SessionInfo"} <= set(document["components"]["schemas"])
+    options = document["components"]["schemas"]["StepOptions"]["properties"]
+    assert options["w_max"]["type"] == "integer" and "anyOf" not in options["w_max"]  # never null
+    assert all("default" not in field for field in options.values())  # omitted: the session's
+    assert "null: the allocator default" in options["max_edits"]["description"]
 
 
 def test_failed_steps_leave_the_session_exactly_as_it_was(live: LiveService) -> None:
@@ -292,6 +296,23 @@ def test_a_null_step_option_takes_the_allocator_default(live: LiveService) -> No
     assert no_budget.status_code == 422 and no_budget.json()["field"] == "options.w_max"
     stale = post_step(live, sid, {"version": 1, "applied": []}, {})
     assert stale.status_code == 409 and (stale.json()["got"], stale.json()["expected"]) == ("1", "3")
+
+
+def test_a_failed_re_creation_after_a_409_leaves_a_session_that_recovers(live: LiveService) -> None:
+    """The 409's old session is deleted first; if the re-creation then fails, the client still
+    knows its session, and the next step (a 404 now) re-creates it."""
+    embeddings, lod, positions = snapshot(128, seed=14)
+    copies = [np.full_like(embeddings, np.nan), embeddings]  # the first re-creation is refused (422)
+    with FocusClient(live.url) as client, FocusSession(client, w_max=128, snapshot=lambda: copies.pop(0)) as s:
+        s.open(embeddings, lod, positions)
+        sid = s.state.session_id
+        assert post_step(live, sid, {"version": 1, "applied": []}, {}).status_code == 200  # the client is stale
+        with pytest.raises(FocusError) as error:
+            s.step(applied=[])
+        assert error.value.status == 422 and s.state.session_id == sid
+        assert live.http.get(f"/v1/sessions/{sid}").status_code == 404  # deleted all the same
+        again = s.step(applied=[])
+        assert again.version == 1 and again.session_id != sid and s.resyncs == 2
 
 
 def test_client_without_a_snapshot_surfaces_the_404(live: LiveService) -> None:

@@ -29,6 +29,7 @@ from service.core.sessions import (
     splice_layout,
     stage,
     stamped,
+    step_growth,
 )
 
 D = 3
@@ -313,3 +314,15 @@ def test_a_creations_history_keeps_only_what_a_cooldown_can_reach() -> None:
     assert [2 - entry.version for entry in kept] == [1, MAX_COOLDOWN_STEPS - 1]  # ages as of version 1
     assert ages(kept, 2, MAX_COOLDOWN_STEPS) == [HistoryItem("collapse", 1, 0, 2),
                                                  HistoryItem("collapse", 1, 4, MAX_COOLDOWN_STEPS)]  # fmt: skip
+
+
+def test_a_steps_growth_counts_rows_history_and_the_answers_edits() -> None:
+    bare = session_with(40)
+    options = AllocatorOptions(4, 2, w_max=20, max_edits=3)
+    (edit, *_) = allocate(bare.layout, np.random.default_rng(2).uniform(-1, 1, 40).astype(np.float32), options).edits
+    session = session_with(40, edits=(edit,))
+    created = np.zeros((edit.added, D), np.float32)
+    planned = plan(session, delta(applied=[0], created=created), D)
+    rows = session.rows.growth(planned.length)
+    assert len(planned.history) == len(session.history) + 1
+    assert step_growth(session, planned, 8) == rows + HISTORY_ENTRY_BYTES + 7 * EDIT_BYTES

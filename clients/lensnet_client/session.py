@@ -34,6 +34,9 @@ ROUTING_HEADER = "x-lensnet-session"
 """Sent on every session call with a key fixed per session object: an ingress that hashes it
 (consistent hashing) sends all of a session's calls, the creation included, to one replica."""
 RESYNC_STATUSES = (404, 409)
+MAX_HISTORY_STEPS = 1024
+"""Steps of history a session keeps by default: the service's largest `cooldown_steps`, so a
+re-created session gets every entry the old one could still use (both keep at most 1,024)."""
 Snapshot = Callable[[], np.ndarray]
 
 
@@ -151,13 +154,13 @@ class FocusSession:
 
     `snapshot` (optional): returns the caller's full [N, D] embeddings of the current WC (after
     the step being sent), for re-creating the session after a 404/409; a step may pass
-    `embeddings=` instead. `history_horizon`: steps of history kept (raised to the largest
-    `cooldown_steps` used).
+    `embeddings=` instead. `history_horizon`: steps of history kept (default: all a cooldown can
+    reach; a smaller one is raised to the largest `cooldown_steps` used, from then on).
     """
 
     def __init__(
-        self, client: FocusClient, *, w_max: int, snapshot: Snapshot | None = None, history_horizon: int = 16,
-        **options: Any,
+        self, client: FocusClient, *, w_max: int, snapshot: Snapshot | None = None,
+        history_horizon: int = MAX_HISTORY_STEPS, **options: Any,
     ) -> None:  # fmt: skip
         self.client = client
         self.state = _SessionState(client.protocol, w_max, options, snapshot, history_horizon)
@@ -219,9 +222,9 @@ class FocusSession:
                 raise
             full, status = state.full_embeddings(embeddings, pending, error), error.status
         state.resyncs += 1
-        if status == 409:  # the old session still holds its WC there
+        if status == 409:  # the old session still holds a WC there: free it, but keep its id until replaced
             with contextlib.suppress(httpx.HTTPError):
-                self.close()
+                self.client.http.delete(f"/v1/sessions/{state.session_id}", headers=state.headers({}))
         content, headers, pending = state.create(full, pending, overrides, return_scores, deadline_ms)
         return state.adopt(self.client.protocol.focus_result(self.client._post("/v1/sessions", content, headers)),
                            pending)  # fmt: skip
@@ -237,8 +240,8 @@ class AsyncFocusSession:
     """The asyncio twin of `FocusSession` (same arguments, awaitable methods)."""
 
     def __init__(
-        self, client: AsyncFocusClient, *, w_max: int, snapshot: Snapshot | None = None, history_horizon: int = 16,
-        **options: Any,
+        self, client: AsyncFocusClient, *, w_max: int, snapshot: Snapshot | None = None,
+        history_horizon: int = MAX_HISTORY_STEPS, **options: Any,
     ) -> None:  # fmt: skip
         self.client = client
         self.state = _SessionState(client.protocol, w_max, options, snapshot, history_horizon)
@@ -294,9 +297,9 @@ class AsyncFocusSession:
                 raise
             full, status = state.full_embeddings(embeddings, pending, error), error.status
         state.resyncs += 1
-        if status == 409:  # the old session still holds its WC there
+        if status == 409:  # the old session still holds a WC there: free it, but keep its id until replaced
             with contextlib.suppress(httpx.HTTPError):
-                await self.close()
+                await self.client.http.delete(f"/v1/sessions/{state.session_id}", headers=state.headers({}))
         content, headers, pending = state.create(full, pending, overrides, return_scores, deadline_ms)
         response = await self.client._post("/v1/sessions", content, headers)
         return state.adopt(self.client.protocol.focus_result(response), pending)

@@ -305,6 +305,13 @@ def splice_layout(
     return np.concatenate(lods, dtype=np.int64)[trim:], np.concatenate(positions, dtype=np.int64)[trim:]
 
 
+def step_growth(session: Session, planned: Plan, max_edits: int) -> int:
+    """Bytes a planned step may add to the session: rows beyond its buffer, history, and the
+    answer's edits (at most `max_edits`)."""
+    history = (len(planned.history) - len(session.history)) * HISTORY_ENTRY_BYTES
+    return session.rows.growth(planned.length) + history + (max_edits - len(session.edits)) * EDIT_BYTES
+
+
 def stage(session: Session, delta: Delta, planned: Plan) -> Step:
     """Apply a planned delta to the session's rows (undoable); `commit` or `rollback` ends it."""
     undo = session.rows.stage(planned.splices, delta.trim_head, delta.append_embeddings)
@@ -437,8 +444,9 @@ class SessionStore:
             return True
 
     def _account(self, session: Session) -> None:
-        self.bytes += session.nbytes - self.held.get(session.id, 0)
-        self.held[session.id] = session.nbytes
+        nbytes = session.nbytes
+        self.bytes += nbytes - self.held.get(session.id, 0)
+        self.held[session.id] = nbytes
 
     def _expire(self) -> None:
         horizon = self.clock() - self.ttl_s

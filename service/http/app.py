@@ -429,7 +429,10 @@ async def _sweep(store: SessionStore) -> None:
     memory and the gauges follow the TTL on a quiet process too."""
     while True:
         await asyncio.sleep(min(SWEEP_MAX_S, max(SWEEP_MIN_S, store.ttl_s / 4)))
-        store.sweep()
+        try:
+            store.sweep()
+        except Exception:  # a bug in a metrics callback must not end the sweeping
+            log.exception("expiring idle sessions failed")
 
 
 def _run(wire: Wire, pipeline: Pipeline, call: Call) -> Reply:
