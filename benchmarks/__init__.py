@@ -43,7 +43,8 @@ def percentiles(values: Sequence[float], digits: int = 4) -> dict[str, float | i
 def p50_ratio_interval(top: Sequence[Sequence[float]], bottom: Sequence[Sequence[float]], seed: int = 1) -> list[float]:
     """95 % bootstrap interval of p50(top) / p50(bottom) over paired groups: `top[k]` and
     `bottom[k]` ran side by side (interleaved or back to back), so whole pairs, not single samples,
-    are resampled: noise that slowed both members of a pair cancels in the ratio."""
+    are resampled and noise shared by a pair moves both medians together (conservative where the
+    two medians fall in different pairs)."""
     rng = np.random.default_rng(seed)
     ratios = []
     for _ in range(2000):
