@@ -204,6 +204,11 @@ def test_the_fp16_graph_runs_in_parity_only_where_its_written_out_scores_stay_bo
         for key in ((1, 1), (1, 64))  # type: ignore[type-var]
     )
     assert load_manifest(tmp_path / "art").parity == manifest.parity  # nulls round-trip
+    monkeypatch.setattr(parity_module, "WRITTEN_OUT_MAX_BYTES", 0)  # nothing within the bound…
+    graphs = {p: tmp_path / "art" / spec.file for p, spec in manifest.graphs.items()}
+    report = parity_module.measure_parity(small_model, graphs, (64, 1), fp16_written_out=True)
+    measured = [(c.batch, c.n) for c in report.cases if c.fp16_vs_fp32_max_abs is not None]
+    assert measured == [(1, 1)] and report.fp16_vs_fp32_max_abs is not None  # …but the smallest case runs
 
 
 def test_cli_help_explains_usage() -> None:

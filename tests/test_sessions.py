@@ -4,6 +4,7 @@ client's recovery (sync and async), and several workers on one port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -126,17 +127,33 @@ def test_failed_steps_leave_the_session_exactly_as_it_was(live: LiveService) -> 
         assert result.version == 2 and session.resyncs == 0
 
 
+@contextlib.contextmanager
+def hooked_session(
+    hooks: dict[str, Any], seed: int
+) -> Iterator[tuple[LiveService, FocusClient, FocusSession, np.ndarray, dict[str, Any]]]:
+    """A live service with stage `hooks`, a 64-entry session open on it (its embeddings), and 16
+    tokens ready to append: for steps that fail inside a stage and must leave the session as it was."""
+    service = LiveService(hooks=hooks).wait_ready()
+    embeddings, lod, positions = snapshot(64, seed=seed)
+    try:
+        with FocusClient(service.url, timeout=60) as client, FocusSession(client, w_max=64) as session:
+            session.open(embeddings, lod, positions)
+            yield service, client, session, embeddings, tail_append(session.lod, session.positions, 16)
+    finally:
+        assert service.stop() == 0
+
+
+def assert_still_at_its_creation(service: LiveService, session: FocusSession) -> None:
+    info = service.http.get(f"/v1/sessions/{session.state.session_id}").json()
+    assert (info["version"], info["n"]) == (1, 64)
+
+
 def test_a_step_past_its_deadline_is_undone(tmp_path: Path) -> None:
     """504 after the model ran (the step is held in the model past its deadline): the delta was
     applied and is rolled back; the same step then succeeds."""
     gate = Gate(tmp_path / "gate")
-    service = LiveService(hooks={"model": gate.spec}).wait_ready()
-    embeddings, lod, positions = snapshot(64, seed=5)
-    try:
-        with FocusClient(service.url, timeout=60) as client, FocusSession(client, w_max=64) as session:
-            session.open(embeddings, lod, positions)
-            sid = session.state.session_id
-            append = tail_append(session.lod, session.positions, 16)
+    with hooked_session({"model": gate.spec}, seed=5) as (service, _, session, _, append):
+        try:
             gate.arm()
 
             def late_step() -> FocusError:
@@ -151,13 +168,11 @@ def test_a_step_past_its_deadline_is_undone(tmp_path: Path) -> None:
                 gate.open()
                 error = step.result()
             assert error.status == 504 and error.problem["detail"] == "the model finished after the deadline"
-            info = service.http.get(f"/v1/sessions/{sid}").json()
-            assert (info["version"], info["n"]) == (1, 64)
+            assert_still_at_its_creation(service, session)
             assert service.metrics()['lensnet_requests_refused_total{reason="deadline"}'] == 1
             assert session.step(applied=[], **append).version == 2
-    finally:
-        gate.open()
-        assert service.stop() == 0
+        finally:
+            gate.open()
 
 
 def test_a_bug_inside_a_step_is_a_500_and_the_step_is_undone(tmp_path: Path) -> None:
@@ -165,29 +180,21 @@ def test_a_bug_inside_a_step_is_a_500_and_the_step_is_undone(tmp_path: Path) -> 
     500 internal-error, leaves the session as it was, and the same step then succeeds."""
     failing = tmp_path / "fail"
     failing.mkdir()
-    service = LiveService(hooks={"allocate": {"fail": str(failing)}}).wait_ready()
-    embeddings, lod, positions = snapshot(64, seed=8)
-    try:
-        with FocusClient(service.url, timeout=60) as client, FocusSession(client, w_max=64) as session:
-            session.open(embeddings, lod, positions)
-            sid = session.state.session_id
-            append = tail_append(session.lod, session.positions, 16)
-            (failing / "armed").touch()
-            with pytest.raises(FocusError) as error:
-                session.step(applied=[], **append)
-            assert error.value.status == 500 and error.value.problem["type"].endswith(":internal-error")
-            assert "planted" not in error.value.problem["detail"]  # the log has it, the caller does not
-            info = service.http.get(f"/v1/sessions/{sid}").json()
-            assert (info["version"], info["n"]) == (1, 64)
-            (failing / "armed").unlink()
-            result = session.step(applied=[], **append, return_scores=True)
-            assert result.version == 2 and session.resyncs == 0
-            whole = np.concatenate([embeddings, append["append_embeddings"]])
-            stateless = client.focus(whole, session.lod, session.positions, w_max=64, return_scores=True)
-            assert np.array_equal(result.scores, stateless.scores) and result.edits == stateless.edits
+    with hooked_session({"allocate": {"fail": str(failing)}}, seed=8) as (service, client, session, embeddings,
+                                                                          append):  # fmt: skip
+        (failing / "armed").touch()
+        with pytest.raises(FocusError) as error:
+            session.step(applied=[], **append)
+        assert error.value.status == 500 and error.value.problem["type"].endswith(":internal-error")
+        assert "planted" not in error.value.problem["detail"]  # the log has it, the caller does not
+        assert_still_at_its_creation(service, session)
+        (failing / "armed").unlink()
+        result = session.step(applied=[], **append, return_scores=True)
+        assert result.version == 2 and session.resyncs == 0
+        whole = np.concatenate([embeddings, append["append_embeddings"]])
+        stateless = client.focus(whole, session.lod, session.positions, w_max=64, return_scores=True)
+        assert np.array_equal(result.scores, stateless.scores) and result.edits == stateless.edits
         assert "a planted failure" in service.log()
-    finally:
-        assert service.stop() == 0
 
 
 def test_session_calls_use_the_same_limits_and_json(live: LiveService) -> None:
@@ -428,3 +435,74 @@ def test_several_workers_on_one_port_never_answer_wrong() -> None:
                     assert session.resyncs == 0  # one connection, one worker: no ping-pong
     finally:
         assert service.stop() == 0
+
+
+def test_a_look_at_a_session_is_not_a_use(live: LiveService) -> None:
+    """GET reports how long the session has been idle, and reading it does not reset that."""
+    embeddings, lod, positions = snapshot(64, seed=15)
+    with FocusClient(live.url) as client, FocusSession(client, w_max=64) as session:
+        session.open(embeddings, lod, positions)
+        time.sleep(0.3)
+        path = f"/v1/sessions/{session.state.session_id}"
+        first, second = live.http.get(path).json(), live.http.get(path).json()
+        assert first["idle_s"] >= 0.3 and second["idle_s"] >= first["idle_s"]
+
+
+def test_the_client_keeps_the_history_the_service_keeps(live: LiveService) -> None:
+    """Past 16 steps (the stateless History's default horizon) the session client still holds every
+    entry the service holds for cooldown, so a re-creation would carry all of them."""
+    embeddings, lod, positions = snapshot(256, seed=16)
+    with FocusClient(live.url) as client, FocusSession(client, w_max=200, tau_expand=0.05) as session:
+        result = session.open(embeddings, lod, positions)
+        for step in range(24):
+            append = tail_append(session.lod, session.positions, 4, step)
+            result = session.step(created=created_for(result, step), **append)
+        held = live.http.get(f"/v1/sessions/{session.state.session_id}").json()["history_entries"]
+        entries = session.state.history.entries()
+    assert max(entry["age"] for entry in entries) > 16 and len(entries) == held
+
+
+def test_the_memory_bound_counts_the_edits_an_answer_may_keep() -> None:
+    """A session's answer keeps up to max_edits edits (EDIT_BYTES each): a creation or a step that
+    would only fit without them is refused (413), the same WC with few edits is not."""
+    service = LiveService("--session-memory-bytes", str(1 << 20)).wait_ready()
+    try:
+        with FocusClient(service.url) as client:
+            wc = snapshot(850, seed=17)  # ~0.86 MB of fp32 rows and metadata: fits, but not with 1,024 edits' room
+            with pytest.raises(FocusError) as error:
+                FocusSession(client, w_max=850, max_edits=1024).open(*wc)
+            assert error.value.status == 413 and error.value.field == "session"
+            session = FocusSession(client, w_max=850, max_edits=8)
+            session.open(*wc)
+            with pytest.raises(FocusError) as error:
+                session.step(applied=[], max_edits=1024)
+            assert error.value.status == 413 and error.value.field == "session"
+            assert session.step(applied=[]).version == 2
+    finally:
+        assert service.stop() == 0
+
+
+def test_the_idle_sweep_outlives_a_failing_expiry(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure inside one sweep (a metrics callback's bug) is logged, and the sweeps go on."""
+    from service.http import app
+
+    class Store:
+        ttl_s, sweeps = 0.0, 0
+
+        def sweep(self) -> None:
+            self.sweeps += 1
+            if self.sweeps == 1:
+                raise RuntimeError("a failing gauge")
+
+    monkeypatch.setattr(app, "SWEEP_MIN_S", 0.01)
+    store = Store()
+
+    async def run() -> None:
+        task = asyncio.create_task(app._sweep(store))  # type: ignore[arg-type]
+        await asyncio.sleep(0.3)
+        task.cancel()
+
+    asyncio.run(run())
+    assert store.sweeps >= 3 and "expiring idle sessions failed" in caplog.text
