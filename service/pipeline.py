@@ -445,7 +445,7 @@ class Pipeline:
         inputs = self._allocator_inputs(chosen, history)
         rows = sessions.Rows(request.snapshot.embeddings)
         session = sessions.Session(call.session or "", rows, layout, chosen, sessions.stamped(history))
-        held = session.nbytes + inputs[0].max_edits * sessions.EDIT_BYTES  # with the answer's edits
+        held = sessions.held_bytes(rows.nbytes, layout, len(session.history), inputs[0].max_edits)  # with its answer
         if not self.store.fits(None, held):
             raise self._memory_problem(held)
         stage.done("decode")
@@ -474,6 +474,7 @@ class Pipeline:
             if fields.version != session.version:
                 self._resync("version")
                 raise _conflict(session, fields.version, f"version {fields.version} is not the session's current one")
+            chosen = fields.options.over(session.options)  # a null w_max is refused before any planning
             delta = self._delta(request, fields)
             try:
                 planned = sessions.plan(session, delta, self.config.embed_dim)
@@ -485,10 +486,7 @@ class Pipeline:
             if n > self.max_entries:
                 raise problems.too_large("resulting WC", f"{self.max_entries} entries", f"{n} entries")
             version = session.version + 1
-            inputs = self._allocator_inputs(
-                fields.options.over(session.options),
-                lambda window: sessions.ages(planned.history, version, window),
-            )
+            inputs = self._allocator_inputs(chosen, lambda window: sessions.ages(planned.history, version, window))
             growth = sessions.step_growth(session, planned, inputs[0].max_edits)
             if not self.store.fits(session, growth):
                 raise self._memory_problem(session.nbytes + growth)

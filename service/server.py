@@ -2,8 +2,10 @@
 
 On SIGTERM (or Ctrl-C) a worker turns not-ready and answers new requests 503 while the ones that
 arrived before finish, for up to `shutdown_grace_s`; then uvicorn closes and the process exits 0.
-A second signal stops at once. With `workers > 1` a small supervisor shares one listening socket among
-spawned workers, forwards signals to them, and exits non-zero if one dies unexpectedly.
+A second signal ends the grace period at once (what is still in flight is answered 503, and the
+process still exits 0); a third stops without a shutdown. With `workers > 1` a small supervisor
+shares one listening socket among spawned workers, forwards signals to them, and exits non-zero
+if one dies unexpectedly.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.service = service
         self.drain_requested = False  # set in the signal handler itself, so two quick signals cannot both drain
+        self.grace_ended = False  # a second signal cut the drain short: a third one forces the exit
         self.draining: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -48,8 +51,13 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not recorded in uvicorn's captured signals: after a drain the exit is clean (status 0),
         # not a re-raised SIGTERM.
-        if self.drain_requested or self._loop is None:
+        if self._loop is None or self.grace_ended:
             self.should_exit = self.force_exit = True
+            return
+        if self.drain_requested:
+            self.grace_ended = True
+            log.info("signal %s again: ending the grace period now", signal.Signals(sig).name)
+            self._loop.call_soon_threadsafe(self.service.end_grace)
             return
         self.drain_requested = True
         log.info(

@@ -299,8 +299,8 @@ def test_a_null_step_option_takes_the_allocator_default(live: LiveService) -> No
     stateless = answer("/v1/focus", {"options": {"w_max": 280}}, arrays)
     assert reset.status_code == 200 and reset.json()["edits"] == stateless.json()["edits"]
     assert len(reset.json()["edits"]) > 1
-    no_budget = post_step(live, sid, {"version": 3, "applied": [], "options": {"w_max": None}}, {})
-    assert no_budget.status_code == 422 and no_budget.json()["field"] == "options.w_max"
+    no_budget = post_step(live, sid, {"version": 3, "applied": [99], "options": {"w_max": None}}, {})
+    assert no_budget.status_code == 422 and no_budget.json()["field"] == "options.w_max"  # before the delta's check
     stale = post_step(live, sid, {"version": 1, "applied": []}, {})
     assert stale.status_code == 409 and (stale.json()["got"], stale.json()["expected"]) == ("1", "3")
 

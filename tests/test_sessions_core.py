@@ -316,7 +316,7 @@ def test_a_creations_history_keeps_only_what_a_cooldown_can_reach() -> None:
                                                  HistoryItem("collapse", 1, 4, MAX_COOLDOWN_STEPS)]  # fmt: skip
 
 
-def test_a_steps_growth_counts_rows_history_and_the_answers_edits() -> None:
+def test_a_steps_growth_counts_rows_metadata_history_and_the_answers_edits() -> None:
     bare = session_with(40)
     options = AllocatorOptions(4, 2, w_max=20, max_edits=3)
     (edit, *_) = allocate(bare.layout, np.random.default_rng(2).uniform(-1, 1, 40).astype(np.float32), options).edits
@@ -324,5 +324,10 @@ def test_a_steps_growth_counts_rows_history_and_the_answers_edits() -> None:
     created = np.zeros((edit.added, D), np.float32)
     planned = plan(session, delta(applied=[0], created=created), D)
     rows = session.rows.growth(planned.length)
-    assert len(planned.history) == len(session.history) + 1
-    assert step_growth(session, planned, 8) == rows + HISTORY_ENTRY_BYTES + 7 * EDIT_BYTES
+    metadata = 16 * (planned.layout.lod.size - session.layout.lod.size)  # int64 lod and position per entry
+    assert len(planned.history) == len(session.history) + 1 and metadata != 0
+    assert step_growth(session, planned, 8) == rows + metadata + HISTORY_ENTRY_BYTES + 7 * EDIT_BYTES
+    trimmed = plan(session, delta(applied=[], trim_head=30), D)  # frees 30 entries' metadata, keeps no edits
+    assert step_growth(session, trimmed, 0) == -16 * 30 - EDIT_BYTES
+    kept = (trimmed.layout.lod, trimmed.layout.positions)
+    assert all(a.base is None or a.base.nbytes == a.nbytes for a in kept)  # no view keeps the trimmed alive

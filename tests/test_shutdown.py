@@ -55,6 +55,35 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path: Path) -> None:
     assert service.stop(timeout=60) == 0
 
 
+def test_a_second_sigterm_ends_the_grace_period_at_once(tmp_path: Path) -> None:
+    """The request still in the model is answered a 503 problem now, not after the 30 s grace,
+    and the process exits 0 without a traceback once the model returns."""
+    gate = Gate(tmp_path / "gate")
+    service = LiveService("--shutdown-grace-s", "30", hooks={"model": gate.spec}).wait_ready()
+    gate.arm()
+    arrays = dict(zip(("embeddings", "lod", "positions"), snapshot(64), strict=True))
+    body = frame.pack({"options": {"w_max": 64}}, arrays)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(
+                httpx.post, service.url + "/v1/focus", content=body, headers={"content-type": frame.MEDIA_TYPE},
+                timeout=60,
+            )  # fmt: skip
+            gate.wait_entered(1)
+            service.process.send_signal(signal.SIGTERM)
+            wait_draining(service)
+            service.process.send_signal(signal.SIGTERM)
+            answer = in_flight.result(timeout=15)  # the gate is still closed: the model has not returned
+            assert answer.status_code == 503 and answer.json()["type"] == "urn:lensnet:problem:shutting-down"
+            assert answer.headers["connection"] == "close"
+    finally:
+        gate.open()
+    assert service.process.wait(timeout=30) == 0
+    log = service.log()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+    assert "ending the grace period now" in log
+
+
 def test_a_request_still_uploading_at_sigterm_is_served() -> None:
     service = LiveService("--shutdown-grace-s", "30").wait_ready()
     arrays = dict(zip(("embeddings", "lod", "positions"), snapshot(64), strict=True))

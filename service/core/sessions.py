@@ -9,7 +9,7 @@ changed in place (a trim moves nothing, appends cost O(K·D); edits move the kep
 them, one `memmove` per segment that cannot stay, and the rows are placed so that the most stay)
 with an undo record, so a step that fails after its rows were staged (a model error, a missed
 deadline) leaves the session exactly as it was. The moves are the one O(N·D) cost a step with
-edits still has: edits spread over the WC shift most rows (~0.7 ms at N = 8,192, D = 256 fp32).
+edits still has: edits spread over the WC shift most rows (benchmarks/sessions.py's `apply` stage).
 """
 
 from __future__ import annotations
@@ -214,10 +214,15 @@ class Session:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: rows, metadata, and the history and last edits (small each, but a caller
-        chooses up to 1,024 history entries per session)."""
-        held = self.rows.nbytes + self.layout.lod.nbytes + self.layout.positions.nbytes
-        return held + len(self.history) * HISTORY_ENTRY_BYTES + len(self.edits) * EDIT_BYTES
+        """Bytes held (`held_bytes`)."""
+        return held_bytes(self.rows.nbytes, self.layout, len(self.history), len(self.edits))
+
+
+def held_bytes(rows_bytes: int, layout: Layout, history: int, edits: int) -> int:
+    """Bytes a session holds with `rows_bytes` of row buffer, `layout`'s metadata, `history` kept
+    entries and `edits` kept edits (small each, but a caller chooses up to 1,024 history entries)."""
+    metadata = layout.lod.nbytes + layout.positions.nbytes
+    return rows_bytes + metadata + history * HISTORY_ENTRY_BYTES + edits * EDIT_BYTES
 
 
 @dataclass(slots=True)
@@ -302,14 +307,15 @@ def splice_layout(
         cursor = edit.index + edit.removed
     lods += [old.lod[cursor:], append_lod]
     positions += [old.positions[cursor:], append_positions]
-    return np.concatenate(lods, dtype=np.int64)[trim:], np.concatenate(positions, dtype=np.int64)[trim:]
+    lod, position = np.concatenate(lods, dtype=np.int64), np.concatenate(positions, dtype=np.int64)
+    return (lod[trim:].copy(), position[trim:].copy()) if trim else (lod, position)  # no view holds the trimmed
 
 
 def step_growth(session: Session, planned: Plan, max_edits: int) -> int:
-    """Bytes a planned step may add to the session: rows beyond its buffer, history, and the
-    answer's edits (at most `max_edits`)."""
-    history = (len(planned.history) - len(session.history)) * HISTORY_ENTRY_BYTES
-    return session.rows.growth(planned.length) + history + (max_edits - len(session.edits)) * EDIT_BYTES
+    """Bytes a planned step may add to the session (negative: it frees some): rows beyond its
+    buffer, metadata, history, and the answer's edits (at most `max_edits`)."""
+    rows = session.rows.nbytes + session.rows.growth(planned.length)
+    return held_bytes(rows, planned.layout, len(planned.history), max_edits) - session.nbytes
 
 
 def stage(session: Session, delta: Delta, planned: Plan) -> Step:

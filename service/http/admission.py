@@ -36,6 +36,7 @@ class Admission:
         self._slots = asyncio.Semaphore(max_concurrency)
         self._idle = asyncio.Event()
         self._idle.set()
+        self._cut = asyncio.Event()  # `end_grace`: the drain stops waiting now
         self._service_s = 0.05  # moving average of slot hold times, seeds Retry-After
 
     def retry_after_s(self) -> int:
@@ -117,13 +118,20 @@ class Admission:
             self._slots.release()
 
     async def drain(self, grace_s: float) -> bool:
-        """Refuse new requests and wait up to `grace_s` for the others to finish; True if they did."""
+        """Refuse new requests and wait up to `grace_s` (or until `end_grace`) for the others to
+        finish; True if they did."""
         self.draining = True
+        waits = [asyncio.ensure_future(event.wait()) for event in (self._idle, self._cut)]
         try:
-            await asyncio.wait_for(self._idle.wait(), grace_s)
-        except TimeoutError:
-            return False
-        return True
+            await asyncio.wait(waits, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return self._idle.is_set()
+
+    def end_grace(self) -> None:
+        """End a drain's wait now (a second exit signal): what is still in flight gets abandoned."""
+        self._cut.set()
 
     async def abandon(self, wait_s: float) -> int:
         """Cancel the requests still in flight (each answers 503, see `Service.serve`) and wait up

@@ -143,6 +143,10 @@ class Service:
         cancelled = await self.admission.abandon(ABANDON_WAIT_S)
         log.warning("grace period over: answered 503 to the %d requests still in flight", cancelled)
 
+    def end_grace(self) -> None:
+        """Cut a drain short (`drain` then abandons what is still in flight)."""
+        self.admission.end_grace()
+
     async def serve(self, request: Request, wire: Wire, spec: CallSpec | None = None) -> Response:
         """Answer a scoring endpoint; every failure leaves as a Problem (refusals counted)."""
         try:
