@@ -3,10 +3,8 @@
 For each D (256: the bundled model; 1,280: a random-init export of the training repo's depth-20
 width, 10 heads, cached in .bench/) and N it times, in one process and interleaved run by run:
 - each graph ONNX Runtime can run here, with the service's own session options
-  (`service.runtime.create_session`): fp32 on the CPU, also with its intra-op threads parked
-  between operators (`ort-fp32-cpu-parked`: what spinning within runs saves, `parked_over_served_p50`);
-  on CUDA (when available) fp16 and fp32, each as the service runs it and with device-resident
-  inputs and outputs (IOBinding);
+  (`service.runtime.create_session`): fp32 on the CPU; on CUDA (when available) fp16 and fp32,
+  each as the service runs it and with device-resident inputs and outputs (IOBinding);
 - torch eager of the same module and weights (`model_export.lensnet`, attention by
   `scaled_dot_product_attention`): fp32 on the CPU, with the same thread count (one per core,
   stated in the report's `threads`); fp32 and fp16 blocks on CUDA;
@@ -42,7 +40,7 @@ import torch
 from lensnet_client import synthetic_layout
 from model_export.artifact import Manifest, load_manifest
 from model_export.lensnet import LensNet, init_random
-from service.runtime import CPU, CUDA, Spin, create_session
+from service.runtime import CPU, CUDA, create_session
 
 from . import p50_ratio_interval, provenance
 from .latency import model_dir, percentiles
@@ -56,7 +54,6 @@ MIN_INTERVAL_ROUNDS = 10  # fewer paired rounds give no interval (3 rounds have 
 TARGET_CPU_PEAK_MIB = 1024  # peak RSS after one N = 8,192, D = 256 request
 TARGET_GPU_MS_8K, TARGET_GPU_MS_2K = 1.5, 0.5  # CUDA model stage p50, D = 256: N = 8,192; N <= 2,048
 CUDA_SERVED = "ort-fp16-cuda"  # the graph the service runs on CUDA (the fp32 graph never does), as it runs it
-PARKED = "ort-fp32-cpu-parked"  # the CPU graph with intra-op threads parked between operators (spin "never")
 
 
 def main() -> None:
@@ -126,30 +123,18 @@ def measure_dim(
                 rows.append(row | {"error": errors[name]})
                 continue
             row |= {"runs": count, "ms": percentiles(times[name]), "peak_rss_growth_mib": round(peaks[name] / 2**20, 1)}
-            if name == "ort-fp32-cpu" and times.get(PARKED):
-                row["parked_over_served_p50"] = _paired(times[PARKED], times[name])
             reference = _reference(name, precision, times)
             if name.startswith("ort") and reference:
                 row["torch_reference"] = reference
-                ratio = _paired(times[reference], times[name])
-                row["torch_over_ort_p50"] = ratio["ratio"]
-                if "interval_95" in ratio:
-                    row["torch_over_ort_p50_95ci_rounds"] = ratio["interval_95"]
+                row["torch_over_ort_p50"] = round(float(np.median(times[reference]) / np.median(times[name])), 3)
+                if len(times[name]) >= MIN_INTERVAL_ROUNDS and len(times[reference]) == len(times[name]):
+                    interval = p50_ratio_interval([[t] for t in times[reference]], [[t] for t in times[name]])
+                    row["torch_over_ort_p50_95ci_rounds"] = [round(v, 3) for v in interval]
             if profile and n == max(sizes) and name.startswith("ort") and not name.endswith("iobinding"):
                 providers = [CPU] if name.endswith("cpu") else [CUDA, CPU]
                 row["profile"] = profile_ops(path / manifest.graphs[precision].file, providers, feeds[precision])
             rows.append(row)
     return rows
-
-
-def _paired(numerator: list[float], denominator: list[float]) -> dict[str, Any]:
-    """p50 over p50 of two engines timed in the same rounds, with the rounds' 95 % interval from
-    MIN_INTERVAL_ROUNDS rounds on."""
-    found: dict[str, Any] = {"ratio": round(float(np.median(numerator) / np.median(denominator)), 3)}
-    if len(denominator) >= MIN_INTERVAL_ROUNDS and len(numerator) == len(denominator):
-        interval = p50_ratio_interval([[t] for t in numerator], [[t] for t in denominator])
-        found["interval_95"] = [round(v, 3) for v in interval]
-    return found
 
 
 Run = Callable[[dict[str, np.ndarray]], Any]
@@ -166,9 +151,9 @@ def _engines(
     so a capture holds only while shapes match; whether it ran was not established there."""
 
     @functools.cache
-    def session(precision: str, provider: str, spin: Spin = "in-runs") -> ort.InferenceSession:
+    def session(precision: str, provider: str) -> ort.InferenceSession:
         providers = [provider] if provider == CPU else [provider, CPU]
-        return create_session(path / manifest.graphs[precision].file, providers, threads, spin)  # type: ignore[index]
+        return create_session(path / manifest.graphs[precision].file, providers, threads, False)  # type: ignore[index]
 
     def half() -> LensNet:
         copied = copy.deepcopy(model)
@@ -178,7 +163,6 @@ def _engines(
     factories: dict[str, tuple[Callable[[], Run], str]] = {}
     if "cpu" in devices:
         factories["ort-fp32-cpu"] = (lambda: _ort_run(session("fp32", CPU)), "fp32")
-        factories[PARKED] = (lambda: _ort_run(session("fp32", CPU, "never")), "fp32")
         factories["torch-eager-fp32-cpu"] = (lambda: _torch_run(model, "cpu"), "fp32")
     if "cuda" in devices:
         for p in ("fp16", "fp32"):

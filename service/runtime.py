@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -17,8 +16,6 @@ from service.settings import Device
 log = logging.getLogger("lensnet.runtime")
 CUDA, CPU = CUDA_PROVIDER, CPU_PROVIDER
 PROBE_RUNS = 3  # timed runs per candidate graph (after one untimed), median kept
-Spin = Literal["never", "in-runs", "always"]
-"""When idle intra-op threads spin-wait for work (`create_session`)."""
 
 
 class Scorer:
@@ -120,21 +117,17 @@ def _sessions(
     for p in chosen if precision == "auto" else [precision]:
         graph = graphs[p]  # type: ignore[index]
         usable = [provider for provider in providers if provider == CPU or graph.runs_on(provider)]
-        sessions[p] = create_session(model_dir / graph.file, usable, threads, "always" if spinning else "in-runs")
+        sessions[p] = create_session(model_dir / graph.file, usable, threads, spinning)
     return sessions  # type: ignore[return-value]
 
 
-def create_session(graph: Path, providers: list[str], intra_op_threads: int, spin: Spin) -> ort.InferenceSession:
-    """`spin`: the service runs `in-runs`. Intra-op threads spin-wait between the parallel sections
-    of a run (`never`: parked, each of the graph's operators pays their wake-up; model_latency's
-    `ort-fp32-cpu-parked` row measures it) and stop when the run returns
-    (`session.force_spinning_stop`); `always` spins between runs too, taking the core the event
-    loop reads the next body with (~2x as long on 2 cores).
+def create_session(graph: Path, providers: list[str], intra_op_threads: int, spinning: bool) -> ort.InferenceSession:
+    """Idle intra-op threads spin-wait for work by default; between requests that keeps a core
+    busy that the event loop needs (on 2 cores: receiving the next body took ~2x as long).
     The CPU arena stays on: reusing it is 10-20 % faster at N = 512-2,048 than fresh allocations."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spin == "never" else "1")
-    options.add_session_config_entry("session.force_spinning_stop", "1" if spin == "in-runs" else "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(graph), options, providers=providers)

@@ -125,9 +125,7 @@ class Settings(BaseSettings):
         0, ge=0, description="ONNX Runtime intra-op threads (0 = one per core)", json_schema_extra=_shown_as("N")
     )
     intra_op_spinning: bool = Field(
-        False,
-        description="let ONNX Runtime's intra-op threads spin between runs too (off: they spin only while a run "
-        "is in progress and leave the cores to the server between runs)",
+        False, description="let ONNX Runtime's idle intra-op threads spin (off: they leave the cores to the server)"
     )
     max_sessions: int = Field(
         10000,

@@ -160,9 +160,6 @@ def test_each_benchmark_runs_end_to_end_and_names_its_provenance(name: str) -> N
         assert "gpu_step_total_p99_le_3ms" not in steady["targets"]  # a CUDA target, and 3 steps give no p99
     if name == "model_latency":  # 2 rounds: too few for an interval, so none is quoted, and no verdict over one
         assert all("torch_over_ort_p50_95ci_rounds" not in row for row in report["results"])
-        rows = {row["engine"]: row for row in report["results"]}
-        assert set(rows) == {"ort-fp32-cpu", "ort-fp32-cpu-parked", "torch-eager-fp32-cpu"}
-        assert set(rows["ort-fp32-cpu"]["parked_over_served_p50"]) == {"ratio"}  # the parked threads, side by side
     if name == "latency":
         for result in report["results"]:
             assert result["requests"] == result["floor_ms"]["receive"]["samples"] == 3  # paired, warm-up not counted

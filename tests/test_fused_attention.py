@@ -160,7 +160,7 @@ def test_fp32_graph_memory_is_linear_at_8k() -> None:
         "from lensnet_client.layout import synthetic_layout\n"
         "from service.runtime import CPU, create_session\n"
         "def hwm(): return int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024\n"
-        'session = create_session(Path(sys.argv[1]), [CPU], 0, "in-runs")\n'
+        "session = create_session(Path(sys.argv[1]), [CPU], 0, False)\n"
         "lod, positions = synthetic_layout(8192, 32, 2, np.random.default_rng(0))\n"
         "embeddings = np.random.default_rng(1).standard_normal((1, 8192, 256)).astype(np.float32)\n"
         "before = hwm()\n"
