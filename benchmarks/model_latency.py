@@ -10,7 +10,9 @@ width, 10 heads, cached in .bench/) and N it times, in one process and interleav
   stated in the report's `threads`); fp32 and fp16 blocks on CUDA;
 and reports p50/p90/p99/max, the ratio torch p50 / ORT p50 (> 1: ORT is faster; against torch on
 the same device and precision, `torch_reference`) with a 95 % bootstrap interval over the rounds
-(each round runs every engine once, back to back, so a round's noise cancels in its ratio), and how much
+(each round runs every engine once, in one order or its reverse on alternate rounds, each run after
+a SETTLE_S pause: torch's OpenMP threads spin on for milliseconds after their work, and an engine
+started inside that window shares the cores with them; a round's noise cancels in its ratio), and how much
 each run raised the process's peak RSS (VmHWM, reset before each run through
 /proc/self/clear_refs). With `--profile` the largest N is also profiled by operator type.
 
@@ -53,6 +55,7 @@ TARGET_CONFIG = (256, 8192)  # (D, N) of the CPU target: timed `--target-runs` r
 MIN_INTERVAL_ROUNDS = 10  # fewer paired rounds give no interval (3 rounds have 10 distinct resamples)
 TARGET_CPU_PEAK_MIB = 1024  # peak RSS after one N = 8,192, D = 256 request
 TARGET_GPU_MS_8K, TARGET_GPU_MS_2K = 1.5, 0.5  # CUDA model stage p50, D = 256: N = 8,192; N <= 2,048
+SETTLE_S = 0.05  # pause before each timed run: no engine shares the cores with the previous one's threads
 CUDA_SERVED = "ort-fp16-cuda"  # the graph the service runs on CUDA (the fp32 graph never does), as it runs it
 
 
@@ -105,10 +108,12 @@ def measure_dim(
         times: dict[str, list[float]] = defaultdict(list)
         peaks: dict[str, int] = defaultdict(int)
         errors: dict[str, str] = {}
-        for timed in [False] + [True] * count:  # a warm-up round, then interleaved timed rounds
-            for name, (run, precision) in engines.items():
+        for round_ in range(count + 1):  # a warm-up round, then interleaved timed rounds
+            timed, order = round_ > 0, list(engines.items())
+            for name, (run, precision) in order if round_ % 2 else order[::-1]:  # each order half the time
                 if name in errors:
                     continue
+                time.sleep(SETTLE_S)  # the previous engine's idle threads stop spinning (torch's do not at once)
                 try:  # an engine that fails (a CUDA fault) is reported as such; the others go on
                     ms, grown = _timed(run, feeds[precision])
                 except Exception as error:
