@@ -2,8 +2,9 @@
 
 On SIGTERM (or Ctrl-C) a worker turns not-ready and answers new requests 503 while the ones that
 arrived before finish, for up to `shutdown_grace_s`; then uvicorn closes and the process exits 0.
-A second signal ends the grace period at once (what is still in flight is answered 503, and the
-process still exits 0); a third stops without a shutdown. With `workers > 1` a small supervisor
+A second signal (REPEAT_WINDOW_S or more after the first) ends the grace period at once (what is
+still in flight is answered 503, and the process still exits 0); a third, or one after the drain,
+exits without the lifespan's clean-up. With `workers > 1` a small supervisor
 shares one listening socket among spawned workers, forwards signals to them, and exits non-zero
 if one dies unexpectedly.
 """
@@ -18,6 +19,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 from multiprocessing.connection import wait
 from pathlib import Path
 from types import FrameType
@@ -31,6 +33,9 @@ from .http.app import Service, create_app
 from .settings import Settings
 
 log = logging.getLogger("lensnet.server")
+REPEAT_WINDOW_S = 1.0
+"""A signal this soon after the one that began the drain is the same stop delivered twice (a
+supervisor forwarding what its process group got too), not a second one."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -39,7 +44,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, service: Service) -> None:
         super().__init__(config)
         self.service = service
-        self.drain_requested = False  # set in the signal handler itself, so two quick signals cannot both drain
+        self.drain_began: float | None = None  # set in the signal handler itself: two quick signals cannot both drain
         self.grace_ended = False  # a second signal cut the drain short: a third one forces the exit
         self.draining: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -50,27 +55,31 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not recorded in uvicorn's captured signals: after a drain the exit is clean (status 0),
-        # not a re-raised SIGTERM.
-        if self._loop is None or self.grace_ended:
+        # not a re-raised SIGTERM. Nothing is logged here (a signal may interrupt a log write):
+        # the loop's callbacks do it.
+        drained = self.draining is not None and self.draining.done()
+        if self._loop is None or self.grace_ended or drained:
             self.should_exit = self.force_exit = True
-            return
-        if self.drain_requested:
+        elif self.drain_began is None:
+            self.drain_began = time.monotonic()
+            self._loop.call_soon_threadsafe(self._start_draining, sig)
+        elif time.monotonic() - self.drain_began >= REPEAT_WINDOW_S:
             self.grace_ended = True
-            log.info("signal %s again: ending the grace period now", signal.Signals(sig).name)
-            self._loop.call_soon_threadsafe(self.service.end_grace)
-            return
-        self.drain_requested = True
-        log.info(
-            "signal %s: draining for up to %.1f s", signal.Signals(sig).name, self.service.settings.shutdown_grace_s
-        )
-        self._loop.call_soon_threadsafe(self._start_draining)
+            self._loop.call_soon_threadsafe(self._end_grace, sig)
 
-    def _start_draining(self) -> None:
+    def _start_draining(self, sig: int) -> None:
+        grace = self.service.settings.shutdown_grace_s
+        log.info("signal %s: draining for up to %.1f s", signal.Signals(sig).name, grace)
+
         async def drain_then_exit() -> None:
             await self.service.drain()
             self.should_exit = True
 
         self.draining = asyncio.ensure_future(drain_then_exit())
+
+    def _end_grace(self, sig: int) -> None:
+        log.info("signal %s again: ending the grace period now", signal.Signals(sig).name)
+        self.service.end_grace()
 
 
 def _configure_logging(level: str) -> None:

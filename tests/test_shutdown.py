@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from lensnet_client import FocusClient, frame
+from service.server import REPEAT_WINDOW_S
 
 from .hooked_service import Gate
 from .live import LiveService, snapshot, wait_for_metric
@@ -71,7 +72,9 @@ def test_a_second_sigterm_ends_the_grace_period_at_once(tmp_path: Path) -> None:
             )  # fmt: skip
             gate.wait_entered(1)
             service.process.send_signal(signal.SIGTERM)
+            first = time.monotonic()
             wait_draining(service)
+            time.sleep(max(0.0, first + REPEAT_WINDOW_S + 0.2 - time.monotonic()))  # a second stop, not a repeat
             service.process.send_signal(signal.SIGTERM)
             answer = in_flight.result(timeout=15)  # the gate is still closed: the model has not returned
             assert answer.status_code == 503 and answer.json()["type"] == "urn:lensnet:problem:shutting-down"
@@ -82,6 +85,35 @@ def test_a_second_sigterm_ends_the_grace_period_at_once(tmp_path: Path) -> None:
     log = service.log()
     assert "Traceback" not in log and "CancelledError" not in log, log
     assert "ending the grace period now" in log
+
+
+def test_the_same_sigterm_delivered_twice_keeps_the_grace_period(tmp_path: Path) -> None:
+    """A repeat within REPEAT_WINDOW_S (a supervisor forwarding what the process group got too)
+    is one stop: the request in the model still finishes, with a 200."""
+    gate = Gate(tmp_path / "gate")
+    service = LiveService("--shutdown-grace-s", "30", hooks={"model": gate.spec}).wait_ready()
+    gate.arm()
+    arrays = dict(zip(("embeddings", "lod", "positions"), snapshot(64), strict=True))
+    body = frame.pack({"options": {"w_max": 64}}, arrays)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(
+                httpx.post, service.url + "/v1/focus", content=body, headers={"content-type": frame.MEDIA_TYPE},
+                timeout=60,
+            )  # fmt: skip
+            gate.wait_entered(1)
+            service.process.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+            service.process.send_signal(signal.SIGTERM)
+            wait_draining(service)
+            time.sleep(REPEAT_WINDOW_S)
+            assert not in_flight.done() and service.process.poll() is None  # still draining
+            gate.open()
+            assert in_flight.result(timeout=30).status_code == 200
+    finally:
+        gate.open()
+    assert service.process.wait(timeout=30) == 0
+    assert "ending the grace period" not in service.log()
 
 
 def test_a_request_still_uploading_at_sigterm_is_served() -> None:
