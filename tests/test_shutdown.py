@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import signal
 import socket
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import httpx
@@ -26,39 +29,10 @@ def wait_draining(service: LiveService, timeout: float = 10) -> None:
     assert ready.status_code == 503 and ready.json()["state"] == "draining"
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path: Path) -> None:
-    gate = Gate(tmp_path / "gate")
-    service = LiveService("--shutdown-grace-s", "30", hooks={"model": gate.spec}).wait_ready()
-    gate.arm()
-    arrays = dict(zip(("embeddings", "lod", "positions"), snapshot(64), strict=True))
-    body = frame.pack({"options": {"w_max": 64}}, arrays)
-    try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            in_flight = pool.submit(
-                httpx.post, service.url + "/v1/focus", content=body, headers={"content-type": frame.MEDIA_TYPE},
-                timeout=60,
-            )  # fmt: skip
-            gate.wait_entered(1)  # the request is inside the model, and stays there until the gate opens
-            service.process.send_signal(signal.SIGTERM)
-            wait_draining(service)
-            refused = service.http.post(
-                "/v1/focus", content=frame.pack({}, {}), headers={"content-type": frame.MEDIA_TYPE}
-            )
-            assert refused.status_code == 503 and refused.json()["type"] == "urn:lensnet:problem:shutting-down"
-            assert int(refused.headers["retry-after"]) >= 1
-            m = service.metrics()
-            assert m['lensnet_requests_refused_total{reason="shutting_down"}'] == 1 and m["lensnet_model_ready"] == 0
-            assert service.process.poll() is None  # still draining
-            gate.open()
-            assert in_flight.result().status_code == 200  # the admitted request finished
-    finally:
-        gate.open()
-    assert service.stop(timeout=60) == 0
-
-
-def test_a_second_sigterm_ends_the_grace_period_at_once(tmp_path: Path) -> None:
-    """The request still in the model is answered a 503 problem now, not after the 30 s grace,
-    and the process exits 0 without a traceback once the model returns."""
+@contextlib.contextmanager
+def request_in_the_model(tmp_path: Path) -> Iterator[tuple[LiveService, Gate, Future[httpx.Response]]]:
+    """A service (30 s grace) with one /v1/focus request inside the model, held there until the
+    gate opens (it opens on leaving, whatever happened)."""
     gate = Gate(tmp_path / "gate")
     service = LiveService("--shutdown-grace-s", "30", hooks={"model": gate.spec}).wait_ready()
     gate.arm()
@@ -71,16 +45,38 @@ def test_a_second_sigterm_ends_the_grace_period_at_once(tmp_path: Path) -> None:
                 timeout=60,
             )  # fmt: skip
             gate.wait_entered(1)
-            service.process.send_signal(signal.SIGTERM)
-            first = time.monotonic()
-            wait_draining(service)
-            time.sleep(max(0.0, first + REPEAT_WINDOW_S + 0.2 - time.monotonic()))  # a second stop, not a repeat
-            service.process.send_signal(signal.SIGTERM)
-            answer = in_flight.result(timeout=15)  # the gate is still closed: the model has not returned
-            assert answer.status_code == 503 and answer.json()["type"] == "urn:lensnet:problem:shutting-down"
-            assert answer.headers["connection"] == "close"
+            yield service, gate, in_flight
     finally:
         gate.open()
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path: Path) -> None:
+    with request_in_the_model(tmp_path) as (service, gate, in_flight):
+        service.process.send_signal(signal.SIGTERM)
+        wait_draining(service)
+        refused = service.http.post("/v1/focus", content=frame.pack({}, {}), headers={"content-type": frame.MEDIA_TYPE})
+        assert refused.status_code == 503 and refused.json()["type"] == "urn:lensnet:problem:shutting-down"
+        assert int(refused.headers["retry-after"]) >= 1
+        m = service.metrics()
+        assert m['lensnet_requests_refused_total{reason="shutting_down"}'] == 1 and m["lensnet_model_ready"] == 0
+        assert service.process.poll() is None  # still draining
+        gate.open()
+        assert in_flight.result().status_code == 200  # the admitted request finished
+    assert service.stop(timeout=60) == 0
+
+
+def test_a_second_sigterm_ends_the_grace_period_at_once(tmp_path: Path) -> None:
+    """The request still in the model is answered a 503 problem now, not after the 30 s grace,
+    and the process exits 0 without a traceback once the model returns."""
+    with request_in_the_model(tmp_path) as (service, _, in_flight):
+        service.process.send_signal(signal.SIGTERM)
+        first = time.monotonic()
+        wait_draining(service)
+        time.sleep(max(0.0, first + REPEAT_WINDOW_S + 0.2 - time.monotonic()))  # a second stop, not a repeat
+        service.process.send_signal(signal.SIGTERM)
+        answer = in_flight.result(timeout=15)  # the gate is still closed: the model has not returned
+        assert answer.status_code == 503 and answer.json()["type"] == "urn:lensnet:problem:shutting-down"
+        assert answer.headers["connection"] == "close"
     assert service.process.wait(timeout=30) == 0
     log = service.log()
     assert "Traceback" not in log and "CancelledError" not in log, log
@@ -90,28 +86,15 @@ def test_a_second_sigterm_ends_the_grace_period_at_once(tmp_path: Path) -> None:
 def test_the_same_sigterm_delivered_twice_keeps_the_grace_period(tmp_path: Path) -> None:
     """A repeat within REPEAT_WINDOW_S (a supervisor forwarding what the process group got too)
     is one stop: the request in the model still finishes, with a 200."""
-    gate = Gate(tmp_path / "gate")
-    service = LiveService("--shutdown-grace-s", "30", hooks={"model": gate.spec}).wait_ready()
-    gate.arm()
-    arrays = dict(zip(("embeddings", "lod", "positions"), snapshot(64), strict=True))
-    body = frame.pack({"options": {"w_max": 64}}, arrays)
-    try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            in_flight = pool.submit(
-                httpx.post, service.url + "/v1/focus", content=body, headers={"content-type": frame.MEDIA_TYPE},
-                timeout=60,
-            )  # fmt: skip
-            gate.wait_entered(1)
-            service.process.send_signal(signal.SIGTERM)
-            time.sleep(0.05)
-            service.process.send_signal(signal.SIGTERM)
-            wait_draining(service)
-            time.sleep(REPEAT_WINDOW_S)
-            assert not in_flight.done() and service.process.poll() is None  # still draining
-            gate.open()
-            assert in_flight.result(timeout=30).status_code == 200
-    finally:
+    with request_in_the_model(tmp_path) as (service, gate, in_flight):
+        service.process.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        service.process.send_signal(signal.SIGTERM)
+        wait_draining(service)
+        time.sleep(REPEAT_WINDOW_S)
+        assert not in_flight.done() and service.process.poll() is None  # still draining
         gate.open()
+        assert in_flight.result(timeout=30).status_code == 200
     assert service.process.wait(timeout=30) == 0
     assert "ending the grace period" not in service.log()
 
