@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -157,3 +158,49 @@ def test_an_upload_unfinished_when_the_grace_period_ends_gets_a_503_problem() ->
     assert "Traceback" not in log and "CancelledError" not in log, log
     assert log.count("grace period over") == 1
     assert service.stop() == 0
+
+
+def test_exit_signals_drain_then_cut_the_grace_then_force() -> None:
+    """DrainingServer.handle_exit alone, on a loop that records what it is handed: the first signal
+    schedules the drain, a repeat inside REPEAT_WINDOW_S does nothing, a later one ends the grace,
+    and the next forces the exit; so does any signal once the drain is over, or before the loop runs."""
+    import uvicorn
+
+    from service.server import DrainingServer
+
+    class Loop:
+        def __init__(self) -> None:
+            self.scheduled: list[str] = []
+
+        def call_soon_threadsafe(self, callback: Any, *args: Any) -> None:
+            self.scheduled.append(callback.__name__)
+
+    def server(loop: Loop | None) -> DrainingServer:
+        made = DrainingServer(uvicorn.Config(app=None), service=None)  # type: ignore[arg-type]
+        made._loop = loop  # type: ignore[assignment]
+        return made
+
+    loop = Loop()
+    draining = server(loop)
+    draining.handle_exit(signal.SIGTERM, None)
+    draining.handle_exit(signal.SIGTERM, None)  # the same stop, delivered twice
+    assert loop.scheduled == ["_start_draining"] and not draining.should_exit
+    assert draining.drain_began is not None
+    draining.drain_began -= REPEAT_WINDOW_S  # as if the window had passed
+    draining.handle_exit(signal.SIGTERM, None)
+    assert loop.scheduled == ["_start_draining", "_end_grace"] and not draining.force_exit
+    draining.handle_exit(signal.SIGINT, None)
+    assert draining.should_exit and draining.force_exit and len(loop.scheduled) == 2
+
+    drained = server(loop := Loop())
+    drained.handle_exit(signal.SIGTERM, None)
+    done: Future[None] = Future()  # stands for the drain task: only its done() is read
+    done.set_result(None)
+    drained.draining = done  # type: ignore[assignment]
+    drained.drain_began = (drained.drain_began or 0) - REPEAT_WINDOW_S
+    drained.handle_exit(signal.SIGTERM, None)  # after the drain: nothing left to cut
+    assert drained.force_exit and loop.scheduled == ["_start_draining"]
+
+    early = server(None)  # the loop has not started
+    early.handle_exit(signal.SIGTERM, None)
+    assert early.force_exit
