@@ -257,3 +257,24 @@ def test_the_cpu_model_target_is_met_over_its_interval_only_when_the_interval_cl
     (few,) = rows(1.05, [])
     del few["torch_over_ort_p50_95ci_rounds"]  # too few rounds for an interval: no verdict over it
     assert targets([few])["cpu_speedup_vs_torch_8k"]["met_over_interval"] is None
+
+
+def test_model_latency_alternates_the_engine_order_and_pauses_before_each_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each round runs the engines in one order or its reverse, so neither always follows the
+    other's spinning threads, and every run comes SETTLE_S after whatever ran before it."""
+    from benchmarks import model_latency
+
+    happened: list[str] = []
+
+    def engine(name: str) -> tuple[Any, str]:
+        return (lambda feed: happened.append(name), "fp32")
+
+    monkeypatch.setattr(model_latency, "_engines", lambda *args: {"first": engine("first"), "second": engine("second")})
+    monkeypatch.setattr(model_latency.time, "sleep", lambda seconds: happened.append(f"sleep {seconds}"))
+    rows = model_latency.measure_dim(256, [64], 3, 3, False, 1, ["cpu"], None)
+    assert [row["runs"] for row in rows] == [3, 3]
+    pause = f"sleep {model_latency.SETTLE_S}"
+    assert happened[0::2] == [pause] * 8  # a warm-up round and 3 timed ones, 2 runs each
+    assert happened[1::2] == ["second", "first", "first", "second", "second", "first", "first", "second"]
