@@ -4,14 +4,16 @@
 
 The stateless endpoints are snapshot → decision functions. Focus sessions (`open_session`,
 `step_session`) keep a WC per caller in `service.core.sessions`: a step decodes its delta, plans
-it against the session (checked like a full snapshot), applies it (`apply`, undoable), then runs
-the same stages as /v1/focus, and commits only once the answer is encoded, so a failed step
-leaves the session as it was. Each stage ends on the call's stage clock. A `deadline` (perf_counter
+it against the session (checked like a full snapshot), applies it (`apply`, undoable; the rows
+were placed for the last answer's edits after it went out, `Reply.after`), then runs the same
+stages as /v1/focus, and commits only once the answer is encoded, so a failed step leaves the
+session as it was. Each stage ends on the call's stage clock. A `deadline` (perf_counter
 time) passed by the end of the model stage gives 504, with nothing recorded as returned.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -458,7 +460,7 @@ class Pipeline:
         if self.metrics:
             self.metrics.session_creates.inc()
         stage.done("apply")  # keeping the session
-        return reply
+        return reply._replace(after=functools.partial(self.place, session))
 
     def step_session(self, call: Call) -> Reply:
         """POST /v1/sessions/{id}/focus: apply the delta to the session's WC and answer like
@@ -467,9 +469,14 @@ class Pipeline:
         session = self._session(call.session or "")  # first: a gone session is a 404 whatever the body
         request = call.reader.finish()
         fields = _fields(StepFields, request.fields)
-        if not session.lock.acquire(blocking=False):
-            self._resync("version")
-            raise _conflict(session, fields.version, "another step of this session is in progress")
+        if not session.lock.acquire(blocking=False):  # a step, or the rows' placement after the last one
+            stage.done("decode")
+            with session.placing:  # held around a placement: wait for it to end
+                pass
+            stage.done("apply")
+            if not session.lock.acquire(blocking=False):
+                self._resync("version")
+                raise _conflict(session, fields.version, "another step of this session is in progress")
         try:
             if fields.version != session.version:
                 self._resync("version")
@@ -509,7 +516,21 @@ class Pipeline:
         if self.metrics:
             self.metrics.session_steps.inc()
         stage.done("apply")  # committing the step
-        return reply
+        return reply._replace(after=functools.partial(self.place, session))
+
+    @staticmethod
+    def place(session: sessions.Session) -> None:
+        """After a session call's answer, on an inference thread: place the rows for its edits
+        (`sessions.place`), unless a step already holds the session."""
+        with session.placing:
+            if not session.lock.acquire(blocking=False):
+                return
+            try:
+                sessions.place(session)
+            except Exception:  # a bug or no memory: the next step applies the edits itself
+                log.exception("placing session %s's rows failed", session.id)
+            finally:
+                session.lock.release()
 
     def _delta(self, request: codec.DecodedRequest, fields: StepFields) -> sessions.Delta:
         arrays, d, dtype = request.arrays, self.config.embed_dim, self.scorer.input_dtype
@@ -602,11 +623,13 @@ class Call:
 
 
 class Reply(NamedTuple):
-    """An endpoint's answer: the body, its media type and any headers besides Server-Timing."""
+    """An endpoint's answer: the body, its media type, any headers besides Server-Timing, and work
+    to run after it on an inference thread (a session's placement), not awaited by the request."""
 
     content: bytes
     media_type: str
     headers: dict[str, str]
+    after: Callable[[], None] | None = None
 
 
 def _refuse_beyond_served_range(embeddings: np.ndarray) -> None:

@@ -19,7 +19,8 @@ Stages and the work that is hooked: admit (the admission place), queue (waiting 
 slot), decode (finishing the body's decoding), apply (staging a session delta), model
 (`Scorer.score`), allocate (the allocator), telemetry (score and allocation observation), encode
 (the answer's encoding), handoff (the way back: the inference thread's work is done, the event
-loop has not taken the answer yet). `model` wraps every `Scorer`, a shadow model's too: gate another stage
+loop has not taken the answer yet), and place (not a request stage: a session's row placement
+after an answer, holding the session). `model` wraps every `Scorer`, a shadow model's too: gate another stage
 when a shadow runs. One worker only (`--workers 1`): the hooks live in this process.
 """
 
@@ -132,6 +133,7 @@ def install(hooks: dict[str, Any]) -> None:
         "allocate": [(pipeline, "allocate")],
         "telemetry": [(Metrics, "observe_allocation")],
         "encode": [(codec, "encode_response")],
+        "place": [(sessions, "place")],
     }
     for stage, spec in hooks.items():
         pause = _pause(spec)

@@ -197,6 +197,43 @@ def test_a_bug_inside_a_step_is_a_500_and_the_step_is_undone(tmp_path: Path) -> 
         assert "a planted failure" in service.log()
 
 
+def test_a_step_waits_for_the_rows_placement_and_a_concurrent_step_gets_409(tmp_path: Path) -> None:
+    """After an answer an inference thread places the session's rows for its edits: a step that
+    comes meanwhile waits for it (in its apply stage) instead of answering 409; one that comes while
+    another step of the session runs answers 409 at once."""
+    placing, model = Gate(tmp_path / "place"), Gate(tmp_path / "model")
+    service = LiveService("--max-concurrency", "2", hooks={"place": placing.spec, "model": model.spec}).wait_ready()
+    embeddings, lod, positions = snapshot(64, seed=11)
+    try:
+        with (
+            FocusClient(service.url, timeout=60) as client,
+            FocusSession(client, w_max=64) as session,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            placing.arm()
+            session.open(embeddings, lod, positions)
+            placing.wait_entered(1)  # the placement after the answer holds the session
+            waiting = pool.submit(session.step, applied=[], **tail_append(session.lod, session.positions, 16))
+            time.sleep(0.3)
+            assert not waiting.done()
+            placing.open()
+            second = waiting.result(timeout=30)
+            assert second.version == 2 and session.resyncs == 0
+            assert second.server_timing["apply"] >= 250  # ms: the wait for the placement
+            model.arm()
+            running = pool.submit(session.step, applied=[], **tail_append(session.lod, session.positions, 4, seed=1))
+            model.wait_entered(1)  # the third step holds the session, in the model
+            response = post_step(service, session.state.session_id, {"version": 2, "applied": []}, {})
+            assert response.status_code == 409, response.text
+            assert response.json()["detail"].startswith("another step of this session is in progress:")
+            model.open()
+            assert running.result(timeout=30).version == 3
+    finally:
+        placing.open()
+        model.open()
+        assert service.stop() == 0
+
+
 def test_session_calls_use_the_same_limits_and_json(live: LiveService) -> None:
     too_big = live.http.post("/v1/sessions", content=b"x" * ((2 << 20) + 1), headers={"content-type": FRAME})
     assert too_big.status_code == 413

@@ -7,7 +7,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from lensnet_client import Edit, History, SnapshotError, edit_rows, frame, synthetic_layout
@@ -24,6 +24,7 @@ from service.core.sessions import (
     Session,
     SessionStore,
     ages,
+    place,
     plan,
     record,
     splice_layout,
@@ -183,6 +184,51 @@ def test_a_staged_step_rolls_back_to_the_exact_session() -> None:
     step.rollback()
     assert np.array_equal(session.rows.array, before[0])
     assert (session.layout, session.history, session.version) == before[1:]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**16), st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans(), st.integers(0, 6)),
+       min_size=1, max_size=12))  # fmt: skip
+def test_rows_placed_between_steps_give_every_step_the_same_wc(seed: int, steps: list) -> None:
+    """Whether the rows were placed for the last answer's edits or not, a step applying all of them,
+    a subset, or failing (rolled back) leaves exactly the rows a caller's own copy has."""
+    rng = np.random.default_rng(seed)
+    session = session_with(int(rng.integers(8, 120)), seed=seed)
+    expected, placements = session.rows.array.copy(), 0
+    for placed, subset, fails, appended in steps:
+        options = AllocatorOptions(4, 2, w_max=int(rng.integers(1, 2 * session.layout.lod.size)), tau_expand=0.1,
+                                   tau_collapse=0.1)  # fmt: skip
+        session.edits = allocate(session.layout, rng.uniform(-1, 1, session.layout.lod.size).astype(np.float32),
+                                 options).edits  # fmt: skip
+        if placed:
+            length = session.rows.length + sum(edit.added - edit.removed for edit in session.edits)
+            place(session)  # only where the buffer has room (a new session's has none)
+            assert (session.placed is not None) == (bool(session.edits) and session.rows.growth(length) == 0)
+            placements += session.placed is not None
+        chosen = sorted(rng.choice(len(session.edits), int(rng.integers(0, len(session.edits) + 1)),
+                                   replace=False).tolist()) if subset else None  # fmt: skip
+        applied = [session.edits[i] for i in (range(len(session.edits)) if chosen is None else chosen)]
+        created = rng.standard_normal((sum(edit.added for edit in applied), D)).astype(np.float32)
+        end = int(session.layout.positions[-1]) + 4 ** int(session.layout.lod[-1])
+        tail = rng.standard_normal((appended, D)).astype(np.float32)
+        step_delta = delta(
+            applied=chosen,
+            created=created,
+            append_embeddings=tail,
+            append_lod=np.zeros(appended, np.int64),
+            append_positions=np.arange(end, end + appended),
+        )
+        step = stage(session, step_delta, plan(session, step_delta, D))
+        result = np.concatenate([edit_rows(expected, applied, created), tail])
+        assert np.array_equal(step.embeddings, result)
+        if fails:
+            step.rollback()
+            assert np.array_equal(session.rows.array, expected)
+        else:
+            step.commit(())
+            expected = result
+        assert session.placed is None  # a step uses its placement or undoes it
+    event("placed", payload=placements > 0)
 
 
 def test_server_history_matches_the_client_history() -> None:

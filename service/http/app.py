@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -200,6 +200,8 @@ class Service:
                     loop = asyncio.get_running_loop()
                     reply = await loop.run_in_executor(self.executor, _run, wire, pipeline, call)
                     clock.done("handoff")  # back on the event loop
+                    if reply.after is not None:
+                        self._after(reply.after)
             finally:
                 if not admitted:
                     self.metrics.queued.dec()
@@ -209,6 +211,14 @@ class Service:
         headers = {"Server-Timing": f"{stages}, total;dur={clock.elapsed * 1e3:.3f}"} | reply.headers | spec.headers
         request.state.clock = clock
         return Response(reply.content, status_code=spec.status, media_type=reply.media_type, headers=headers)
+
+    def _after(self, work: Callable[[], None]) -> None:
+        """Queue a reply's after-work on the inference threads (ahead of the next call's work); a
+        process shutting down skips it."""
+        try:
+            self.executor.submit(work)
+        except RuntimeError:  # the executor is shut down
+            log.info("shutting down: a session's row placement is skipped")
 
     def _deadline(self, request: Request, arrival: float) -> float | None:
         """The request's deadline (perf_counter time) from X-Request-Timeout-Ms: a finite number
