@@ -70,6 +70,10 @@ class _SessionState:
     def headers(self, headers: dict[str, str]) -> dict[str, str]:
         return {**headers, ROUTING_HEADER: self.routing_key}
 
+    def deletion(self) -> dict[str, Any]:
+        """The DELETE of the service's session, as httpx keywords: its path and routing header."""
+        return {"url": f"/v1/sessions/{self.session_id}", "headers": self.headers({})}
+
     def create(
         self, embeddings: np.ndarray, pending: _Pending, overrides: Mapping[str, Any], return_scores: bool,
         deadline_ms: float | None,
@@ -224,7 +228,7 @@ class FocusSession:
         state.resyncs += 1
         if status == 409:  # the old session still holds a WC there: free it, but keep its id until replaced
             with contextlib.suppress(httpx.HTTPError):
-                self.client.http.delete(f"/v1/sessions/{state.session_id}", headers=state.headers({}))
+                self.client.http.delete(**state.deletion())
         content, headers, pending = state.create(full, pending, overrides, return_scores, deadline_ms)
         return state.adopt(self.client.protocol.focus_result(self.client._post("/v1/sessions", content, headers)),
                            pending)  # fmt: skip
@@ -232,7 +236,7 @@ class FocusSession:
     def close(self) -> None:
         """Delete the session on the service (nothing if it is already gone)."""
         if self.state.session_id is not None:
-            self.client.http.delete(f"/v1/sessions/{self.state.session_id}", headers=self.state.headers({}))
+            self.client.http.delete(**self.state.deletion())
             self.state.session_id = None
 
 
@@ -299,12 +303,12 @@ class AsyncFocusSession:
         state.resyncs += 1
         if status == 409:  # the old session still holds a WC there: free it, but keep its id until replaced
             with contextlib.suppress(httpx.HTTPError):
-                await self.client.http.delete(f"/v1/sessions/{state.session_id}", headers=state.headers({}))
+                await self.client.http.delete(**state.deletion())
         content, headers, pending = state.create(full, pending, overrides, return_scores, deadline_ms)
         response = await self.client._post("/v1/sessions", content, headers)
         return state.adopt(self.client.protocol.focus_result(response), pending)
 
     async def close(self) -> None:
         if self.state.session_id is not None:
-            await self.client.http.delete(f"/v1/sessions/{self.state.session_id}", headers=self.state.headers({}))
+            await self.client.http.delete(**self.state.deletion())
             self.state.session_id = None
