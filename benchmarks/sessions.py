@@ -4,7 +4,9 @@ Steady state (per D): the real service (uvicorn on loopback) holds a session of 
 by `FocusSession` with fp16 frames, on the device and precision the service chose (recorded; on
 CUDA the step's whole server time is checked against 3 ms p99 too). Each step applies all of the
 previous answer's edits (at most 8; low thresholds so that steps have edits) with the rows they
-create and appends 16 raw tokens.
+create and appends 16 raw tokens; every --subset-every'th step (0: none) applies only the first
+half of them instead (reported apart, `step_subset`: the service had placed the rows for all the
+edits after the answer, and undoes that before applying the half).
 In the same run, after every --full-every'th step, the same resulting WC goes whole to /v1/focus
 (and must get the same edits). Per path: request bytes, client-observed latency, every stage the
 server lists in Server-Timing, and `overhead_ms` = the server's total minus its model stage: the
@@ -16,7 +18,8 @@ Soak: --soak-sessions sessions x --soak-steps steps at a small N, --soak-active 
 time (conversations come and go), under --soak-memory-bytes: the service's RSS, the bytes-held
 gauge against the bound, evictions and resyncs.
 
-    python -m benchmarks.sessions [--n 8192] [--dims 256 1280] [--steps 100] [--full-every 1] [--no-soak] [--out r.json]
+    python -m benchmarks.sessions [--n 8192] [--dims 256 1280] [--steps 100] [--full-every 1] [--subset-every 0]
+                                  [--no-soak] [--out r.json]
 """
 
 from __future__ import annotations
@@ -73,15 +76,17 @@ def summary(results: list[FocusResult], sizes: list[int], client_ms: list[float]
 
 
 def steady(
-    url: str, n: int, d: int, steps: int, warmup: int, append: int, full_every: int, seed: int
+    url: str, n: int, d: int, steps: int, warmup: int, append: int, full_every: int, subset_every: int, seed: int
 ) -> dict[str, Any]:
-    """`warmup` + `steps` session steps, each after every `full_every`-th also sent whole to /v1/focus."""
+    """`warmup` + `steps` session steps, each after every `full_every`-th also sent whole to /v1/focus;
+    every `subset_every`-th (0: none) applies the first half of the last answer's edits, not all."""
     rng = np.random.default_rng(seed)
     lod, positions = synthetic_layout(n, B, 2, rng)
     wc = rng.standard_normal((n, d)).astype(np.float16)
     sizes: list[int] = []
     hook = {"request": [lambda request: sizes.append(int(request.headers.get("content-length", 0)))]}
-    runs: dict[str, dict[str, list[Any]]] = {p: {"results": [], "bytes": [], "client": []} for p in ("step", "full")}
+    kinds = ("step", "full", "step_subset") if subset_every else ("step", "full")
+    runs: dict[str, dict[str, list[Any]]] = {p: {"results": [], "bytes": [], "client": []} for p in kinds}
     created_rows, edits_applied, same, compared = [], [], 0, 0
     with FocusClient(url, timeout=300) as client:
         served = client.model()
@@ -90,17 +95,21 @@ def steady(
         history = History()
         result = session.open(wc, lod, positions)
         for i in range(warmup + steps):
-            created = rng.standard_normal((sum(e.added for e in result.edits), d)).astype(np.float16)
+            subset = subset_every > 0 and i % subset_every == subset_every - 1
+            chosen = list(range(len(result.edits) // 2)) if subset else None
+            edits = result.edits if chosen is None else result.edits[: len(chosen)]
+            created = rng.standard_normal((sum(e.added for e in edits), d)).astype(np.float16)
             delta = tail(session, append, d, rng)
-            wc = np.concatenate([edit_rows(wc, result.edits, created), delta["append_embeddings"]])
-            history.record(result.edits)
-            applied = len(result.edits)
-            paths = ("step", "full") if i % full_every == 0 else ("step",)
+            wc = np.concatenate([edit_rows(wc, edits, created), delta["append_embeddings"]])
+            history.record(edits)
+            applied = len(edits)
+            kind = "step_subset" if subset else "step"
+            paths = (kind, "full") if i % full_every == 0 else (kind,)
             for path in paths:
                 sizes.clear()
                 began = time.perf_counter()
-                if path == "step":
-                    answer = step_answer = session.step(created=created, **delta)
+                if path != "full":
+                    answer = step_answer = session.step(created=created, applied=chosen, **delta)
                 else:
                     answer = client.focus(wc, session.lod, session.positions, w_max=n, history=history, **OPTIONS)
                     same, compared = same + (step_answer.edits == answer.edits), compared + 1
@@ -109,7 +118,7 @@ def steady(
                     runs[path]["results"].append(answer)
                     runs[path]["bytes"].append(sizes[-1])
                     runs[path]["client"].append(elapsed)
-            if i >= warmup:
+            if i >= warmup and not subset:
                 created_rows.append(created.shape[0])
                 edits_applied.append(applied)
             result = step_answer
@@ -125,7 +134,7 @@ def steady(
         "resyncs": resyncs, "edits_applied_mean": round(float(np.mean(edits_applied)), 2),
         "created_rows_mean": round(float(np.mean(created_rows)), 2),
         "answers_equal_to_full": f"{same}/{compared}",
-        "step": report["step"], "full": report["full"],
+        **report,
         "overhead_ratio_p50": round(step_p50 / full_p50, 4),
         "request_bytes_ratio_p50": round(step_bytes / full_bytes, 4),
         "step_bytes_without_created_p50": round(without_created),
@@ -213,6 +222,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="measured steps per D (after --warmup)")
     parser.add_argument("--warmup", type=int, default=5, help="steps run first and discarded")
     parser.add_argument("--full-every", type=int, default=1, help="send the WC whole after every k-th step")
+    parser.add_argument("--subset-every", type=int, default=0, help="every k-th step applies half the edits (0: none)")
     parser.add_argument("--append", type=int, default=16)
     parser.add_argument("--no-soak", action="store_true")
     parser.add_argument("--soak-sessions", type=int, default=1000)
@@ -232,9 +242,8 @@ def main() -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         with server(serve_args(port, model_dir(d), []), url, "/readyz"):
-            report["steady"].append(
-                steady(url, args.n, d, args.steps, args.warmup, args.append, args.full_every, seed=d)
-            )
+            run = (args.n, d, args.steps, args.warmup, args.append, args.full_every, args.subset_every)
+            report["steady"].append(steady(url, *run, seed=d))
         print(json.dumps(report["steady"][-1]), file=sys.stderr, flush=True)  # progress; the report goes to stdout
     if not args.no_soak:
         port = free_port()

@@ -137,7 +137,7 @@ TINY = {
     "read_body": ["--runs", "3", "--sizes", "64"],
     "v2_overhead": ["--pairs", "3", "--sizes", "64"],
     "latency": ["--requests", "3", "--sizes", "64", "--dims", "256", "--formats", "binary", "--concurrency", "1", "2"],
-    "sessions": ["--n", "64", "--dims", "256", "--steps", "3", "--warmup", "1", "--no-soak"],
+    "sessions": ["--n", "64", "--dims", "256", "--steps", "4", "--warmup", "1", "--subset-every", "2", "--no-soak"],
     "model_latency": ["--dims", "256", "--sizes", "64", "--runs", "2"],
     "memory": ["--dims", "256", "--sizes", "64"],
     "feedback": ["--batch", "50", "--entries", "64", "--pairs", "1", "--phase-s", "0.5", "--settle-s", "0.1"],
@@ -157,7 +157,10 @@ def test_each_benchmark_runs_end_to_end_and_names_its_provenance(name: str) -> N
     if name == "sessions":
         (steady,) = report["steady"]
         assert (steady["device"], steady["precision"]) == ("CPUExecutionProvider", "fp32")
-        assert "gpu_step_total_p99_le_3ms" not in steady["targets"]  # a CUDA target, and 3 steps give no p99
+        assert "gpu_step_total_p99_le_3ms" not in steady["targets"]  # a CUDA target, and 4 steps give no p99
+        # Steps 1 and 3 (of 0-4, 0 the warm-up) apply half the edits, reported apart; all match /v1/focus.
+        assert steady["step"]["overhead_ms"]["samples"] == steady["step_subset"]["overhead_ms"]["samples"] == 2
+        assert steady["answers_equal_to_full"] == "5/5" and steady["resyncs"] == 0
     if name == "model_latency":  # 2 rounds: too few for an interval, so none is quoted, and no verdict over one
         assert all("torch_over_ort_p50_95ci_rounds" not in row for row in report["results"])
     if name == "latency":
