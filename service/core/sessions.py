@@ -12,8 +12,9 @@ deadline) leaves the session exactly as it was. The moves are the one O(N·D) co
 edits has: edits spread over the WC shift most rows. So they are made ahead, between steps
 (`place`, on an inference thread once the answer is out): the rows go where applying all of the
 answer's edits leaves them, and a step that applies them all (the usual case) only writes the
-created rows into their places. A step applying a subset first undoes the placement. The `apply`
-stage of benchmarks/sessions.py times what stays on the request path.
+created rows into their places; one applying a subset puts back the rows of the edits it leaves
+out (moving what a step with that many edits moves). The `apply` stage of benchmarks/sessions.py
+times what stays on the request path.
 """
 
 from __future__ import annotations
@@ -328,22 +329,25 @@ def step_growth(session: Session, planned: Plan, max_edits: int) -> int:
 
 
 def stage(session: Session, delta: Delta, planned: Plan) -> Step:
-    """Apply a planned delta to the session's rows (undoable); `commit` or `rollback` ends it. With
-    the rows placed for the last answer's edits and all of them applied, only the created rows are
-    written; a placement for more edits than the step applies is undone first."""
+    """Apply a planned delta to the session's rows (undoable); `commit` or `rollback` ends it.
+    Rows placed for the last answer's edits (`place`) are spliced from where they are: an applied
+    edit's created rows fill its place, an edit not applied gets back the rows it removed."""
     rows, placed = session.rows, session.placed
     session.placed = None
-    if placed is not None and len(planned.applied) == len(session.edits):
-        shift = 0  # of the old WC's rows after the edits so far
-        for index, removed, created in planned.splices:
-            rows.array[index + shift : index + shift + created.shape[0]] = created
-            shift += created.shape[0] - removed
-        return Step(session, planned.layout, planned.history, rows.stage([], delta.trim_head,
-                                                                         delta.append_embeddings), placed)  # fmt: skip
-    if placed is not None:
-        placed.apply()
-    undo = rows.stage(planned.splices, delta.trim_head, delta.append_embeddings)
-    return Step(session, planned.layout, planned.history, undo)
+    if placed is None:
+        undo = rows.stage(planned.splices, delta.trim_head, delta.append_embeddings)
+        return Step(session, planned.layout, planned.history, undo)
+    created = {index: created for index, _, created in planned.splices}
+    splices, shift = [], 0  # shift: of the old WC's rows after the edits so far, once placed
+    for edit, (_, removed) in zip(session.edits, placed.saved, strict=True):
+        at = edit.index + shift
+        if edit.index in created:
+            rows.array[at : at + edit.added] = created[edit.index]
+        else:
+            splices.append((at, edit.added, removed))
+        shift += edit.added - edit.removed
+    undo = rows.stage(splices, delta.trim_head, delta.append_embeddings)
+    return Step(session, planned.layout, planned.history, undo, placed)
 
 
 def place(session: Session) -> None:
