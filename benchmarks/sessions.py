@@ -6,7 +6,7 @@ CUDA the step's whole server time is checked against 3 ms p99 too). Each step ap
 previous answer's edits (at most 8; low thresholds so that steps have edits) with the rows they
 create and appends 16 raw tokens; every --subset-every'th step (0: none) applies only the first
 half of them instead (reported apart, `step_subset`: the service had placed the rows for all the
-edits after the answer, and undoes that before applying the half).
+edits after the answer, and puts back the rows of the half left out).
 In the same run, after every --full-every'th step, the same resulting WC goes whole to /v1/focus
 (and must get the same edits). Per path: request bytes, client-observed latency, every stage the
 server lists in Server-Timing, and `overhead_ms` = the server's total minus its model stage: the
