@@ -51,6 +51,7 @@ REFUSAL_REASONS = ("overload", "not_ready", "shutting_down", "deadline", "deadli
 EDIT_CAUSES = {"expand": ("threshold",), "collapse": ("threshold", "budget", "make_room")}
 EVICTION_REASONS = ("count", "memory", "ttl")
 RESYNC_REASONS = ("not_found", "version")
+PLACEMENT_OUTCOMES = ("placed", "none", "room", "memory", "busy", "gone", "error")
 # Sub-millisecond resolution, with the budget edge added by Metrics (3 ms by default).
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005,
@@ -164,8 +165,22 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.session_placements = Counter(
+            "lensnet_session_placements_total",
+            "Row placements after session answers (the rows moved for the answer's edits before the next step): "
+            "placed, or skipped: none (no edits), room (the buffer would grow), memory (the rows set aside would "
+            "pass --session-memory-bytes), busy (a step holds or awaits the session), gone (deleted or evicted), "
+            "error (a failure, logged).",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.session_placement_seconds = Histogram(
+            "lensnet_session_placement_seconds", "Time of the row placements made (on an inference thread, after "
+            "the answer).", buckets=latency, registry=r,
+        )  # fmt: skip
         for reason in EVICTION_REASONS:
             self.session_evictions.labels(reason=reason)
+        for outcome in PLACEMENT_OUTCOMES:
+            self.session_placements.labels(outcome=outcome)
         for reason in RESYNC_REASONS:
             self.session_resyncs.labels(reason=reason)
         for reason in REFUSAL_REASONS:

@@ -13,11 +13,12 @@ time) passed by the end of the model stage gives 504, with nothing recorded as r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypeVar, get_args
 
@@ -469,15 +470,7 @@ class Pipeline:
         session = self._session(call.session or "")  # first: a gone session is a 404 whatever the body
         request = call.reader.finish()
         fields = _fields(StepFields, request.fields)
-        if not session.lock.acquire(blocking=False):  # a step, or the rows' placement after the last one
-            stage.done("decode")
-            with session.placing:  # held around a placement: wait for it to end
-                pass
-            stage.done("apply")
-            if not session.lock.acquire(blocking=False):
-                self._resync("version")
-                raise _conflict(session, fields.version, "another step of this session is in progress")
-        try:
+        with self._stepping(session, fields.version, stage):
             if fields.version != session.version:
                 self._resync("version")
                 raise _conflict(session, fields.version, f"version {fields.version} is not the session's current one")
@@ -498,39 +491,67 @@ class Pipeline:
             if not self.store.fits(session, growth):
                 raise self._memory_problem(session.nbytes + growth)
             stage.done("decode")
-            step = sessions.stage(session, delta, planned)
-            stage.done("apply")
-            snapshot = codec.Snapshot(step.embeddings, planned.layout.lod, planned.layout.positions, "float32")
-            extra = {"session_id": session.id, "version": session.version + 1}
+            step = None
             try:
+                step = sessions.stage(session, delta, planned)  # as it was if it fails
+                stage.done("apply")
+                snapshot = codec.Snapshot(step.embeddings, planned.layout.lod, planned.layout.positions, "float32")
+                extra = {"session_id": session.id, "version": session.version + 1}
                 allocation, reply = self._decide(
                     call, stage, snapshot, planned.layout, inputs, fields.return_scores, request.style, extra
                 )
             except BaseException:
-                step.rollback()
+                if step is not None:
+                    step.rollback()
+                self.store.update(session)  # a placement the step took is gone, rolled back or not
                 raise
             step.commit(allocation.edits)
             self.store.update(session)  # under the session's lock: its size cannot change meanwhile
-        finally:
-            session.lock.release()
         if self.metrics:
             self.metrics.session_steps.inc()
         stage.done("apply")  # committing the step
         return reply._replace(after=functools.partial(self.place, session))
 
-    @staticmethod
-    def place(session: sessions.Session) -> None:
-        """After a session call's answer, on an inference thread: place the rows for its edits
-        (`sessions.place`), unless a step already holds the session."""
-        with session.placing:
+    @contextlib.contextmanager
+    def _stepping(self, session: sessions.Session, version: int, stage: StageClock) -> Iterator[None]:
+        """Hold `session` for one step: 409 while another step holds it; a placement of its rows
+        (which starts no more once a step waits) is waited for, in the `apply` stage."""
+        if not session.stepping.acquire(blocking=False):
+            self._resync("version")
+            raise _conflict(session, version, "another step of this session is in progress")
+        try:
             if not session.lock.acquire(blocking=False):
-                return
+                stage.done("decode")
+                session.lock.acquire()
+                stage.done("apply")
             try:
-                sessions.place(session)
+                yield
+            finally:
+                session.lock.release()
+        finally:
+            session.stepping.release()
+
+    def place(self, session: sessions.Session) -> None:
+        """After a session call's answer, on an inference thread: place the rows for its edits
+        (`sessions.place`), unless a step holds or awaits the session, it is gone, or the rows it
+        sets aside would not fit the memory bound without evicting another session."""
+        began, outcome = time.perf_counter(), "busy"
+        if session.lock.acquire(blocking=False):
+            try:
+                room = self.store.room(session)
+                if not session.stepping.locked():
+                    outcome = "gone" if room < 0 else sessions.place(session, room)
+                if outcome == "placed":
+                    self.store.update(session)
             except Exception:  # a bug or no memory: the next step applies the edits itself
+                outcome = "error"
                 log.exception("placing session %s's rows failed", session.id)
             finally:
                 session.lock.release()
+        if self.metrics:
+            self.metrics.session_placements.labels(outcome=outcome).inc()
+            if outcome == "placed":
+                self.metrics.session_placement_seconds.observe(time.perf_counter() - began)
 
     def _delta(self, request: codec.DecodedRequest, fields: StepFields) -> sessions.Delta:
         arrays, d, dtype = request.arrays, self.config.embed_dim, self.scorer.input_dtype
@@ -555,6 +576,7 @@ class Pipeline:
             "idle_s": round(now - session.used_at, 3),
             "options": session.options,
             "history_entries": len(session.history),
+            "placed": session.placed is not None,
         }
 
     def delete_session(self, session_id: str) -> None:

@@ -25,6 +25,7 @@ from lensnet_client import (
     edit_rows,
     frame,
 )
+from service.metrics import PLACEMENT_OUTCOMES
 
 from .hooked_service import Gate
 from .live import LiveService, snapshot, wait_for_metric
@@ -51,6 +52,21 @@ def tail_append(lod: np.ndarray, positions: np.ndarray, k: int, seed: int = 0) -
 def created_for(result: Any, seed: int = 0) -> np.ndarray:
     rows = sum(edit.added for edit in result.edits)
     return np.random.default_rng(seed).standard_normal((rows, D)).astype(np.float16)
+
+
+def placements(metrics: dict[str, float]) -> float:
+    """Row placements counted, whatever their outcome: one per session answer, once it has run."""
+    return sum(metrics.get(f'lensnet_session_placements_total{{outcome="{o}"}}', 0.0) for o in PLACEMENT_OUTCOMES)
+
+
+def await_placements(service: LiveService) -> dict[str, float]:
+    """The metrics once every session answer's placement (run after the answer is sent) is counted."""
+    deadline = time.monotonic() + 10
+    answers = ("lensnet_sessions_created_total", "lensnet_session_steps_total")
+    while placements(metrics := service.metrics()) < sum(metrics.get(key, 0.0) for key in answers):
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.01)
+    return metrics
 
 
 def post_step(live: LiveService, session_id: str, fields: dict[str, Any], arrays: dict[str, Any]) -> httpx.Response:
@@ -96,7 +112,9 @@ def test_failed_steps_leave_the_session_exactly_as_it_was(live: LiveService) -> 
         assert first.edits  # over budget: the next step has edits to apply
         sid = session.state.session_id
         assert sid is not None
+        await_placements(live)  # the rows placed for the next step after the answer: then nothing changes
         before = live.http.get(f"/v1/sessions/{sid}").json()
+        assert before["placed"]  # (this WC's first answer collapses more than it expands: its buffer has room)
         append = tail_append(session.lod, session.positions, 4)
         broken = dict(append, append_positions=append["append_positions"] + 1)  # a gap after the tail
         bad_rows = dict(append, append_embeddings=np.full((4, D), np.nan, np.float16))
@@ -228,6 +246,10 @@ def test_a_step_waits_for_the_rows_placement_and_a_concurrent_step_gets_409(tmp_
             assert response.json()["detail"].startswith("another step of this session is in progress:")
             model.open()
             assert running.result(timeout=30).version == 3
+        m = await_placements(service)  # the three answers' (after the session's DELETE: "gone")
+        assert placements(m) == 3
+        assert m['lensnet_session_placements_total{outcome="error"}'] == 0
+        assert m["lensnet_session_placement_seconds_count"] == m['lensnet_session_placements_total{outcome="placed"}']
     finally:
         placing.open()
         model.open()
@@ -393,6 +415,7 @@ def test_steps_and_sessions_are_counted(live: LiveService) -> None:
         for _ in range(3):
             result = session.step(created=created_for(result), applied=None)
         sid = session.state.session_id
+        await_placements(live)  # the last answer's too: the bytes held are settled
         held = live.http.get(f"/v1/sessions/{sid}").json()["bytes"]
         during = live.metrics()
     after = live.metrics()

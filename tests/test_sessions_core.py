@@ -202,9 +202,14 @@ def test_rows_placed_between_steps_give_every_step_the_same_wc(seed: int, steps:
                                  options).edits  # fmt: skip
         if placed:
             length = session.rows.length + sum(edit.added - edit.removed for edit in session.edits)
-            place(session)  # only where the buffer has room (a new session's has none)
-            assert (session.placed is not None) == (bool(session.edits) and session.rows.growth(length) == 0)
-            placements += session.placed is not None
+            aside = sum(edit.removed for edit in session.edits) * D * 4
+            room = int(rng.choice([aside - 1, aside, 1 << 30]))
+            held = session.nbytes
+            # Only where the buffer has room (a new session's has none) and the rows set aside fit `room`.
+            fits = bool(session.edits) and session.rows.growth(length) == 0 and aside <= room
+            assert (place(session, room) == "placed") is fits and (session.placed is not None) is fits
+            assert session.nbytes == held + (aside if fits else 0)  # the rows set aside are counted
+            placements += fits
         chosen = sorted(rng.choice(len(session.edits), int(rng.integers(0, len(session.edits) + 1)),
                                    replace=False).tolist()) if subset else None  # fmt: skip
         applied = [session.edits[i] for i in (range(len(session.edits)) if chosen is None else chosen)]
@@ -229,6 +234,37 @@ def test_rows_placed_between_steps_give_every_step_the_same_wc(seed: int, steps:
             expected = result
         assert session.placed is None  # a step uses its placement or undoes it
     event("placed", payload=placements > 0)
+
+
+def test_a_placed_step_that_fails_while_staging_leaves_the_session_as_it_was() -> None:
+    """No memory for the appended rows' new buffer (say) after the rows were placed: the session is
+    back to its rows before the placement, and the same step then applies once, not twice."""
+    session = session_with(40, seed=3)
+    rng = np.random.default_rng(3)
+    options = AllocatorOptions(4, 2, w_max=80, tau_expand=0.1, tau_collapse=0.1)
+    session.rows.stage([], 0, rng.standard_normal((30, D)).astype(np.float32))  # room to place in
+    session.layout = check_layout(*synthetic_layout(70, 4, 2, np.random.default_rng(3)), 4, 2)
+    session.edits = allocate(session.layout, rng.uniform(-1, 1, 70).astype(np.float32), options).edits
+    expected_rows = session.rows.array.copy()
+    assert session.edits and place(session, 1 << 30) == "placed"
+    created = rng.standard_normal((sum(edit.added for edit in session.edits), D)).astype(np.float32)
+    grown = session.rows.buffer.shape[0] + 1  # appends past the buffer: a new one is needed
+    tail = rng.standard_normal((grown, D)).astype(np.float32)
+    end = int(session.layout.positions[-1]) + 4 ** int(session.layout.lod[-1])
+    step_delta = delta(created=created, append_embeddings=tail, append_lod=np.zeros(grown, np.int64),
+                       append_positions=np.arange(end, end + grown))  # fmt: skip
+    planned = plan(session, step_delta, D)
+
+    def no_memory(*_: object) -> None:
+        raise MemoryError
+
+    session.rows._reallocate = no_memory  # type: ignore[method-assign]
+    with pytest.raises(MemoryError):
+        stage(session, step_delta, planned)
+    del session.rows._reallocate
+    assert session.placed is None and np.array_equal(session.rows.array, expected_rows)
+    step = stage(session, step_delta, plan(session, step_delta, D))
+    assert np.array_equal(step.embeddings, np.concatenate([edit_rows(expected_rows, session.edits, created), tail]))
 
 
 def test_server_history_matches_the_client_history() -> None:

@@ -39,6 +39,7 @@ HISTORY_ENTRY_BYTES, EDIT_BYTES = 192, 256
 """What one kept history entry (a `Stamped`) and one kept edit cost in memory, counted against the
 bound (measured at ~156 and ~227 B on CPython 3.11; tests/test_sessions_core.py checks them)."""
 EvictionReason = Literal["count", "memory", "ttl"]
+PlaceOutcome = Literal["placed", "none", "room", "memory"]
 
 
 class Rows:
@@ -169,7 +170,12 @@ class Undo:
     start: int
     length: int
     moves: list[tuple[int, int, int]] = field(default_factory=list)  # (dst, src, count), in order
-    saved: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    saved: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (row, the removed rows) per splice, in order
+
+    @property
+    def nbytes(self) -> int:
+        """The rows set aside (the buffer is the session's, counted there)."""
+        return sum(rows.nbytes for _, rows in self.saved)
 
     def apply(self) -> None:
         rows = self.rows
@@ -215,14 +221,15 @@ class Session:
     version: int = 1
     created_at: float = field(default_factory=time.monotonic)
     used_at: float = field(default_factory=time.monotonic)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # held by a step or a placement
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # the rows: a step's or a placement's
+    stepping: threading.Lock = field(default_factory=threading.Lock, repr=False)  # a step's claim (a second: 409)
     placed: Undo | None = None  # the rows are placed for all of `edits` (`place`): how to undo it
-    placing: threading.Lock = field(default_factory=threading.Lock, repr=False)  # held around a placement
 
     @property
     def nbytes(self) -> int:
-        """Bytes held (`held_bytes`)."""
-        return held_bytes(self.rows.nbytes, self.layout, len(self.history), len(self.edits))
+        """Bytes held (`held_bytes`), and the rows a placement set aside."""
+        placed = 0 if self.placed is None else self.placed.nbytes
+        return held_bytes(self.rows.nbytes, self.layout, len(self.history), len(self.edits)) + placed
 
 
 def held_bytes(rows_bytes: int, layout: Layout, history: int, edits: int) -> int:
@@ -329,39 +336,49 @@ def step_growth(session: Session, planned: Plan, max_edits: int) -> int:
 
 
 def stage(session: Session, delta: Delta, planned: Plan) -> Step:
-    """Apply a planned delta to the session's rows (undoable); `commit` or `rollback` ends it.
-    Rows placed for the last answer's edits (`place`) are spliced from where they are: an applied
-    edit's created rows fill its place, an edit not applied gets back the rows it removed."""
+    """Apply a planned delta to the session's rows (undoable); `commit` or `rollback` ends it. If
+    it fails, the session is as it was. Rows placed for the last answer's edits (`place`) are
+    spliced from where they are: an applied edit's created rows fill its place, an edit not
+    applied gets back the rows it removed (its entry in the placement's `saved`)."""
     rows, placed = session.rows, session.placed
-    session.placed = None
     if placed is None:
         undo = rows.stage(planned.splices, delta.trim_head, delta.append_embeddings)
         return Step(session, planned.layout, planned.history, undo)
-    created = {index: created for index, _, created in planned.splices}
+    session.placed = None
+    filling = {index: new_rows for index, _, new_rows in planned.splices}  # edit indices are unique
     splices, shift = [], 0  # shift: of the old WC's rows after the edits so far, once placed
-    for edit, (_, removed) in zip(session.edits, placed.saved, strict=True):
-        at = edit.index + shift
-        if edit.index in created:
-            rows.array[at : at + edit.added] = created[edit.index]
-        else:
-            splices.append((at, edit.added, removed))
-        shift += edit.added - edit.removed
-    undo = rows.stage(splices, delta.trim_head, delta.append_embeddings)
+    try:
+        for edit, (_, removed) in zip(session.edits, placed.saved, strict=True):  # one saved per edit
+            at = edit.index + shift
+            if edit.index in filling:
+                rows.array[at : at + edit.added] = filling[edit.index]
+            else:
+                splices.append((at, edit.added, removed))
+            shift += edit.added - edit.removed
+        undo = rows.stage(splices, delta.trim_head, delta.append_embeddings)
+    except BaseException:
+        placed.apply()  # back to the rows before the placement
+        raise
     return Step(session, planned.layout, planned.history, undo, placed)
 
 
-def place(session: Session) -> None:
+def place(session: Session, room: int) -> PlaceOutcome:
     """Between steps, holding the session's lock: move its rows to where applying every edit of
-    its last answer leaves them (zeros where the created rows go), if they fit its buffer (a step
-    that needs more room is one the memory bound may refuse: it is left to the step)."""
+    its last answer leaves them (zeros where the created rows go), unless there are none, they do
+    not fit its buffer (`room`: a step that needs more is one the memory bound may refuse, so it
+    is left to the step), or the rows the edits remove, set aside for a step that does not apply
+    them all, take more than `room` bytes (`memory`)."""
     rows, edits = session.rows, session.edits
     if session.placed is not None or not edits:
-        return
+        return "none"
+    if sum(edit.removed for edit in edits) * rows.buffer[0].nbytes > room:
+        return "memory"
     if rows.growth(rows.length + sum(edit.added - edit.removed for edit in edits)):
-        return
+        return "room"
     zero = np.zeros((1, *rows.buffer.shape[1:]), rows.buffer.dtype)
     splices = [(edit.index, edit.removed, np.broadcast_to(zero, (edit.added, *zero.shape[1:]))) for edit in edits]
     session.placed = rows.stage(splices, 0, zero[:0])
+    return "placed"
 
 
 @functools.cache
@@ -457,6 +474,13 @@ class SessionStore:
         once others are evicted; nothing is evicted here (`add`/`update` do, after the call succeeded)."""
         own = self.held.get(session.id, 0) if session else 0
         return own + extra <= self.memory_bytes
+
+    def room(self, session: Session) -> int:
+        """Bytes `session` may take beyond what it holds without evicting another (-1: it is gone)."""
+        with self.lock:
+            if self.sessions.get(session.id) is not session:
+                return -1
+            return self.memory_bytes - self.bytes
 
     def sweep(self) -> None:
         """Drop the sessions idle past the TTL now (calls do it too; this frees them without calls)."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
@@ -200,8 +201,6 @@ class Service:
                     loop = asyncio.get_running_loop()
                     reply = await loop.run_in_executor(self.executor, _run, wire, pipeline, call)
                     clock.done("handoff")  # back on the event loop
-                    if reply.after is not None:
-                        self._after(reply.after)
             finally:
                 if not admitted:
                     self.metrics.queued.dec()
@@ -210,11 +209,14 @@ class Service:
         stages = ", ".join(f"{stage};dur={seconds * 1e3:.3f}" for stage, seconds in clock.timings.items())
         headers = {"Server-Timing": f"{stages}, total;dur={clock.elapsed * 1e3:.3f}"} | reply.headers | spec.headers
         request.state.clock = clock
-        return Response(reply.content, status_code=spec.status, media_type=reply.media_type, headers=headers)
+        after = None if reply.after is None else BackgroundTask(self._after, reply.after)
+        return Response(
+            reply.content, status_code=spec.status, media_type=reply.media_type, headers=headers, background=after
+        )
 
-    def _after(self, work: Callable[[], None]) -> None:
-        """Queue a reply's after-work on the inference threads (ahead of the next call's work); a
-        process shutting down skips it."""
+    async def _after(self, work: Callable[[], None]) -> None:
+        """A reply's after-work (a session's row placement), once its last byte is sent: queued on
+        the inference threads, not awaited; a process shutting down skips it."""
         try:
             self.executor.submit(work)
         except RuntimeError:  # the executor is shut down

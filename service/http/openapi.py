@@ -113,6 +113,7 @@ class SessionInfo(BaseModel):
     idle_s: float
     options: dict[str, Any]
     history_entries: int
+    placed: bool = Field(description="the rows are placed for applying every edit of the last answer")
 
 
 class Problem(BaseModel):
