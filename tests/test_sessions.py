@@ -232,12 +232,12 @@ def test_a_step_waits_for_the_rows_placement_and_a_concurrent_step_gets_409(tmp_
             session.open(embeddings, lod, positions)
             placing.wait_entered(1)  # the placement after the answer holds the session
             waiting = pool.submit(session.step, applied=[], **tail_append(session.lod, session.positions, 16))
-            time.sleep(0.3)
+            time.sleep(1.0)  # the step reaches the session well within this (it does not 409 meanwhile)
             assert not waiting.done()
             placing.open()
             second = waiting.result(timeout=30)
             assert second.version == 2 and session.resyncs == 0
-            assert second.server_timing["apply"] >= 250  # ms: the wait for the placement
+            assert second.server_timing["apply"] >= 500  # ms: the wait for the placement
             model.arm()
             running = pool.submit(session.step, applied=[], **tail_append(session.lod, session.positions, 4, seed=1))
             model.wait_entered(1)  # the third step holds the session, in the model
