@@ -193,6 +193,50 @@ def test_a_step_past_its_deadline_is_undone(tmp_path: Path) -> None:
             gate.open()
 
 
+def test_a_placed_step_past_its_deadline_is_undone_to_the_rows_before_the_placement(tmp_path: Path) -> None:
+    """A step that takes its session's placement and then fails (504: held in the model past its
+    deadline) leaves the session as it was before the placement (not placed, the set-aside rows no
+    longer counted, in GET and the gauge alike); the same step then scores the caller's copy."""
+    gate = Gate(tmp_path / "gate")
+    service = LiveService(hooks={"model": gate.spec}).wait_ready()
+    embeddings, lod, positions = snapshot(300, seed=4)
+    try:
+        with (
+            FocusClient(service.url, timeout=60) as client,
+            FocusSession(client, w_max=290) as session,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            first = session.open(embeddings, lod, positions)
+            sid = session.state.session_id
+            await_placements(service)
+            placed = service.http.get(f"/v1/sessions/{sid}").json()
+            assert placed["placed"]  # (this WC's first answer collapses more than it expands: room to place)
+            created, append = created_for(first), tail_append(session.lod, session.positions, 4)
+            gate.arm()
+
+            def late_step() -> FocusError:
+                with pytest.raises(FocusError) as error:
+                    session.step(created=created, **append, deadline_ms=100)
+                return error.value
+
+            step = pool.submit(late_step)
+            gate.wait_entered(1)  # in the model, the placed rows filled and the tail appended
+            time.sleep(0.15)  # its deadline passes
+            gate.open()
+            assert step.result().status == 504
+            after = service.http.get(f"/v1/sessions/{sid}").json()
+            assert (after["version"], after["n"], after["placed"]) == (1, 300, False)
+            assert after["bytes"] < placed["bytes"] and service.metrics()["lensnet_session_bytes"] == after["bytes"]
+            result = session.step(created=created, **append, return_scores=True)
+            assert result.version == 2 and session.resyncs == 0
+            whole = np.concatenate([edit_rows(embeddings, first.edits, created), append["append_embeddings"]])
+            stateless = client.focus(whole, session.lod, session.positions, w_max=290, return_scores=True)
+            assert np.array_equal(result.scores, stateless.scores)  # the rows the model saw are the caller's
+    finally:
+        gate.open()
+        assert service.stop() == 0
+
+
 def test_a_bug_inside_a_step_is_a_500_and_the_step_is_undone(tmp_path: Path) -> None:
     """A failure after the delta was staged (here in the allocator: a bug, not bad input) answers
     500 internal-error, leaves the session as it was, and the same step then succeeds."""
