@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import numpy as np
@@ -20,6 +20,7 @@ from lensnet_client import (
     AsyncFocusSession,
     FocusClient,
     FocusError,
+    FocusResult,
     FocusSession,
     History,
     edit_rows,
@@ -145,19 +146,38 @@ def test_failed_steps_leave_the_session_exactly_as_it_was(live: LiveService) -> 
         assert result.version == 2 and session.resyncs == 0
 
 
+class Hooked(NamedTuple):
+    """What `hooked_session` holds open."""
+
+    service: LiveService
+    client: FocusClient
+    session: FocusSession
+    embeddings: np.ndarray  # the session's WC at its creation
+    first: FocusResult  # the creation's answer
+    append: dict[str, Any]  # 16 tokens continuing that WC (`FocusSession.step` keywords)
+    pool: ThreadPoolExecutor  # one thread, for a step held inside a stage
+
+
 @contextlib.contextmanager
-def hooked_session(
-    hooks: dict[str, Any], seed: int
-) -> Iterator[tuple[LiveService, FocusClient, FocusSession, np.ndarray, dict[str, Any]]]:
-    """A live service with stage `hooks`, a 64-entry session open on it (its embeddings), and 16
-    tokens ready to append: for steps that fail inside a stage and must leave the session as it was."""
-    service = LiveService(hooks=hooks).wait_ready()
-    embeddings, lod, positions = snapshot(64, seed=seed)
+def hooked_session(hooks: dict[str, Any], seed: int, *flags: str, n: int = 64, w_max: int = 64) -> Iterator[Hooked]:
+    """A live service with stage `hooks` (and `flags`) and an `n`-entry session open on it: for steps
+    held or failing inside a stage. Gates among the hooks are opened on the way out, so no call
+    waits for one while the service stops."""
+    service = LiveService(*flags, hooks=hooks).wait_ready()
+    embeddings, lod, positions = snapshot(n, seed=seed)
     try:
-        with FocusClient(service.url, timeout=60) as client, FocusSession(client, w_max=64) as session:
-            session.open(embeddings, lod, positions)
-            yield service, client, session, embeddings, tail_append(session.lod, session.positions, 16)
+        with (
+            FocusClient(service.url, timeout=60) as client,
+            FocusSession(client, w_max=w_max) as session,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            first = session.open(embeddings, lod, positions)
+            append = tail_append(session.lod, session.positions, 16)
+            yield Hooked(service, client, session, embeddings, first, append, pool)
     finally:
+        for spec in hooks.values():
+            if isinstance(spec, dict) and "gate" in spec:
+                Gate(Path(spec["gate"])).open()
         assert service.stop() == 0
 
 
@@ -166,31 +186,39 @@ def assert_still_at_its_creation(service: LiveService, session: FocusSession) ->
     assert (info["version"], info["n"]) == (1, 64)
 
 
+def assert_the_creations_placement(h: Hooked) -> None:
+    """The one placement so far, after the creation's answer, has the outcome the rules give: a new
+    session's buffer has no spare row, so only edits that shrink the WC can be placed."""
+    growth = sum(edit.added - edit.removed for edit in h.first.edits)
+    outcome = "none" if not h.first.edits else "room" if growth > 0 else "placed"
+    m = await_placements(h.service)
+    assert m[f'lensnet_session_placements_total{{outcome="{outcome}"}}'] == placements(m) == 1, outcome
+
+
+def late_step(session: FocusSession, **step: Any) -> FocusError:
+    """A step sent with a 100 ms deadline that it must miss: its error."""
+    with pytest.raises(FocusError) as error:
+        session.step(**step, deadline_ms=100)
+    return error.value
+
+
 def test_a_step_past_its_deadline_is_undone(tmp_path: Path) -> None:
     """504 after the model ran (the step is held in the model past its deadline): the delta was
     applied and is rolled back; the same step then succeeds."""
     gate = Gate(tmp_path / "gate")
-    with hooked_session({"model": gate.spec}, seed=5) as (service, _, session, _, append):
-        try:
-            gate.arm()
-
-            def late_step() -> FocusError:
-                with pytest.raises(FocusError) as error:
-                    session.step(applied=[], **append, deadline_ms=100)
-                return error.value
-
-            with ThreadPoolExecutor(1) as pool:
-                step = pool.submit(late_step)
-                gate.wait_entered(1)  # in the model, the delta applied; it arrived before, so within 100 ms…
-                time.sleep(0.15)  # …its deadline passes
-                gate.open()
-                error = step.result()
-            assert error.status == 504 and error.problem["detail"] == "the model finished after the deadline"
-            assert_still_at_its_creation(service, session)
-            assert service.metrics()['lensnet_requests_refused_total{reason="deadline"}'] == 1
-            assert session.step(applied=[], **append).version == 2
-        finally:
-            gate.open()
+    with hooked_session({"model": gate.spec}, seed=6) as h:
+        assert not h.first.edits  # this WC's first answer has none: nothing to place
+        assert_the_creations_placement(h)
+        gate.arm()
+        step = h.pool.submit(late_step, h.session, applied=[], **h.append)
+        gate.wait_entered(1)  # in the model, the delta applied; it arrived before, so within 100 ms…
+        time.sleep(0.15)  # …its deadline passes
+        gate.open()
+        error = step.result()
+        assert error.status == 504 and error.problem["detail"] == "the model finished after the deadline"
+        assert_still_at_its_creation(h.service, h.session)
+        assert h.service.metrics()['lensnet_requests_refused_total{reason="deadline"}'] == 1
+        assert h.session.step(applied=[], **h.append).version == 2
 
 
 def test_a_placed_step_past_its_deadline_is_undone_to_the_rows_before_the_placement(tmp_path: Path) -> None:
@@ -198,43 +226,27 @@ def test_a_placed_step_past_its_deadline_is_undone_to_the_rows_before_the_placem
     deadline) leaves the session as it was before the placement (not placed, the set-aside rows no
     longer counted, in GET and the gauge alike); the same step then scores the caller's copy."""
     gate = Gate(tmp_path / "gate")
-    service = LiveService(hooks={"model": gate.spec}).wait_ready()
-    embeddings, lod, positions = snapshot(300, seed=4)
-    try:
-        with (
-            FocusClient(service.url, timeout=60) as client,
-            FocusSession(client, w_max=290) as session,
-            ThreadPoolExecutor(1) as pool,
-        ):
-            first = session.open(embeddings, lod, positions)
-            sid = session.state.session_id
-            await_placements(service)
-            placed = service.http.get(f"/v1/sessions/{sid}").json()
-            assert placed["placed"]  # (this WC's first answer collapses more than it expands: room to place)
-            created, append = created_for(first), tail_append(session.lod, session.positions, 4)
-            gate.arm()
-
-            def late_step() -> FocusError:
-                with pytest.raises(FocusError) as error:
-                    session.step(created=created, **append, deadline_ms=100)
-                return error.value
-
-            step = pool.submit(late_step)
-            gate.wait_entered(1)  # in the model, the placed rows filled and the tail appended
-            time.sleep(0.15)  # its deadline passes
-            gate.open()
-            assert step.result().status == 504
-            after = service.http.get(f"/v1/sessions/{sid}").json()
-            assert (after["version"], after["n"], after["placed"]) == (1, 300, False)
-            assert after["bytes"] < placed["bytes"] and service.metrics()["lensnet_session_bytes"] == after["bytes"]
-            result = session.step(created=created, **append, return_scores=True)
-            assert result.version == 2 and session.resyncs == 0
-            whole = np.concatenate([edit_rows(embeddings, first.edits, created), append["append_embeddings"]])
-            stateless = client.focus(whole, session.lod, session.positions, w_max=290, return_scores=True)
-            assert np.array_equal(result.scores, stateless.scores)  # the rows the model saw are the caller's
-    finally:
+    with hooked_session({"model": gate.spec}, 4, n=300, w_max=290) as h:
+        sid = h.session.state.session_id
+        m = await_placements(h.service)
+        placed = h.service.http.get(f"/v1/sessions/{sid}").json()
+        assert placed["placed"]  # (this WC's first answer collapses more than it expands: room to place)
+        assert m['lensnet_session_placements_total{outcome="placed"}'] == placements(m) == 1
+        created = created_for(h.first)
+        gate.arm()
+        step = h.pool.submit(late_step, h.session, created=created, **h.append)
+        gate.wait_entered(1)  # in the model, the placed rows filled and the tail appended
+        time.sleep(0.15)  # its deadline passes
         gate.open()
-        assert service.stop() == 0
+        assert step.result().status == 504
+        after = h.service.http.get(f"/v1/sessions/{sid}").json()
+        assert (after["version"], after["n"], after["placed"]) == (1, 300, False)
+        assert after["bytes"] < placed["bytes"] and h.service.metrics()["lensnet_session_bytes"] == after["bytes"]
+        result = h.session.step(created=created, **h.append, return_scores=True)
+        assert result.version == 2 and h.session.resyncs == 0
+        whole = np.concatenate([edit_rows(h.embeddings, h.first.edits, created), h.append["append_embeddings"]])
+        stateless = h.client.focus(whole, h.session.lod, h.session.positions, w_max=290, return_scores=True)
+        assert np.array_equal(result.scores, stateless.scores)  # the rows the model saw are the caller's
 
 
 def test_a_bug_inside_a_step_is_a_500_and_the_step_is_undone(tmp_path: Path) -> None:
@@ -242,62 +254,52 @@ def test_a_bug_inside_a_step_is_a_500_and_the_step_is_undone(tmp_path: Path) -> 
     500 internal-error, leaves the session as it was, and the same step then succeeds."""
     failing = tmp_path / "fail"
     failing.mkdir()
-    with hooked_session({"allocate": {"fail": str(failing)}}, seed=8) as (service, client, session, embeddings,
-                                                                          append):  # fmt: skip
+    with hooked_session({"allocate": {"fail": str(failing)}}, seed=8, w_max=96) as h:
+        assert sum(edit.added - edit.removed for edit in h.first.edits) > 0  # room to expand: no room to place
+        assert_the_creations_placement(h)
         (failing / "armed").touch()
         with pytest.raises(FocusError) as error:
-            session.step(applied=[], **append)
+            h.session.step(applied=[], **h.append)
         assert error.value.status == 500 and error.value.problem["type"].endswith(":internal-error")
         assert "planted" not in error.value.problem["detail"]  # the log has it, the caller does not
-        assert_still_at_its_creation(service, session)
+        assert_still_at_its_creation(h.service, h.session)
         (failing / "armed").unlink()
-        result = session.step(applied=[], **append, return_scores=True)
-        assert result.version == 2 and session.resyncs == 0
-        whole = np.concatenate([embeddings, append["append_embeddings"]])
-        stateless = client.focus(whole, session.lod, session.positions, w_max=64, return_scores=True)
+        result = h.session.step(applied=[], **h.append, return_scores=True)
+        assert result.version == 2 and h.session.resyncs == 0
+        whole = np.concatenate([h.embeddings, h.append["append_embeddings"]])
+        stateless = h.client.focus(whole, h.session.lod, h.session.positions, w_max=96, return_scores=True)
         assert np.array_equal(result.scores, stateless.scores) and result.edits == stateless.edits
-        assert "a planted failure" in service.log()
+        assert "a planted failure" in h.service.log()
 
 
 def test_a_step_waits_for_the_rows_placement_and_a_concurrent_step_gets_409(tmp_path: Path) -> None:
     """After an answer an inference thread places the session's rows for its edits: a step that
     comes meanwhile waits for it (in its apply stage) instead of answering 409; one that comes while
     another step of the session runs answers 409 at once."""
-    placing, model = Gate(tmp_path / "place"), Gate(tmp_path / "model")
-    service = LiveService("--max-concurrency", "2", hooks={"place": placing.spec, "model": model.spec}).wait_ready()
-    embeddings, lod, positions = snapshot(64, seed=11)
-    try:
-        with (
-            FocusClient(service.url, timeout=60) as client,
-            FocusSession(client, w_max=64) as session,
-            ThreadPoolExecutor(1) as pool,
-        ):
-            placing.arm()
-            session.open(embeddings, lod, positions)
-            placing.wait_entered(1)  # the placement after the answer holds the session
-            waiting = pool.submit(session.step, applied=[], **tail_append(session.lod, session.positions, 16))
-            time.sleep(1.0)  # the step reaches the session well within this (it does not 409 meanwhile)
-            assert not waiting.done()
-            placing.open()
-            second = waiting.result(timeout=30)
-            assert second.version == 2 and session.resyncs == 0
-            assert second.server_timing["apply"] >= 500  # ms: the wait for the placement
-            model.arm()
-            running = pool.submit(session.step, applied=[], **tail_append(session.lod, session.positions, 4, seed=1))
-            model.wait_entered(1)  # the third step holds the session, in the model
-            response = post_step(service, session.state.session_id, {"version": 2, "applied": []}, {})
-            assert response.status_code == 409, response.text
-            assert response.json()["detail"].startswith("another step of this session is in progress:")
-            model.open()
-            assert running.result(timeout=30).version == 3
-        m = await_placements(service)  # the three answers' (after the session's DELETE: "gone")
+    # Armed before the start: the warm-up places nothing, so the creation's placement is the first held.
+    placing, model = Gate(tmp_path / "place").arm(), Gate(tmp_path / "model")
+    with hooked_session({"place": placing.spec, "model": model.spec}, 11, "--max-concurrency", "2") as h:
+        placing.wait_entered(1)  # the placement after the creation's answer holds the session
+        waiting = h.pool.submit(h.session.step, applied=[], **h.append)
+        time.sleep(1.0)  # the step reaches the session well within this (it does not 409 meanwhile)
+        assert not waiting.done()
+        placing.open()
+        second = waiting.result(timeout=30)
+        assert second.version == 2 and h.session.resyncs == 0
+        assert second.server_timing["apply"] >= 500  # ms: the wait for the placement
+        model.arm()
+        tail = tail_append(h.session.lod, h.session.positions, 4, seed=1)
+        running = h.pool.submit(h.session.step, applied=[], **tail)
+        model.wait_entered(1)  # the third step holds the session, in the model
+        response = post_step(h.service, h.session.state.session_id, {"version": 2, "applied": []}, {})
+        assert response.status_code == 409, response.text
+        assert response.json()["detail"].startswith("another step of this session is in progress:")
+        model.open()
+        assert running.result(timeout=30).version == 3
+        m = await_placements(h.service)  # the three answers'
         assert placements(m) == 3
         assert m['lensnet_session_placements_total{outcome="error"}'] == 0
         assert m["lensnet_session_placement_seconds_count"] == m['lensnet_session_placements_total{outcome="placed"}']
-    finally:
-        placing.open()
-        model.open()
-        assert service.stop() == 0
 
 
 def test_session_calls_use_the_same_limits_and_json(live: LiveService) -> None:
