@@ -168,11 +168,17 @@ class Metrics:
         self.session_placements = Counter(
             "lensnet_session_placements_total",
             "Row placements after session answers (the rows moved for the answer's edits before the next step): "
-            "placed, or skipped: none (no edits), room (the buffer would grow), memory (the rows set aside would "
-            "pass --session-memory-bytes), busy (a step holds or awaits the session), gone (deleted or evicted), "
-            "error (a failure, logged).",
+            "placed, or skipped: none (no edits, or placed already), room (the buffer would grow), memory (the "
+            "rows set aside do not fit the free bytes of --session-memory-bytes), busy (a step holds or awaits the "
+            "session), gone (deleted or evicted), error (a failure, logged).",
             ["outcome"], registry=r,
         )  # fmt: skip
+        self.session_unplacements = Counter(
+            "lensnet_session_placements_undone_total",
+            "Placements undone to free their set-aside rows' bytes when a creation or step needed room (before "
+            "any session is evicted for memory).",
+            registry=r,
+        )
         self.session_placement_seconds = Histogram(
             "lensnet_session_placement_seconds", "Time of the row placements made (on an inference thread, after "
             "the answer).", buckets=latency, registry=r,

@@ -493,7 +493,7 @@ class Pipeline:
             stage.done("decode")
             step = None
             try:
-                step = sessions.stage(session, delta, planned)  # as it was if it fails
+                step = sessions.stage(session, delta, planned)  # as before any placement if it fails
                 stage.done("apply")
                 snapshot = codec.Snapshot(step.embeddings, planned.layout.lod, planned.layout.positions, "float32")
                 extra = {"session_id": session.id, "version": session.version + 1}
@@ -533,19 +533,18 @@ class Pipeline:
 
     def place(self, session: sessions.Session) -> None:
         """After a session call's answer, on an inference thread: place the rows for its edits
-        (`sessions.place`), unless a step holds or awaits the session, it is gone, or the rows it
-        sets aside would not fit the memory bound without evicting another session."""
+        (`sessions.place`), unless a step holds or awaits the session (`busy`), it is gone, or the
+        rows it sets aside do not fit the memory bound's free bytes (reserved before the move, so
+        a placement never evicts another session)."""
         began, outcome = time.perf_counter(), "busy"
         if session.lock.acquire(blocking=False):
             try:
-                room = self.store.room(session)
                 if not session.stepping.locked():
-                    outcome = "gone" if room < 0 else sessions.place(session, room)
-                if outcome == "placed":
-                    self.store.update(session)
+                    outcome = sessions.place(session, functools.partial(self.store.reserve, session))
             except Exception:  # a bug or no memory: the next step applies the edits itself
                 outcome = "error"
                 log.exception("placing session %s's rows failed", session.id)
+                self.store.update(session)  # the bytes reserved, if any, go back
             finally:
                 session.lock.release()
         if self.metrics:

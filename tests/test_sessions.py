@@ -462,7 +462,9 @@ def test_steps_and_sessions_are_counted(live: LiveService) -> None:
             result = session.step(created=created_for(result), applied=None)
         sid = session.state.session_id
         await_placements(live)  # the last answer's too: the bytes held are settled
-        held = live.http.get(f"/v1/sessions/{sid}").json()["bytes"]
+        info = live.http.get(f"/v1/sessions/{sid}").json()
+        assert info["placed"]  # so the rows set aside are in both figures compared below
+        held = info["bytes"]
         during = live.metrics()
     after = live.metrics()
     assert during["lensnet_sessions_created_total"] - before.get("lensnet_sessions_created_total", 0) == 1
@@ -507,6 +509,28 @@ def test_bounds_evict_least_recently_used_and_refuse_what_never_fits() -> None:
             wait_for_metric(service, 'lensnet_session_evictions_total{reason="ttl"}', 1, timeout=10)
             samples = service.metrics()
             assert samples["lensnet_sessions_active"] == 0 and samples["lensnet_session_bytes"] == 0
+    finally:
+        assert service.stop() == 0
+
+
+def test_a_creation_that_needs_room_undoes_placements_before_evicting() -> None:
+    """Rows set aside by a placement are a cache: a call that needs their bytes undoes the placement
+    first (counted), and only then evicts (here the placed session must go too)."""
+    service = LiveService("--session-memory-bytes", str(1 << 20)).wait_ready()
+    try:
+        with FocusClient(service.url) as client:
+            first = FocusSession(client, w_max=290)
+            first.open(*snapshot(300, seed=4))
+            await_placements(service)
+            assert service.http.get(f"/v1/sessions/{first.state.session_id}").json()["placed"]
+            before = service.metrics()
+            assert before["lensnet_session_placements_undone_total"] == 0
+            FocusSession(client, w_max=1000).open(*snapshot(1000, seed=9))  # ~1 MB: the first session goes
+            after = await_placements(service)
+            assert after["lensnet_session_placements_undone_total"] == 1
+            assert after['lensnet_session_evictions_total{reason="memory"}'] == 1
+            assert service.http.get(f"/v1/sessions/{first.state.session_id}").status_code == 404
+            assert after["lensnet_session_bytes"] <= 1 << 20
     finally:
         assert service.stop() == 0
 

@@ -24,6 +24,7 @@ from service.core.sessions import (
     Session,
     SessionStore,
     ages,
+    held_bytes,
     place,
     plan,
     record,
@@ -31,6 +32,7 @@ from service.core.sessions import (
     stage,
     stamped,
     step_growth,
+    unplace,
 )
 
 D = 3
@@ -203,11 +205,16 @@ def test_rows_placed_between_steps_give_every_step_the_same_wc(seed: int, steps:
         if placed:
             length = session.rows.length + sum(edit.added - edit.removed for edit in session.edits)
             aside = sum(edit.removed for edit in session.edits) * D * 4
-            room = int(rng.choice([aside - 1, aside, 1 << 30]))
+            free = int(rng.choice([aside - 1, aside, 1 << 30]))
+            asked: list[int] = []
             held = session.nbytes
-            # Only where the buffer has room (a new session's has none) and the rows set aside fit `room`.
-            fits = bool(session.edits) and session.rows.growth(length) == 0 and aside <= room
-            assert (place(session, room) == "placed") is fits and (session.placed is not None) is fits
+            # Only where the buffer has room (a new session's has none) and the rows set aside fit the free bytes.
+            room = bool(session.edits) and session.rows.growth(length) == 0
+            fits = room and aside <= free
+            outcome = place(session, lambda nbytes, asked=asked, free=free: asked.append(nbytes) or (  # type: ignore[misc]
+                None if nbytes <= free else "memory"))  # fmt: skip
+            assert (outcome == "placed") is fits and (session.placed is not None) is fits
+            assert asked == ([aside] if room else [])  # reserved before the move, only when it could be made
             assert session.nbytes == held + (aside if fits else 0)  # the rows set aside are counted
             placements += fits
         chosen = sorted(rng.choice(len(session.edits), int(rng.integers(0, len(session.edits) + 1)),
@@ -246,7 +253,7 @@ def test_a_placed_step_that_fails_while_staging_leaves_the_session_as_it_was() -
     session.layout = check_layout(*synthetic_layout(70, 4, 2, np.random.default_rng(3)), 4, 2)
     session.edits = allocate(session.layout, rng.uniform(-1, 1, 70).astype(np.float32), options).edits
     expected_rows = session.rows.array.copy()
-    assert session.edits and place(session, 1 << 30) == "placed"
+    assert session.edits and place(session, lambda nbytes: None) == "placed"
     created = rng.standard_normal((sum(edit.added for edit in session.edits), D)).astype(np.float32)
     grown = session.rows.buffer.shape[0] + 1  # appends past the buffer: a new one is needed
     tail = rng.standard_normal((grown, D)).astype(np.float32)
@@ -319,6 +326,111 @@ def test_store_evicts_least_recently_used_beyond_count_memory_and_ttl() -> None:
     assert evicted == ["count", "memory", "ttl", "ttl"] and store.get("s0") is None
     assert store.bytes == 0 and len(store) == 0 and changes[-1] == (0, 0)
     assert not store.remove("s3")
+
+
+def placeable(seed: int) -> Session:
+    """A session whose rows can be placed: a buffer with room, and edits that collapse (set rows aside)."""
+    session = session_with(40, seed=seed)
+    rng = np.random.default_rng(seed)
+    session.rows.stage([], 0, np.zeros((30, D), np.float32))  # room beyond the 40 rows…
+    session.rows.length = 40  # …that are not part of the WC
+    session.edits = allocate(session.layout, rng.uniform(-1, 1, 40).astype(np.float32),
+                             AllocatorOptions(4, 2, w_max=30, tau_expand=0.1, tau_collapse=0.1)).edits  # fmt: skip
+    assert any(edit.removed for edit in session.edits)
+    return session
+
+
+def test_a_placement_reserves_free_bytes_and_never_evicts() -> None:
+    """`reserve` accounts the set-aside rows' bytes up front, or refuses them (memory, gone), evicting nothing."""
+    evicted: list[str] = []
+    store = SessionStore(10, 10**9, 60.0, on_evict=evicted.append)
+    a, b = placeable(1), placeable(2)
+    a.id, b.id = "a", "b"
+    store.add(a)
+    store.add(b)
+    aside = sum(edit.removed for edit in a.edits) * D * 4
+    store.memory_bytes = store.bytes + aside - 1  # one byte short of free room for a's set-aside rows
+    before = a.rows.array.copy()
+    assert place(a, lambda nbytes: store.reserve(a, nbytes)) == "memory"
+    assert a.placed is None and np.array_equal(a.rows.array, before) and store.bytes == a.nbytes + b.nbytes
+    store.memory_bytes += 1
+    assert place(a, lambda nbytes: store.reserve(a, nbytes)) == "placed"
+    assert store.held["a"] == a.nbytes and store.bytes == a.nbytes + b.nbytes == store.memory_bytes
+    assert evicted == [] and len(store) == 2
+    store.remove("b")
+    assert place(b, lambda nbytes: store.reserve(b, nbytes)) == "gone" and b.placed is None
+
+
+def test_evicting_for_memory_undoes_placements_before_dropping_sessions() -> None:
+    """A placement is a cache: when a call needs room, the least recently used placements are undone
+    (rows back as they were) before any session goes; one whose session is busy is not touched."""
+    evicted: list[str] = []
+    undone: list[None] = []
+    store = SessionStore(10, 10**9, 60.0, on_evict=evicted.append, on_unplace=lambda: undone.append(None))
+    a, b, c = placeable(1), placeable(2), placeable(3)
+    for session, sid in ((a, "a"), (b, "b"), (c, "c")):
+        session.id = sid
+        store.add(session)
+    wcs = {s.id: s.rows.array.copy() for s in (a, b)}
+    for s in (a, b):
+        assert place(s, lambda nbytes, s=s: store.reserve(s, nbytes)) == "placed"
+    aside = {s.id: s.placed.nbytes for s in (a, b)}  # type: ignore[union-attr]
+    store.memory_bytes = store.bytes - aside["a"]  # c grows: undoing a's placement is enough
+    store.update(c)
+    assert undone == [None] and evicted == [] and a.placed is None and b.placed is not None
+    assert np.array_equal(a.rows.array, wcs["a"]) and store.held["a"] == a.nbytes
+    assert store.bytes == a.nbytes + b.nbytes + c.nbytes <= store.memory_bytes
+    with b.lock:  # b's placement is in use (a step holds it): b goes whole, after a
+        store.memory_bytes = c.nbytes + a.nbytes - 1
+        store.update(c)
+    assert evicted == ["memory", "memory"] and len(undone) == 1 and len(store) == 1
+    assert b.placed is not None  # untouched: its lock holder decides (a dropped session's step fails to update)
+    unplace(b)
+    assert b.placed is None and np.array_equal(b.rows.array, wcs["b"])
+
+
+def test_a_sessions_bytes_read_its_placement_once() -> None:
+    """GET reads `nbytes` without the session's lock: a step consuming the placement between two
+    reads of `placed` must not break it (it answered 500)."""
+    session = placeable(4)
+    assert place(session, lambda nbytes: None) == "placed"
+    aside = session.placed.nbytes  # type: ignore[union-attr]
+    bare = held_bytes(session.rows.nbytes, session.layout, len(session.history), len(session.edits))
+
+    class Racing(Session):
+        def __getattribute__(self, name: str) -> object:
+            value = object.__getattribute__(self, name)
+            if name == "placed":  # the step takes the placement right after this read
+                object.__setattr__(self, "placed", None)
+            return value
+
+    racing = Racing(**{f: getattr(session, f) for f in ("id", "rows", "layout", "options", "history", "edits")})
+    racing.placed = session.placed
+    assert racing.nbytes == bare + aside
+    assert racing.nbytes == bare  # read again: consumed
+
+
+def test_a_commit_keeps_its_rows_when_the_smaller_buffer_cannot_be_had() -> None:
+    """Shrinking after many trims is an economy: without memory for it the committed step stands
+    (it raised after the version had advanced)."""
+    session = session_with(40, seed=5)
+    session.rows.stage([], 0, np.zeros((400, D), np.float32))  # a buffer for 440 rows and more…
+    session.rows.length = 40  # …holding the 40-entry WC
+    big = session.rows.buffer.shape[0]
+    step_delta = delta(applied=[], trim_head=35)  # 5 rows left: the buffer is more than 4x too large
+    step = stage(session, step_delta, plan(session, step_delta, D))
+    kept = step.embeddings.copy()
+
+    def no_memory(*_: object) -> None:
+        raise MemoryError
+
+    session.rows._reallocate = no_memory  # type: ignore[method-assign]
+    step.commit(())
+    assert session.version == 2 and session.rows.buffer.shape[0] == big and np.array_equal(session.rows.array, kept)
+    del session.rows._reallocate
+    step = stage(session, delta(applied=[]), plan(session, delta(applied=[]), D))
+    step.commit(())
+    assert session.rows.buffer.shape[0] < big and np.array_equal(session.rows.array, kept)  # the next one shrinks
 
 
 def test_rows_adopt_a_writable_array_and_copy_a_read_only_one() -> None:

@@ -19,6 +19,7 @@ times what stays on the request path.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import threading
@@ -39,7 +40,7 @@ HISTORY_ENTRY_BYTES, EDIT_BYTES = 192, 256
 """What one kept history entry (a `Stamped`) and one kept edit cost in memory, counted against the
 bound (measured at ~156 and ~227 B on CPython 3.11; tests/test_sessions_core.py checks them)."""
 EvictionReason = Literal["count", "memory", "ttl"]
-PlaceOutcome = Literal["placed", "none", "room", "memory"]
+PlaceOutcome = Literal["placed", "none", "room", "memory", "gone"]
 
 
 class Rows:
@@ -151,9 +152,11 @@ class Rows:
         ctypes.memmove(address + dst * row, address + src * row, count * row)
 
     def shrink(self) -> None:
-        """Give memory back once the buffer holds 4x more rows than used (after many trims)."""
+        """Give memory back once the buffer holds 4x more rows than used (after many trims). Without
+        memory for the smaller buffer the rows stay where they are: a later step tries again."""
         if self.buffer.shape[0] > 4 * _capacity(self.length):
-            self._reallocate([(0, self.length, None)], 0, self.length)
+            with contextlib.suppress(MemoryError):  # _reallocate changes nothing before its copy is complete
+                self._reallocate([(0, self.length, None)], 0, self.length)
 
 
 def _capacity(length: int) -> int:
@@ -227,9 +230,11 @@ class Session:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held (`held_bytes`), and the rows a placement set aside."""
-        placed = 0 if self.placed is None else self.placed.nbytes
-        return held_bytes(self.rows.nbytes, self.layout, len(self.history), len(self.edits)) + placed
+        """Bytes held (`held_bytes`), and the rows a placement set aside. Read without the lock
+        (GET), so `placed` is read once: a step may consume the placement meanwhile."""
+        placed = self.placed
+        aside = 0 if placed is None else placed.nbytes
+        return held_bytes(self.rows.nbytes, self.layout, len(self.history), len(self.edits)) + aside
 
 
 def held_bytes(rows_bytes: int, layout: Layout, history: int, edits: int) -> int:
@@ -337,9 +342,10 @@ def step_growth(session: Session, planned: Plan, max_edits: int) -> int:
 
 def stage(session: Session, delta: Delta, planned: Plan) -> Step:
     """Apply a planned delta to the session's rows (undoable); `commit` or `rollback` ends it. If
-    it fails, the session is as it was. Rows placed for the last answer's edits (`place`) are
-    spliced from where they are: an applied edit's created rows fill its place, an edit not
-    applied gets back the rows it removed (its entry in the placement's `saved`)."""
+    it fails, the session is as it was before any placement (`placed` is undone). Rows placed for
+    the last answer's edits (`place`) are spliced from where they are: an applied edit's created
+    rows fill its place, an edit not applied gets back the rows it removed (its entry in the
+    placement's `saved`)."""
     rows, placed = session.rows, session.placed
     if placed is None:
         undo = rows.stage(planned.splices, delta.trim_head, delta.append_embeddings)
@@ -357,28 +363,38 @@ def stage(session: Session, delta: Delta, planned: Plan) -> Step:
             shift += edit.added - edit.removed
         undo = rows.stage(splices, delta.trim_head, delta.append_embeddings)
     except BaseException:
-        placed.apply()  # back to the rows before the placement
+        placed.apply()  # back to the rows before the placement (`session.placed` is None already)
         raise
     return Step(session, planned.layout, planned.history, undo, placed)
 
 
-def place(session: Session, room: int) -> PlaceOutcome:
+def place(session: Session, reserve: Callable[[int], PlaceOutcome | None]) -> PlaceOutcome:
     """Between steps, holding the session's lock: move its rows to where applying every edit of
-    its last answer leaves them (zeros where the created rows go), unless there are none, they do
-    not fit its buffer (`room`: a step that needs more is one the memory bound may refuse, so it
-    is left to the step), or the rows the edits remove, set aside for a step that does not apply
-    them all, take more than `room` bytes (`memory`)."""
+    its last answer leaves them (zeros where the created rows go). Not done (the outcome says
+    why) when there are no edits or the rows are placed already (`none`), when they would not fit
+    the buffer (`room`: a step that grows it is one the memory bound may refuse, so it is left to
+    the step), or when `reserve(nbytes)`, asked for the bytes of the rows the edits remove (set
+    aside for a step that does not apply them all), refuses them (its outcome)."""
     rows, edits = session.rows, session.edits
     if session.placed is not None or not edits:
         return "none"
-    if sum(edit.removed for edit in edits) * rows.buffer[0].nbytes > room:
-        return "memory"
     if rows.growth(rows.length + sum(edit.added - edit.removed for edit in edits)):
         return "room"
+    refused = reserve(sum(edit.removed for edit in edits) * rows.buffer[0].nbytes)
+    if refused is not None:
+        return refused
     zero = np.zeros((1, *rows.buffer.shape[1:]), rows.buffer.dtype)
     splices = [(edit.index, edit.removed, np.broadcast_to(zero, (edit.added, *zero.shape[1:]))) for edit in edits]
     session.placed = rows.stage(splices, 0, zero[:0])
     return "placed"
+
+
+def unplace(session: Session) -> None:
+    """Undo `place` (holding the session's lock): the rows go back to the last answer's WC and
+    the rows set aside are freed."""
+    placed, session.placed = session.placed, None
+    if placed is not None:
+        placed.apply()
 
 
 @functools.cache
@@ -434,17 +450,21 @@ class SessionStore:
     """The sessions of one process, least recently used first. Bounds: `max_sessions`,
     `memory_bytes` (`Session.nbytes` held), `ttl_s` idle; beyond one, the least recently used go
     (`on_evict(reason)` is told). Others are evicted only for a call that succeeded (`add`,
-    `update`): a refused one changes no other caller's session. `on_change(sessions, bytes)` hears
-    every change, expiries included. Thread-safe."""
+    `update`): a refused one changes no other caller's session. Before any session goes for
+    memory, placements (`place`: a cache of row moves) are undone, least recently used first
+    (`on_unplace()` is told); a placement itself only takes free bytes (`reserve`).
+    `on_change(sessions, bytes)` hears every change, expiries included. Thread-safe; the lock
+    order is a session's lock, then the store's (the store only tries sessions' locks)."""
 
     def __init__(
         self, max_sessions: int, memory_bytes: int, ttl_s: float,
         on_evict: Callable[[EvictionReason], None] = lambda reason: None,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[int, int], None] = lambda sessions, nbytes: None,
+        on_unplace: Callable[[], None] = lambda: None,
     ) -> None:  # fmt: skip
         self.max_sessions, self.memory_bytes, self.ttl_s = max_sessions, memory_bytes, ttl_s
-        self.on_evict, self.clock, self.on_change = on_evict, clock, on_change
+        self.on_evict, self.clock, self.on_change, self.on_unplace = on_evict, clock, on_change, on_unplace
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.held: dict[str, int] = {}  # bytes accounted per session
         self.bytes = 0
@@ -475,12 +495,19 @@ class SessionStore:
         own = self.held.get(session.id, 0) if session else 0
         return own + extra <= self.memory_bytes
 
-    def room(self, session: Session) -> int:
-        """Bytes `session` may take beyond what it holds without evicting another (-1: it is gone)."""
+    def reserve(self, session: Session, nbytes: int) -> Literal["gone", "memory"] | None:
+        """Account `nbytes` more for `session` now if they fit the free bytes (None), evicting
+        nothing: `memory` if they do not, `gone` if it was deleted or evicted. The caller holds the
+        session's lock, and makes `session.nbytes` match (or calls `update` if it cannot)."""
         with self.lock:
             if self.sessions.get(session.id) is not session:
-                return -1
-            return self.memory_bytes - self.bytes
+                return "gone"
+            if self.bytes + nbytes > self.memory_bytes:
+                return "memory"
+            self.held[session.id] += nbytes
+            self.bytes += nbytes
+            self.on_change(len(self.sessions), self.bytes)
+            return None
 
     def sweep(self) -> None:
         """Drop the sessions idle past the TTL now (calls do it too; this frees them without calls)."""
@@ -498,7 +525,8 @@ class SessionStore:
             self.on_change(len(self.sessions), self.bytes)
 
     def update(self, session: Session) -> None:
-        """A committed step changed the session's size."""
+        """Account the session's size again (after a step, committed or not, or a placement that
+        failed), evicting others if it grew past the bound; a session no longer held is ignored."""
         with self.lock:
             if session.id in self.sessions:
                 self._account(session)
@@ -525,10 +553,28 @@ class SessionStore:
 
     def _evict_to(self, limit: int, keep: str | None) -> None:
         self._expire()
-        for session_id in [s for s in self.sessions if s != keep]:
+        others = [s for s in self.sessions if s != keep]
+        for session_id in others:  # a placement is undone before any session goes
+            if self.bytes <= limit:
+                return
+            self._unplace(self.sessions[session_id])
+        for session_id in others:
             if self.bytes <= limit:
                 return
             self._drop(session_id, "memory")
+
+    def _unplace(self, session: Session) -> None:
+        """Undo `session`'s placement if it has one and its lock is free (a step or a placement
+        holding it would wait for the store's lock: trying, not waiting, keeps the lock order)."""
+        if session.placed is None or not session.lock.acquire(blocking=False):
+            return
+        try:
+            if session.placed is not None:
+                unplace(session)
+                self._account(session)
+                self.on_unplace()
+        finally:
+            session.lock.release()
 
     def _drop(self, session_id: str, reason: EvictionReason | None) -> None:
         del self.sessions[session_id]

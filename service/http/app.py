@@ -72,6 +72,7 @@ class Service:
         self.sessions = SessionStore(
             settings.max_sessions, settings.session_memory_bytes, settings.session_ttl_s,
             on_evict=lambda reason: evicted.labels(reason=reason).inc(), on_change=self.metrics.observe_sessions,
+            on_unplace=self.metrics.session_unplacements.inc,
         )  # fmt: skip
         self.pipeline: Pipeline | None = None
         self.load_error: str | None = None
