@@ -51,7 +51,7 @@ REFUSAL_REASONS = ("overload", "not_ready", "shutting_down", "deadline", "deadli
 EDIT_CAUSES = {"expand": ("threshold",), "collapse": ("threshold", "budget", "make_room")}
 EVICTION_REASONS = ("count", "memory", "ttl")
 RESYNC_REASONS = ("not_found", "version")
-PLACEMENT_OUTCOMES = ("placed", "none", "room", "memory", "busy", "gone", "error")
+PLACEMENT_OUTCOMES = ("placed", "none", "memory", "busy", "gone", "error")
 # Sub-millisecond resolution, with the budget edge added by Metrics (3 ms by default).
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005,
@@ -168,8 +168,8 @@ class Metrics:
         self.session_placements = Counter(
             "lensnet_session_placements_total",
             "Row placements after session answers (the rows moved for the answer's edits before the next step): "
-            "placed, or skipped: none (no edits, or placed already), room (the buffer would grow), memory (the "
-            "rows set aside do not fit the free bytes of --session-memory-bytes), busy (a step holds or awaits the "
+            "placed, or skipped: none (no edits, or placed already), memory (the buffer's growth and the rows set "
+            "aside do not fit the free bytes of --session-memory-bytes), busy (a step holds or awaits the "
             "session), gone (deleted or evicted), error (a failure, logged).",
             ["outcome"], registry=r,
         )  # fmt: skip

@@ -115,7 +115,7 @@ def test_failed_steps_leave_the_session_exactly_as_it_was(live: LiveService) -> 
         assert sid is not None
         await_placements(live)  # the rows placed for the next step after the answer: then nothing changes
         before = live.http.get(f"/v1/sessions/{sid}").json()
-        assert before["placed"]  # (this WC's first answer collapses more than it expands: its buffer has room)
+        assert before["placed"]
         append = tail_append(session.lod, session.positions, 4)
         broken = dict(append, append_positions=append["append_positions"] + 1)  # a gap after the tail
         bad_rows = dict(append, append_embeddings=np.full((4, D), np.nan, np.float16))
@@ -187,10 +187,9 @@ def assert_still_at_its_creation(service: LiveService, session: FocusSession) ->
 
 
 def assert_the_creations_placement(h: Hooked) -> None:
-    """The one placement so far, after the creation's answer, has the outcome the rules give: a new
-    session's buffer has no spare row, so only edits that shrink the WC can be placed."""
-    growth = sum(edit.added - edit.removed for edit in h.first.edits)
-    outcome = "none" if not h.first.edits else "room" if growth > 0 else "placed"
+    """The one placement so far, after the creation's answer, has the outcome the rules give: the
+    rows are placed for any edits (in a grown buffer: a new session's has no spare row)."""
+    outcome = "placed" if h.first.edits else "none"
     m = await_placements(h.service)
     assert m[f'lensnet_session_placements_total{{outcome="{outcome}"}}'] == placements(m) == 1, outcome
 
@@ -230,7 +229,7 @@ def test_a_placed_step_past_its_deadline_is_undone_to_the_rows_before_the_placem
         sid = h.session.state.session_id
         m = await_placements(h.service)
         placed = h.service.http.get(f"/v1/sessions/{sid}").json()
-        assert placed["placed"]  # (this WC's first answer collapses more than it expands: room to place)
+        assert placed["placed"]
         assert m['lensnet_session_placements_total{outcome="placed"}'] == placements(m) == 1
         created = created_for(h.first)
         gate.arm()
@@ -255,7 +254,7 @@ def test_a_bug_inside_a_step_is_a_500_and_the_step_is_undone(tmp_path: Path) -> 
     failing = tmp_path / "fail"
     failing.mkdir()
     with hooked_session({"allocate": {"fail": str(failing)}}, seed=8, w_max=96) as h:
-        assert sum(edit.added - edit.removed for edit in h.first.edits) > 0  # room to expand: no room to place
+        assert sum(edit.added - edit.removed for edit in h.first.edits) > 0  # placed in a grown buffer
         assert_the_creations_placement(h)
         (failing / "armed").touch()
         with pytest.raises(FocusError) as error:

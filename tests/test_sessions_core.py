@@ -15,6 +15,7 @@ from lensnet_client.layout import apply_step
 from service.core import codec, problems
 from service.core.allocator import AllocatorOptions, HistoryItem, allocate, check_layout
 from service.core.sessions import (
+    APPEND_ROOM,
     EDIT_BYTES,
     HISTORY_ENTRY_BYTES,
     MAX_COOLDOWN_STEPS,
@@ -204,18 +205,17 @@ def test_rows_placed_between_steps_give_every_step_the_same_wc(seed: int, steps:
                                  options).edits  # fmt: skip
         if placed:
             length = session.rows.length + sum(edit.added - edit.removed for edit in session.edits)
-            aside = sum(edit.removed for edit in session.edits) * D * 4
-            free = int(rng.choice([aside - 1, aside, 1 << 30]))
+            # The buffer grows first when it would not keep APPEND_ROOM rows free (a new session's keeps none).
+            need = session.rows.growth(length + APPEND_ROOM) + sum(edit.removed for edit in session.edits) * D * 4
+            free = int(rng.choice([need - 1, need, 1 << 30]))
             asked: list[int] = []
             held = session.nbytes
-            # Only where the buffer has room (a new session's has none) and the rows set aside fit the free bytes.
-            room = bool(session.edits) and session.rows.growth(length) == 0
-            fits = room and aside <= free
+            fits = bool(session.edits) and need <= free
             outcome = place(session, lambda nbytes, asked=asked, free=free: asked.append(nbytes) or (  # type: ignore[misc]
                 None if nbytes <= free else "memory"))  # fmt: skip
             assert (outcome == "placed") is fits and (session.placed is not None) is fits
-            assert asked == ([aside] if room else [])  # reserved before the move, only when it could be made
-            assert session.nbytes == held + (aside if fits else 0)  # the rows set aside are counted
+            assert asked == ([need] if session.edits else [])  # reserved before the move
+            assert session.nbytes == held + (need if fits else 0)  # the growth and the rows set aside are counted
             placements += fits
         chosen = sorted(rng.choice(len(session.edits), int(rng.integers(0, len(session.edits) + 1)),
                                    replace=False).tolist()) if subset else None  # fmt: skip
@@ -348,8 +348,10 @@ def test_a_placement_reserves_free_bytes_and_never_evicts() -> None:
     a.id, b.id = "a", "b"
     store.add(a)
     store.add(b)
-    aside = sum(edit.removed for edit in a.edits) * D * 4
-    store.memory_bytes = store.bytes + aside - 1  # one byte short of free room for a's set-aside rows
+    asked: list[int] = []
+    assert place(a, lambda nbytes: asked.append(nbytes) or "memory") == "memory"  # type: ignore[func-returns-value]
+    assert asked[0] >= sum(edit.removed for edit in a.edits) * D * 4  # at least the rows set aside
+    store.memory_bytes = store.bytes + asked[0] - 1  # one byte short of the free bytes it needs
     before = a.rows.array.copy()
     assert place(a, lambda nbytes: store.reserve(a, nbytes)) == "memory"
     assert a.placed is None and np.array_equal(a.rows.array, before) and store.bytes == a.nbytes + b.nbytes
@@ -359,6 +361,26 @@ def test_a_placement_reserves_free_bytes_and_never_evicts() -> None:
     assert evicted == [] and len(store) == 2
     store.remove("b")
     assert place(b, lambda nbytes: store.reserve(b, nbytes)) == "gone" and b.placed is None
+
+
+def test_a_new_sessions_placement_grows_its_buffer_so_that_the_next_step_does_not() -> None:
+    """A new session's buffer holds its rows and no more: the placement moves them to one with
+    room (off the request path), and a step appending up to APPEND_ROOM rows reallocates nothing."""
+    session = session_with(60, seed=6)
+    session.edits = allocate(session.layout, np.random.default_rng(6).uniform(-1, 1, 60).astype(np.float32),
+                             AllocatorOptions(4, 2, w_max=60, tau_expand=0.1, tau_collapse=0.1)).edits  # fmt: skip
+    assert session.edits and session.rows.buffer.shape[0] == 60
+    wc = session.rows.array.copy()
+    assert place(session, lambda nbytes: None) == "placed"
+    buffer = session.rows.buffer
+    created = np.ones((sum(edit.added for edit in session.edits), D), np.float32)
+    end = int(session.layout.positions[-1]) + 4 ** int(session.layout.lod[-1])
+    tail = np.full((APPEND_ROOM, D), 2.0, np.float32)
+    step_delta = delta(created=created, append_embeddings=tail, append_lod=np.zeros(APPEND_ROOM, np.int64),
+                       append_positions=np.arange(end, end + APPEND_ROOM))  # fmt: skip
+    step = stage(session, step_delta, plan(session, step_delta, D))
+    assert session.rows.buffer is buffer  # no reallocation on the step
+    assert np.array_equal(step.embeddings, np.concatenate([edit_rows(wc, session.edits, created), tail]))
 
 
 def test_evicting_for_memory_undoes_placements_before_dropping_sessions() -> None:

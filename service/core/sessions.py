@@ -40,7 +40,10 @@ HISTORY_ENTRY_BYTES, EDIT_BYTES = 192, 256
 """What one kept history entry (a `Stamped`) and one kept edit cost in memory, counted against the
 bound (measured at ~156 and ~227 B on CPython 3.11; tests/test_sessions_core.py checks them)."""
 EvictionReason = Literal["count", "memory", "ttl"]
-PlaceOutcome = Literal["placed", "none", "room", "memory", "gone"]
+PlaceOutcome = Literal["placed", "none", "memory", "gone"]
+APPEND_ROOM = 64
+"""Rows a buffer keeps spare beyond half its length (`_capacity`), and a placement keeps free for the
+next step's appends (growing the buffer ahead of the step when they would not fit)."""
 
 
 class Rows:
@@ -132,10 +135,18 @@ class Rows:
         for dst, rows in inserts:
             self.buffer[dst : dst + rows.shape[0]] = rows
 
-    def _reallocate(self, pieces: list[tuple[int, int, np.ndarray | None]], skip: int, length: int) -> None:
-        """Gather the pieces (the first `skip` rows left out) into a new buffer with room to grow
-        on both sides."""
-        buffer = np.empty((_capacity(length), *self.buffer.shape[1:]), dtype=self.buffer.dtype)
+    def grow(self, length: int) -> None:
+        """Move the rows to a buffer with room for `length` rows and more (`_capacity`): made ahead
+        of a step that needs it, so that the step does not reallocate. The WC does not change."""
+        self._reallocate([(0, self.length, None)], 0, self.length, _capacity(length))
+
+    def _reallocate(
+        self, pieces: list[tuple[int, int, np.ndarray | None]], skip: int, length: int, capacity: int | None = None
+    ) -> None:
+        """Gather the pieces (the first `skip` rows left out) into a new buffer of `capacity` rows
+        (by default `length`'s, with room to grow on both sides)."""
+        capacity = _capacity(length) if capacity is None else capacity
+        buffer = np.empty((capacity, *self.buffer.shape[1:]), dtype=self.buffer.dtype)
         start = (buffer.shape[0] - length) // 2
         at = start - skip
         for begin, end, rows in pieces:
@@ -160,7 +171,7 @@ class Rows:
 
 
 def _capacity(length: int) -> int:
-    return length + length // 2 + 64
+    return length + length // 2 + APPEND_ROOM
 
 
 @dataclass(slots=True)
@@ -370,19 +381,21 @@ def stage(session: Session, delta: Delta, planned: Plan) -> Step:
 
 def place(session: Session, reserve: Callable[[int], PlaceOutcome | None]) -> PlaceOutcome:
     """Between steps, holding the session's lock: move its rows to where applying every edit of
-    its last answer leaves them (zeros where the created rows go). Not done (the outcome says
-    why) when there are no edits or the rows are placed already (`none`), when they would not fit
-    the buffer (`room`: a step that grows it is one the memory bound may refuse, so it is left to
-    the step), or when `reserve(nbytes)`, asked for the bytes of the rows the edits remove (set
-    aside for a step that does not apply them all), refuses them (its outcome)."""
+    its last answer leaves them (zeros where the created rows go), in a buffer grown first if it
+    would not keep `APPEND_ROOM` rows free for the next step's appends (a new session's has none).
+    Not done (the outcome says why) when there are no edits or the rows are placed already
+    (`none`), or when `reserve(nbytes)`, asked for the bytes of that growth and of the rows the
+    edits remove (set aside for a step that does not apply them all), refuses them (its outcome)."""
     rows, edits = session.rows, session.edits
     if session.placed is not None or not edits:
         return "none"
-    if rows.growth(rows.length + sum(edit.added - edit.removed for edit in edits)):
-        return "room"
-    refused = reserve(sum(edit.removed for edit in edits) * rows.buffer[0].nbytes)
+    length = rows.length + sum(edit.added - edit.removed for edit in edits) + APPEND_ROOM
+    growth = rows.growth(length)
+    refused = reserve(growth + sum(edit.removed for edit in edits) * rows.buffer[0].nbytes)
     if refused is not None:
         return refused
+    if growth:
+        rows.grow(length)
     zero = np.zeros((1, *rows.buffer.shape[1:]), rows.buffer.dtype)
     splices = [(edit.index, edit.removed, np.broadcast_to(zero, (edit.added, *zero.shape[1:]))) for edit in edits]
     session.placed = rows.stage(splices, 0, zero[:0])
