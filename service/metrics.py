@@ -170,13 +170,14 @@ class Metrics:
             "Row placements after session answers (the rows moved for the answer's edits before the next step): "
             "placed, or skipped: none (no edits, or placed already), memory (the buffer's growth and the rows set "
             "aside do not fit the free bytes of --session-memory-bytes), busy (a step holds or awaits the "
-            "session), gone (deleted or evicted), error (a failure, logged).",
+            "session, or rarely the store undoing its placement), gone (deleted or evicted), error (a failure, "
+            "logged).",
             ["outcome"], registry=r,
         )  # fmt: skip
         self.session_unplacements = Counter(
             "lensnet_session_placements_undone_total",
-            "Placements undone to free their set-aside rows' bytes when a creation or step needed room (before "
-            "any session is evicted for memory).",
+            "Placements undone to free their set-aside rows' bytes for a creation or step that needed room, "
+            "instead of evicting a session.",
             registry=r,
         )
         self.session_placement_seconds = Histogram(

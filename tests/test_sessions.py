@@ -301,6 +301,20 @@ def test_a_step_waits_for_the_rows_placement_and_a_concurrent_step_gets_409(tmp_
         assert m["lensnet_session_placement_seconds_count"] == m['lensnet_session_placements_total{outcome="placed"}']
 
 
+def test_a_placement_that_finds_its_session_deleted_places_nothing(tmp_path: Path) -> None:
+    """A session deleted while its placement waits for its turn: the placement counts `gone`, and
+    neither moves rows nor adds bytes to a store that no longer holds the session."""
+    placing = Gate(tmp_path / "place").arm()
+    with hooked_session({"place": placing.spec}, 4, n=300, w_max=290) as h:
+        assert h.first.edits
+        placing.wait_entered(1)  # the creation's placement, holding the session
+        assert h.service.http.delete(f"/v1/sessions/{h.session.state.session_id}").status_code == 204
+        placing.open()
+        m = await_placements(h.service)
+        assert m['lensnet_session_placements_total{outcome="gone"}'] == placements(m) == 1
+        assert m["lensnet_session_bytes"] == 0 and m["lensnet_sessions_active"] == 0
+
+
 def test_session_calls_use_the_same_limits_and_json(live: LiveService) -> None:
     too_big = live.http.post("/v1/sessions", content=b"x" * ((2 << 20) + 1), headers={"content-type": FRAME})
     assert too_big.status_code == 413
@@ -512,24 +526,39 @@ def test_bounds_evict_least_recently_used_and_refuse_what_never_fits() -> None:
         assert service.stop() == 0
 
 
-def test_a_creation_that_needs_room_undoes_placements_before_evicting() -> None:
-    """Rows set aside by a placement are a cache: a call that needs their bytes undoes the placement
-    first (counted), and only then evicts (here the placed session must go too)."""
-    service = LiveService("--session-memory-bytes", str(1 << 20)).wait_ready()
+def placed_and_plain(service: LiveService, client: FocusClient) -> tuple[FocusSession, int, FocusSession]:
+    """Two sessions on `service`: one whose rows are placed (and the bytes its placement set aside),
+    then one with no edits (nothing to place)."""
+    placed = FocusSession(client, w_max=290)
+    first = placed.open(*snapshot(300, seed=4))
+    await_placements(service)
+    assert service.http.get(f"/v1/sessions/{placed.state.session_id}").json()["placed"]
+    plain = FocusSession(client, w_max=600, tau_expand=1.0, tau_collapse=1.0)  # scores never reach ±1
+    assert not plain.open(*snapshot(600, seed=9)).edits
+    return placed, sum(edit.removed for edit in first.edits) * D * 4, plain  # fp32 rows on the CPU
+
+
+def test_a_creation_that_needs_room_undoes_a_placement_instead_of_evicting() -> None:
+    """Rows set aside by a placement are a cache: a creation that needs their bytes undoes the
+    placement (counted) rather than evict a session."""
+    sizes = LiveService().wait_ready()  # the same sessions without a tight bound: their sizes
+    try:
+        with FocusClient(sizes.url) as client:
+            placed, aside, plain = placed_and_plain(sizes, client)
+            held = [sizes.http.get(f"/v1/sessions/{s.state.session_id}").json()["bytes"] for s in (placed, plain)]
+    finally:
+        assert sizes.stop() == 0
+    bound = sum(held) - aside // 2  # both fit only once the placement is undone
+    service = LiveService("--session-memory-bytes", str(bound)).wait_ready()
     try:
         with FocusClient(service.url) as client:
-            first = FocusSession(client, w_max=290)
-            first.open(*snapshot(300, seed=4))
-            await_placements(service)
-            assert service.http.get(f"/v1/sessions/{first.state.session_id}").json()["placed"]
-            before = service.metrics()
-            assert before["lensnet_session_placements_undone_total"] == 0
-            FocusSession(client, w_max=1000).open(*snapshot(1000, seed=9))  # ~1 MB: the first session goes
-            after = await_placements(service)
-            assert after["lensnet_session_placements_undone_total"] == 1
-            assert after['lensnet_session_evictions_total{reason="memory"}'] == 1
-            assert service.http.get(f"/v1/sessions/{first.state.session_id}").status_code == 404
-            assert after["lensnet_session_bytes"] <= 1 << 20
+            placed, _, plain = placed_and_plain(service, client)
+            m = await_placements(service)
+            assert m["lensnet_session_placements_undone_total"] == 1 and m["lensnet_sessions_active"] == 2
+            assert sum(m[f'lensnet_session_evictions_total{{reason="{r}"}}'] for r in ("count", "memory", "ttl")) == 0
+            info = service.http.get(f"/v1/sessions/{placed.state.session_id}").json()
+            assert not info["placed"] and info["bytes"] == held[0] - aside
+            assert m["lensnet_session_bytes"] == held[1] + held[0] - aside <= bound
     finally:
         assert service.stop() == 0
 

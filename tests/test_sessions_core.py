@@ -203,19 +203,29 @@ def test_rows_placed_between_steps_give_every_step_the_same_wc(seed: int, steps:
                                    tau_collapse=0.1)  # fmt: skip
         session.edits = allocate(session.layout, rng.uniform(-1, 1, session.layout.lod.size).astype(np.float32),
                                  options).edits  # fmt: skip
+        spare_after = 0  # rows free after the WC once placed
         if placed:
             length = session.rows.length + sum(edit.added - edit.removed for edit in session.edits)
-            # The buffer grows first when it would not keep APPEND_ROOM rows free (a new session's keeps none).
-            need = session.rows.growth(length + APPEND_ROOM) + sum(edit.removed for edit in session.edits) * D * 4
-            free = int(rng.choice([need - 1, need, 1 << 30]))
+            # The buffer grows first when it would not keep APPEND_ROOM rows free (a new session's keeps none);
+            # refused, the placement asks for the set-aside rows alone when the rows fit the buffer as it is.
+            growth = session.rows.growth(length + APPEND_ROOM)
+            aside = sum(edit.removed for edit in session.edits) * D * 4
+            free = int(rng.choice([growth + aside - 1, growth + aside, aside - 1, aside, 1 << 30]))
             asked: list[int] = []
             held = session.nbytes
-            fits = bool(session.edits) and need <= free
+            whole = growth + aside <= free
+            retry = not whole and growth > 0 and session.rows.growth(length) == 0
+            fits = bool(session.edits) and (whole or (retry and aside <= free))
             outcome = place(session, lambda nbytes, asked=asked, free=free: asked.append(nbytes) or (  # type: ignore[misc]
                 None if nbytes <= free else "memory"))  # fmt: skip
             assert (outcome == "placed") is fits and (session.placed is not None) is fits
-            assert asked == ([need] if session.edits else [])  # reserved before the move
-            assert session.nbytes == held + (need if fits else 0)  # the growth and the rows set aside are counted
+            assert asked == ([growth + aside] + [aside] * retry if session.edits else [])  # reserved before the move
+            taken = growth + aside if whole else aside
+            assert session.nbytes == held + (taken if fits else 0)  # the growth and the rows set aside are counted
+            rows = session.rows
+            spare_after = rows.buffer.shape[0] - rows.start - rows.length
+            if fits:  # room for the next appends after the WC, as far as the buffer allows
+                assert spare_after >= min(APPEND_ROOM, rows.buffer.shape[0] - rows.length)
             placements += fits
         chosen = sorted(rng.choice(len(session.edits), int(rng.integers(0, len(session.edits) + 1)),
                                    replace=False).tolist()) if subset else None  # fmt: skip
@@ -233,6 +243,8 @@ def test_rows_placed_between_steps_give_every_step_the_same_wc(seed: int, steps:
         step = stage(session, step_delta, plan(session, step_delta, D))
         result = np.concatenate([edit_rows(expected, applied, created), tail])
         assert np.array_equal(step.embeddings, result)
+        if session.edits and chosen is None and step.placed is not None and appended <= spare_after:
+            assert not step.undo.moves  # a placed step applying every edit moves no row
         if fails:
             step.rollback()
             assert np.array_equal(session.rows.array, expected)
@@ -402,8 +414,14 @@ def test_evicting_for_memory_undoes_placements_before_dropping_sessions() -> Non
     assert undone == [None] and evicted == [] and a.placed is None and b.placed is not None
     assert np.array_equal(a.rows.array, wcs["a"]) and store.held["a"] == a.nbytes
     assert store.bytes == a.nbytes + b.nbytes + c.nbytes <= store.memory_bytes
-    with b.lock:  # b's placement is in use (a step holds it): b goes whole, after a
-        store.memory_bytes = c.nbytes + a.nbytes - 1
+    store.memory_bytes = 10**9
+    assert place(a, lambda nbytes: store.reserve(a, nbytes)) == "placed"
+    store.memory_bytes = store.bytes - a.aside - b.aside - 1  # undoing both would not do: a goes, b keeps its own
+    store.update(c)
+    assert evicted == ["memory"] and len(undone) == 1 and b.placed is not None and store.get("a") is None
+    assert store.bytes == b.nbytes + c.nbytes <= store.memory_bytes
+    with b.lock:  # undoing b's placement would do, but a step holds it: b goes whole
+        store.memory_bytes = store.bytes - b.aside
         store.update(c)
     assert evicted == ["memory", "memory"] and len(undone) == 1 and len(store) == 1
     assert b.placed is not None  # untouched: its lock holder decides (a dropped session's step fails to update)

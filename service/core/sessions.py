@@ -69,9 +69,13 @@ class Rows:
             return 0
         return _capacity(length) * self.buffer[0].nbytes - self.nbytes
 
-    def stage(self, splices: Sequence[tuple[int, int, np.ndarray]], trim: int, append: np.ndarray) -> Undo:
+    def stage(
+        self, splices: Sequence[tuple[int, int, np.ndarray]], trim: int, append: np.ndarray, tail_room: int = 0
+    ) -> Undo:
         """Replace `removed` rows at `index` by `rows` for each (index, removed, rows) (ascending,
-        disjoint), then drop `trim` rows from the head and append `append`. Returns the undo."""
+        disjoint), then drop `trim` rows from the head and append `append`, keeping up to
+        `tail_room` rows free after them when the buffer has room (a placement's, for the next
+        step's appends). Returns the undo."""
         undo = Undo(self, self.buffer, self.start, self.length)
         pieces: list[tuple[int, int, np.ndarray | None]] = []  # (old start, old end) or inserted rows
         cursor = 0
@@ -83,7 +87,7 @@ class Rows:
         pieces.append((0, 0, append))
         total = sum(end - begin if rows is None else rows.shape[0] for begin, end, rows in pieces)
         if total <= self.buffer.shape[0]:
-            shift = self._shift(pieces, total)
+            shift = self._shift(pieces, total, tail_room)
             self._in_place(pieces, splices, undo, shift)
             self.start += shift + trim
         else:
@@ -91,10 +95,11 @@ class Rows:
         self.length = total - trim
         return undo
 
-    def _shift(self, pieces: list[tuple[int, int, np.ndarray | None]], total: int) -> int:
+    def _shift(self, pieces: list[tuple[int, int, np.ndarray | None]], total: int, tail_room: int) -> int:
         """Where the step's rows begin, relative to `start`: the offset that leaves the most kept
         rows where they are (edits shift only the rows between them, in either direction), within
-        the buffer; when none can stay, the one centring the rows (room on both sides)."""
+        the buffer and up to `tail_room` rows short of its end; when none can stay, the one
+        centring the rows (room on both sides), or nearer the head if the tail room needs it."""
         stays: dict[int, int] = {}  # shift that leaves a kept segment in place -> rows it leaves
         at = 0
         for begin, end, rows in pieces:
@@ -103,11 +108,12 @@ class Rows:
                 at += end - begin
             else:
                 at += rows.shape[0]
-        lowest, highest = -self.start, self.buffer.shape[0] - total - self.start
+        spare = self.buffer.shape[0] - total
+        lowest, highest = -self.start, spare - min(tail_room, spare) - self.start
         fitting = [shift for shift in stays if lowest <= shift <= highest]
         if fitting:
             return max(fitting, key=stays.__getitem__)
-        return (self.buffer.shape[0] - total) // 2 - self.start
+        return min(spare // 2 - self.start, highest)
 
     def _in_place(
         self, pieces: list[tuple[int, int, np.ndarray | None]], splices: Sequence[tuple[int, int, np.ndarray]],
@@ -241,11 +247,15 @@ class Session:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held (`held_bytes`), and the rows a placement set aside. Read without the lock
-        (GET), so `placed` is read once: a step may consume the placement meanwhile."""
+        """Bytes held (`held_bytes`), and the rows a placement set aside."""
+        return held_bytes(self.rows.nbytes, self.layout, len(self.history), len(self.edits)) + self.aside
+
+    @property
+    def aside(self) -> int:
+        """Bytes of the rows a placement set aside. Read without the lock (GET, the store), so
+        `placed` is read once: a step may consume the placement meanwhile."""
         placed = self.placed
-        aside = 0 if placed is None else placed.nbytes
-        return held_bytes(self.rows.nbytes, self.layout, len(self.history), len(self.edits)) + aside
+        return 0 if placed is None else placed.nbytes
 
 
 def held_bytes(rows_bytes: int, layout: Layout, history: int, edits: int) -> int:
@@ -381,24 +391,28 @@ def stage(session: Session, delta: Delta, planned: Plan) -> Step:
 
 def place(session: Session, reserve: Callable[[int], PlaceOutcome | None]) -> PlaceOutcome:
     """Between steps, holding the session's lock: move its rows to where applying every edit of
-    its last answer leaves them (zeros where the created rows go), in a buffer grown first if it
-    would not keep `APPEND_ROOM` rows free for the next step's appends (a new session's has none).
-    Not done (the outcome says why) when there are no edits or the rows are placed already
-    (`none`), or when `reserve(nbytes)`, asked for the bytes of that growth and of the rows the
-    edits remove (set aside for a step that does not apply them all), refuses them (its outcome)."""
+    its last answer leaves them (zeros where the created rows go), with `APPEND_ROOM` rows free
+    after them for the next step's appends, in a buffer grown first if it lacks them (a new
+    session's has none). Not done (the outcome says why) when there are no edits or the rows are
+    placed already (`none`), or when `reserve(nbytes)`, asked for the bytes of that growth and of
+    the rows the edits remove (set aside for a step that does not apply them all), refuses them
+    (its outcome): then, if the rows fit the buffer as it is, for the set-aside rows alone."""
     rows, edits = session.rows, session.edits
     if session.placed is not None or not edits:
         return "none"
-    length = rows.length + sum(edit.added - edit.removed for edit in edits) + APPEND_ROOM
-    growth = rows.growth(length)
-    refused = reserve(growth + sum(edit.removed for edit in edits) * rows.buffer[0].nbytes)
+    length = rows.length + sum(edit.added - edit.removed for edit in edits)
+    aside = sum(edit.removed for edit in edits) * rows.buffer[0].nbytes
+    growth = rows.growth(length + APPEND_ROOM)
+    refused = reserve(growth + aside)
+    if refused == "memory" and growth and not rows.growth(length):
+        growth, refused = 0, reserve(aside)
     if refused is not None:
         return refused
     if growth:
-        rows.grow(length)
+        rows.grow(length + APPEND_ROOM)
     zero = np.zeros((1, *rows.buffer.shape[1:]), rows.buffer.dtype)
     splices = [(edit.index, edit.removed, np.broadcast_to(zero, (edit.added, *zero.shape[1:]))) for edit in edits]
-    session.placed = rows.stage(splices, 0, zero[:0])
+    session.placed = rows.stage(splices, 0, zero[:0], tail_room=APPEND_ROOM)
     return "placed"
 
 
@@ -463,9 +477,9 @@ class SessionStore:
     """The sessions of one process, least recently used first. Bounds: `max_sessions`,
     `memory_bytes` (`Session.nbytes` held), `ttl_s` idle; beyond one, the least recently used go
     (`on_evict(reason)` is told). Others are evicted only for a call that succeeded (`add`,
-    `update`): a refused one changes no other caller's session. Before any session goes for
-    memory, placements (`place`: a cache of row moves) are undone, least recently used first
-    (`on_unplace()` is told); a placement itself only takes free bytes (`reserve`).
+    `update`): a refused one changes no other caller's session. Where undoing placements (`place`:
+    their set-aside rows are a cache) can make the room, they are undone instead, least recently
+    used first (`on_unplace()` is told); a placement itself only takes free bytes (`reserve`).
     `on_change(sessions, bytes)` hears every change, expiries included. Thread-safe; the lock
     order is a session's lock, then the store's (the store only tries sessions' locks)."""
 
@@ -513,6 +527,7 @@ class SessionStore:
         nothing: `memory` if they do not, `gone` if it was deleted or evicted. The caller holds the
         session's lock, and makes `session.nbytes` match (or calls `update` if it cannot)."""
         with self.lock:
+            self._expire()
             if self.sessions.get(session.id) is not session:
                 return "gone"
             if self.bytes + nbytes > self.memory_bytes:
@@ -565,16 +580,23 @@ class SessionStore:
             self._drop(next(iter(self.sessions)), "ttl")
 
     def _evict_to(self, limit: int, keep: str | None) -> None:
+        """Evict the least recently used sessions but `keep` until the bytes held are within
+        `limit`, first undoing placements (a cache) where undoing those left could get there."""
         self._expire()
-        others = [s for s in self.sessions if s != keep]
-        for session_id in others:  # a placement is undone before any session goes
+        others = [session for session_id, session in self.sessions.items() if session_id != keep]
+        asides = [session.aside for session in others]  # read once: they may change meanwhile
+        undoable = sum(asides)
+        while others and self.bytes - undoable > limit:  # undoing all would not do: the oldest go
+            undoable -= asides.pop(0)
+            self._drop(others.pop(0).id, "memory")
+        for session in others:
             if self.bytes <= limit:
                 return
-            self._unplace(self.sessions[session_id])
-        for session_id in others:
+            self._unplace(session)
+        for session in others:  # a placement whose session was busy could not be undone
             if self.bytes <= limit:
                 return
-            self._drop(session_id, "memory")
+            self._drop(session.id, "memory")
 
     def _unplace(self, session: Session) -> None:
         """Undo `session`'s placement if it has one and its lock is free (a step or a placement
