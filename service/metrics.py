@@ -177,7 +177,7 @@ class Metrics:
         self.session_unplacements = Counter(
             "lensnet_session_placements_undone_total",
             "Placements undone to free their set-aside rows' bytes for a creation or step that needed room, "
-            "instead of evicting a session.",
+            "rather than evict sessions.",
             registry=r,
         )
         self.session_placement_seconds = Histogram(

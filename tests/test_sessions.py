@@ -535,7 +535,8 @@ def placed_and_plain(service: LiveService, client: FocusClient) -> tuple[FocusSe
     assert service.http.get(f"/v1/sessions/{placed.state.session_id}").json()["placed"]
     plain = FocusSession(client, w_max=600, tau_expand=1.0, tau_collapse=1.0)  # scores never reach ±1
     assert not plain.open(*snapshot(600, seed=9)).edits
-    return placed, sum(edit.removed for edit in first.edits) * D * 4, plain  # fp32 rows on the CPU
+    row = np.dtype(service.http.get("/v1/model").json()["input_dtype"]).itemsize * D  # the graph's dtype
+    return placed, sum(edit.removed for edit in first.edits) * row, plain
 
 
 def test_a_creation_that_needs_room_undoes_a_placement_instead_of_evicting() -> None:

@@ -583,8 +583,11 @@ class SessionStore:
         """Evict the least recently used sessions but `keep` until the bytes held are within
         `limit`, first undoing placements (a cache) where undoing those left could get there."""
         self._expire()
+        if self.bytes <= limit:  # the usual case, on every step: nothing to read
+            return
         others = [session for session_id, session in self.sessions.items() if session_id != keep]
-        asides = [session.aside for session in others]  # read once: they may change meanwhile
+        # Read once (they may change meanwhile); a busy session's placement cannot be undone now.
+        asides = [0 if session.lock.locked() else session.aside for session in others]
         undoable = sum(asides)
         while others and self.bytes - undoable > limit:  # undoing all would not do: the oldest go
             undoable -= asides.pop(0)
