@@ -4,6 +4,7 @@ server-side history, and the store's bounds (count, memory, idle TTL)."""
 from __future__ import annotations
 
 import tracemalloc
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ from service.core.sessions import (
     step_growth,
     unplace,
 )
+from service.pipeline import Pipeline
 
 D = 3
 
@@ -427,6 +429,58 @@ def test_evicting_for_memory_undoes_placements_before_dropping_sessions() -> Non
     assert b.placed is not None  # untouched: its lock holder decides (a dropped session's step fails to update)
     unplace(b)
     assert b.placed is None and np.array_equal(b.rows.array, wcs["b"])
+
+
+def test_a_busy_sessions_placement_does_not_count_as_undoable() -> None:
+    """Undoing only the free placements cannot make the room here: the oldest session goes at once,
+    and no placement is undone for nothing (counting the busy one's would undo the oldest's first)."""
+    evicted: list[str] = []
+    undone: list[None] = []
+    store = SessionStore(10, 10**9, 60.0, on_evict=evicted.append, on_unplace=lambda: undone.append(None))
+    x, y, z = placeable(1), placeable(2), placeable(3)
+    for session, sid in ((x, "x"), (y, "y"), (z, "z")):
+        session.id = sid
+        store.add(session)
+    for s in (x, y):
+        assert place(s, lambda nbytes, s=s: store.reserve(s, nbytes)) == "placed"
+    with y.lock:  # a step holds y
+        store.memory_bytes = store.bytes - x.aside - y.aside  # undoing both would do; x's alone would not
+        store.update(z)
+    assert evicted == ["memory"] and undone == [] and store.get("x") is None
+    assert y.placed is not None and store.bytes == y.nbytes + z.nbytes <= store.memory_bytes
+
+
+def test_a_placement_asks_no_bytes_for_a_session_idle_past_its_ttl() -> None:
+    clock = Clock()
+    evicted: list[str] = []
+    store = SessionStore(10, 10**9, 60.0, on_evict=evicted.append, clock=clock)
+    session = placeable(4)
+    store.add(session)
+    clock.now = 61.0
+    assert place(session, lambda nbytes: store.reserve(session, nbytes)) == "gone"
+    assert evicted == ["ttl"] and session.placed is None and store.bytes == 0
+
+
+def test_a_placement_that_fails_after_its_reservation_gives_the_bytes_back() -> None:
+    """`Pipeline.place`: no memory for the grown buffer after the bytes were reserved: counted
+    `error`, and the store holds what the session holds again."""
+    store = SessionStore(10, 10**9, 60.0)
+    session = session_with(60, seed=6)  # a new session's buffer: the placement grows it
+    session.edits = allocate(session.layout, np.random.default_rng(6).uniform(-1, 1, 60).astype(np.float32),
+                             AllocatorOptions(4, 2, w_max=60, tau_expand=0.1, tau_collapse=0.1)).edits  # fmt: skip
+    store.add(session)
+    held = store.bytes
+
+    def no_memory(*_: object) -> None:
+        raise MemoryError
+
+    session.rows.grow = no_memory  # type: ignore[method-assign]
+    counted: list[str] = []
+    metrics = SimpleNamespace(session_placements=SimpleNamespace(
+        labels=lambda outcome: SimpleNamespace(inc=lambda: counted.append(outcome))))  # fmt: skip
+    Pipeline.place(SimpleNamespace(store=store, metrics=metrics), session)  # type: ignore[arg-type]
+    assert counted == ["error"] and session.placed is None
+    assert store.bytes == store.held["s"] == session.nbytes == held
 
 
 def test_a_sessions_bytes_read_its_placement_once() -> None:
